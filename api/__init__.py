@@ -1,0 +1,1 @@
+"""The MCaaS HTTP gateway (FastAPI). It never imports torch at module level."""

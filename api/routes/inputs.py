@@ -1,0 +1,54 @@
+"""POST /v1/inputs (streamed .npz upload), GET /v1/inputs, GET /v1/inputs/{id}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CurrentUser, ServicesDep, SettingsDep
+from api.inputs_registry import (
+    get_inputs_meta,
+    list_inputs_metas,
+    save_inputs,
+    to_public,
+    validate_inputs_bytes,
+)
+from api.routes.models import UPLOAD_BODY
+from api.schemas import InputsListPublic, InputsPublic
+from api.uploads import INPUTS_SUFFIXES, receive_upload
+
+router = APIRouter(prefix="/v1/inputs", tags=["inputs"])
+
+
+@router.post("", status_code=201, response_model=InputsPublic, openapi_extra=UPLOAD_BODY)
+async def upload_inputs(
+    request: Request, user: CurrentUser, settings: SettingsDep, services: ServicesDep
+) -> InputsPublic:
+    """Upload an inputs file (.npz, one array per model input) as the multipart field `file`."""
+    upload = await receive_upload(
+        request, limit=settings.max_upload_bytes, suffixes=INPUTS_SUFFIXES, what="inputs file"
+    )
+    arrays = await run_in_threadpool(validate_inputs_bytes, upload.data, upload.filename)
+    meta = await run_in_threadpool(
+        lambda: save_inputs(
+            services.store,
+            user_id=user,
+            filename=upload.filename,
+            data=upload.data,
+            arrays=arrays,
+        )
+    )
+    return to_public(meta)
+
+
+@router.get("", response_model=InputsListPublic)
+def list_inputs(user: CurrentUser, services: ServicesDep) -> InputsListPublic:
+    """Your inputs files, newest first."""
+    metas = list_inputs_metas(services.store, user_id=user)
+    return InputsListPublic(data=[to_public(m) for m in metas], count=len(metas))
+
+
+@router.get("/{inputs_id}", response_model=InputsPublic)
+def get_inputs(inputs_id: str, user: CurrentUser, services: ServicesDep) -> InputsPublic:
+    """One of your inputs files; 404 for an unknown id or another user's."""
+    return to_public(get_inputs_meta(services.store, user_id=user, inputs_id=inputs_id))

@@ -1,0 +1,282 @@
+"""Jobs: submit, read, list, stop, artifacts (presigned URLs) and the report."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from api.deps import CurrentUser, DispatcherDep, ServicesDep, SettingsDep
+from api.errors import ConflictError, UnavailableError
+from api.inputs_registry import check_job_inputs
+from api.model_registry import get_model_meta
+from api.schemas import (
+    ID_PATTERN,
+    ArtifactPublic,
+    ArtifactsPublic,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    Progress,
+)
+from modules.errors import NotFoundError
+from modules.pipeline.settings import Services
+from modules.storage.jobs import TERMINAL, JobStatus
+from modules.storage.keys import key_in_user
+from workers.execute import fail_if_stale, report_key, stale_after_s
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+logger = logging.getLogger("api")
+
+_ID = re.compile(ID_PATTERN)
+ArtifactKind = Literal["model", "file", "report"]
+# Served HTML may not load or run anything: a report is a static document.
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+
+def owned_job(services: Services, job_id: str, user: str) -> dict[str, Any]:
+    """The job if it exists and is the user's; the same 404 otherwise, so ids do not leak."""
+    job = services.jobs.get(job_id) if _ID.fullmatch(job_id) else None
+    if job is None or job["user_id"] != user:
+        raise NotFoundError(f"job {job_id!r} not found")
+    return job
+
+
+def progress_of(job: dict[str, Any], records: list[dict[str, Any]] | None) -> Progress:
+    """Step i of n: from the records when read, else from the job's own fields."""
+    total = int(job["n_steps"])
+    status = job["status"]
+    index = int(job.get("step_index", 0))
+    if records is not None:
+        done = len(records)
+    elif status == JobStatus.COMPLETED:
+        done = total
+    else:
+        done = index + 1 if status == JobStatus.REJECTED else index
+    running = status == JobStatus.INPROGRESS
+    steps = job["spec"]["steps"]
+    return Progress(
+        done=done,
+        total=total,
+        current=index if running else None,
+        current_step=steps[index]["name"] if running and index < len(steps) else None,
+    )
+
+
+def job_public(job: dict[str, Any], records: list[dict[str, Any]] | None = None) -> JobPublic:
+    """The response body for a job."""
+    spec = job["spec"]
+    return JobPublic(
+        id=job["job_id"],
+        status=job["status"],
+        reason=job.get("reason"),
+        progress=progress_of(job, records),
+        model_id=job.get("model_id"),
+        dataset=spec.get("dataset", "digits"),
+        profile=spec.get("profile", "edge-8mb"),
+        steps=spec["steps"],
+        seed=spec.get("seed", 0),
+        repeats=spec.get("repeats", 1),
+        attempts=int(job.get("attempts", 0)),
+        created_at=job["created_at"],
+        updated_at=job["updated_at"],
+        records=records,
+    )
+
+
+@router.post("", status_code=202, response_model=JobPublic)
+def create_job(
+    body: JobCreate, user: CurrentUser, services: ServicesDep, dispatcher: DispatcherDep
+) -> JobPublic:
+    """Validate the job against the step registry, store it, and queue its first step."""
+    from modules.pipeline.jobspec import parse_job_spec
+    from modules.pipeline.runner import new_job_record
+
+    model_key, model_meta = None, None
+    if body.model_id is not None:
+        model_meta = get_model_meta(services.store, user_id=user, model_id=body.model_id)
+        model_key = model_meta["key"]
+    check_job_inputs(services.store, user_id=user, model_meta=model_meta, steps=body.steps)
+    spec = parse_job_spec(
+        {
+            "job_id": uuid.uuid4().hex[:20],
+            "user_id": user,
+            "model": model_key,
+            "dataset": body.dataset,
+            "profile": body.profile,
+            "steps": [call.model_dump() for call in body.steps],
+            "seed": body.seed,
+            "repeats": body.repeats,
+        }
+    )
+    if not services.jobs.create({**new_job_record(spec), "model_id": body.model_id}):
+        raise ConflictError(f"job id {spec.job_id} already exists; submit again")
+    try:
+        dispatcher.submit(spec.job_id)
+    except Exception as exc:
+        logger.error("could not dispatch job %s", spec.job_id, exc_info=exc)
+        services.jobs.update(
+            spec.job_id, status=JobStatus.FAILED.value, reason="the job could not be queued"
+        )
+        raise UnavailableError("the job could not be queued; try again later") from None
+    job = services.jobs.get(spec.job_id)
+    if job is None:  # only if the store lost a write it acknowledged
+        raise UnavailableError("the job store did not keep the job; try again later")
+    return job_public(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    user: CurrentUser,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="next_cursor of the previous page.")
+    ] = None,
+) -> JobsPublic:
+    """Your jobs, newest first, one page at a time."""
+    jobs, next_cursor = services.jobs.list(user, limit=limit, cursor=cursor)
+    return JobsPublic(data=[job_public(j) for j in jobs], count=len(jobs), next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(
+    job_id: str, user: CurrentUser, services: ServicesDep, settings: SettingsDep
+) -> JobPublic:
+    """Status, reason, progress, timestamps and the step records."""
+    # The watchdog: a job whose task was lost ends FAILED with the reason, never hangs.
+    job = fail_if_stale(
+        services, owned_job(services, job_id, user), stale_after=stale_after_s(settings)
+    )
+    return job_public(job, services.log.records(job_id))
+
+
+@router.post("/{job_id}/stop", response_model=JobPublic)
+def stop_job(job_id: str, user: CurrentUser, services: ServicesDep) -> JobPublic:
+    """Stop a queued or running job; the running step finishes, no later step starts."""
+    job = owned_job(services, job_id, user)
+    if job["status"] in TERMINAL:
+        raise ConflictError(f"job {job_id} is already {job['status']}")
+    updated = services.jobs.update(
+        job_id, status=JobStatus.STOPPED.value, reason="stopped by the user"
+    )
+    return job_public(updated)
+
+
+def job_artifacts(
+    services: Services, job: dict[str, Any], *, expires_s: int
+) -> list[ArtifactPublic]:
+    """Every model and file the job's steps wrote, plus its report.json, with download URLs."""
+    store = services.store
+    user = job["user_id"]
+    found: list[ArtifactPublic] = []
+
+    def add(
+        key: str, *, kind: ArtifactKind, record: dict[str, Any] | None, size: int | None
+    ) -> None:
+        if not key_in_user(key, user):
+            return  # never sign a key outside the owner's prefix
+        found.append(
+            ArtifactPublic(
+                name=key.rsplit("/", 1)[-1],
+                key=key,
+                kind=kind,
+                index=None if record is None else record["index"],
+                step=None if record is None else record["step"],
+                size=size,
+                url=store.url(key, expires_s=expires_s),
+            )
+        )
+
+    for record in services.log.records(job["job_id"]):
+        output = record.get("output_key")
+        if output and output != record.get("input_key"):
+            add(output, kind="model", record=record, size=record.get("output_size"))
+        for key in (record.get("files") or {}).values():
+            add(key, kind="file", record=record, size=store.size(key))
+    report = report_key(job)
+    if store.exists(report):
+        add(report, kind="report", record=None, size=store.size(report))
+    return found
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
+def list_artifacts(
+    job_id: str, user: CurrentUser, services: ServicesDep, settings: SettingsDep
+) -> ArtifactsPublic:
+    """Presigned download URLs for the job's outputs."""
+    job = owned_job(services, job_id, user)
+    expires = settings.presign_expires_s
+    return ArtifactsPublic(data=job_artifacts(services, job, expires_s=expires), expires_in=expires)
+
+
+def _report_file(records: list[dict[str, Any]], name: str) -> str | None:
+    for record in reversed(records):
+        key = (record.get("files") or {}).get(name)
+        if key:
+            return str(key)
+    return None
+
+
+def render_report_html(report: dict[str, Any]) -> str:
+    """A minimal, fully escaped HTML page of the report's summary table."""
+    from modules.pipeline.report import summary_row
+
+    columns = ["index", "step", "framework", "size_bytes", "accuracy", "latency_b1_ms", "verdict"]
+    rows = [summary_row(r) for r in report.get("steps", [])]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in columns) + "</tr>"
+        for row in rows
+    )
+    title = html.escape(f"MCaaS job {report.get('job_id')}: {report.get('status')}")
+    reason = report.get("reason")
+    reason_html = f"<p>{html.escape(str(reason))}</p>" if reason else ""
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{title}</title></head><body><h1>{title}</h1>{reason_html}"
+        f"<table border='1'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        "</body></html>"
+    )
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@router.get("/{job_id}/report", response_model=None)
+def get_report(
+    job_id: str,
+    user: CurrentUser,
+    services: ServicesDep,
+    format: Annotated[Literal["json", "html"], Query(description="json or html.")] = "json",
+) -> Response:
+    """The job report: the `report` step's files when it ran, else built from the records."""
+    from modules.pipeline.report import job_report
+
+    job = owned_job(services, job_id, user)
+    records = services.log.records(job_id)
+    stored = _report_file(records, f"report.{format}")
+    if stored is not None and key_in_user(stored, user):
+        content = services.store.get_bytes(stored)
+        if format == "html":
+            return HTMLResponse(content, headers={"Content-Security-Policy": REPORT_CSP})
+        return JSONResponse(json.loads(content))
+    report = job_report(
+        spec=job["spec"], status=job["status"], reason=job.get("reason"), records=records
+    )
+    if format == "html":
+        return HTMLResponse(
+            render_report_html(report), headers={"Content-Security-Policy": REPORT_CSP}
+        )
+    return JSONResponse(json.loads(json.dumps(report, default=str)))

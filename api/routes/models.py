@@ -1,0 +1,66 @@
+"""POST /v1/models (streamed upload), GET /v1/models, GET /v1/models/{id}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CurrentUser, ServicesDep, SettingsDep
+from api.model_registry import (
+    get_model_meta,
+    list_model_metas,
+    save_upload,
+    to_public,
+    validate_model_bytes,
+)
+from api.schemas import ModelPublic, ModelsPublic
+from api.uploads import receive_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=201, response_model=ModelPublic, openapi_extra=UPLOAD_BODY)
+async def upload_model(
+    request: Request, user: CurrentUser, settings: SettingsDep, services: ServicesDep
+) -> ModelPublic:
+    """Upload a model (.pt checkpoint, .skops or .onnx) as the multipart field `file`."""
+    upload = await receive_upload(request, limit=settings.max_upload_bytes)
+    artifact = await run_in_threadpool(validate_model_bytes, upload.data, upload.filename)
+    meta = await run_in_threadpool(
+        lambda: save_upload(
+            services.store,
+            user_id=user,
+            filename=upload.filename,
+            data=upload.data,
+            artifact=artifact,
+        )
+    )
+    return to_public(meta)
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(user: CurrentUser, services: ServicesDep) -> ModelsPublic:
+    """Your uploaded models, newest first."""
+    metas = list_model_metas(services.store, user_id=user)
+    return ModelsPublic(data=[to_public(m) for m in metas], count=len(metas))
+
+
+@router.get("/{model_id}", response_model=ModelPublic)
+def get_model(model_id: str, user: CurrentUser, services: ServicesDep) -> ModelPublic:
+    """One of your models; 404 for an unknown id or another user's."""
+    return to_public(get_model_meta(services.store, user_id=user, model_id=model_id))

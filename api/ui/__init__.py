@@ -1,0 +1,1 @@
+"""The dashboard: server-rendered pages of jobs, progress and reports (Jinja2)."""

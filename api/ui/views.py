@@ -1,0 +1,87 @@
+"""What the dashboard shows, computed from job and step records (plain data, no HTML)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modules.pipeline.report import summary_row
+
+
+def fmt_size(n: Any) -> str:
+    """Bytes as KB or MB."""
+    if isinstance(n, bool) or not isinstance(n, int | float):
+        return "-"
+    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
+
+
+def fmt_pct(value: Any) -> str:
+    """A 0..1 share as a percentage."""
+    return "-" if not isinstance(value, int | float) else f"{value * 100:.2f}%"
+
+
+def fmt_ms(value: Any, ci: Any) -> str:
+    """A latency median with its 95% CI."""
+    if not isinstance(value, int | float):
+        return "-"
+    if (
+        isinstance(ci, list | tuple)
+        and len(ci) == 2
+        and all(isinstance(c, int | float) for c in ci)
+    ):
+        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{value:.3f}"
+
+
+def step_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per step record: size, latency with CI, accuracy, verdict."""
+    rows = []
+    for record in sorted(records, key=lambda r: int(r["index"])):
+        row = summary_row(record)
+        verdict = record.get("verdict") or None
+        rows.append(
+            {
+                "index": row["index"],
+                "step": row["step"],
+                "framework": row["framework"] or "-",
+                "size": fmt_size(row["size_bytes"]),
+                "latency_b1": fmt_ms(row["latency_b1_ms"], row["latency_b1_ci95"]),
+                "latency_b64": fmt_ms(row["latency_b64_ms"], row["latency_b64_ci95"]),
+                "accuracy": fmt_pct(row["accuracy"]),
+                "verdict": None if verdict is None else bool(verdict.get("passed")),
+                "verdict_reason": (verdict or {}).get("reason"),
+                "duration": "-" if row["duration_s"] is None else f"{row['duration_s']:.1f} s",
+            }
+        )
+    return rows
+
+
+def job_headline(job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The jobs list's columns: size reduction, accuracy change and gate verdicts."""
+    ordered = sorted(records, key=lambda r: int(r["index"]))
+    sizes = [r.get("output_size") for r in ordered if isinstance(r.get("output_size"), int)]
+    first_input = ordered[0].get("input_size") if ordered else None
+    baseline = first_input if isinstance(first_input, int) and first_input > 0 else None
+    if baseline is None and sizes:
+        baseline = sizes[0]
+    reduction = None
+    if baseline and sizes:
+        reduction = baseline / sizes[-1] if sizes[-1] else None
+    accuracies = [a for a in (summary_row(r)["accuracy"] for r in ordered) if a is not None]
+    delta = (accuracies[-1] - accuracies[0]) * 100 if len(accuracies) >= 2 else None
+    gates = [
+        {
+            "step": r["step"],
+            "passed": bool(r["verdict"].get("passed")),
+            "reason": r["verdict"].get("reason"),
+        }
+        for r in ordered
+        if r.get("verdict")
+    ]
+    profile = job["spec"].get("profile", "edge-8mb")
+    return {
+        "profile": profile if isinstance(profile, str) else str(profile.get("name", "custom")),
+        "size_reduction": None if reduction is None else f"{reduction:.2f}x",
+        "size_final": fmt_size(sizes[-1]) if sizes else "-",
+        "accuracy_delta": None if delta is None else f"{delta:+.2f} pt",
+        "gates": gates,
+    }

@@ -1,0 +1,1 @@
+"""MCaaS core: compression techniques, evaluation, deployment, pipeline and storage."""

@@ -1,0 +1,1 @@
+"""Compression techniques: one file each, pure functions on top, a thin main() at the bottom."""

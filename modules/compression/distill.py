@@ -1,0 +1,365 @@
+"""Knowledge distillation: train a small student on a teacher's softened outputs.
+
+loss = alpha * T**2 * KL(p_teacher || p_student) + (1 - alpha) * CE(student, labels), with
+p = softmax(logits / T). The KL runs from teacher to student (torch's
+`kl_div(log p_student, p_teacher)`, Hinton et al.); T**2 keeps the soft term's gradients
+on the scale of the hard term's. Temperature and alpha may fall linearly per epoch (high
+to low). The teacher is the step's input model; the student is a zoo arch (its
+in_features/num_classes come from the dataset) or a stored model of the same user (its
+arch and initial weights), named by `student_key`.
+
+CLI: python -m modules.compression.distill --teacher teacher.pt --student student.pt
+     --output distilled.pt [--temperature 4 --alpha 0.7 --epochs N]
+     (or --student-arch '{"name": "mlp", "hidden": [64]}' instead of --student)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from modules.compression.finetune import (
+    accuracy,
+    check_fits_data,
+    check_trainable,
+    fit,
+    seed_everything,
+)
+from modules.errors import BadInputError, IncompatibleError
+from modules.evaluation.inference import make_predictor
+from modules.evaluation.measure import batch_of, count_params, time_batches
+from modules.pipeline.registry import register_step
+from modules.pipeline.script import parse_json_arg, script_main
+from modules.pipeline.step import StepContext, StepOutput
+from modules.storage.artifact import ModelArtifact
+from modules.storage.datasets import Dataset
+from modules.storage.keys import key_in_user, validate_key
+from modules.storage.model_formats import save_model, torch_io_dims
+from modules.storage.zoo import build_model, complete_arch
+
+DEFAULT_STUDENT: dict[str, Any] = {"name": "mlp", "hidden": [64]}
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE, batch-mean."""
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+def linear_schedule(epoch: int, *, epochs: int, start: float, end: float | None) -> float:
+    """`start` at epoch 0 moving linearly to `end` at the last epoch (constant if end is None)."""
+    if end is None or epochs <= 1:
+        return start
+    return start + (end - start) * epoch / (epochs - 1)
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+    temperature_final: float | None = None,
+    alpha_final: float | None = None,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained copy of `student`, taught by `teacher` (left unchanged) on (x, y)."""
+    student = copy.deepcopy(student)
+    teacher.eval()
+    current = {"temperature": temperature, "alpha": alpha}
+    used: list[dict[str, float]] = []
+
+    def before_epoch(epoch: int) -> None:
+        current["temperature"] = linear_schedule(
+            epoch, epochs=epochs, start=temperature, end=temperature_final
+        )
+        current["alpha"] = linear_schedule(epoch, epochs=epochs, start=alpha, end=alpha_final)
+        used.append(dict(current))
+
+    def loss_fn(logits: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        # no_grad, not inference_mode: kl_div saves the teacher's output for backward.
+        with torch.no_grad():
+            teacher_logits = teacher(xb).float()
+        return kd_loss(
+            logits,
+            teacher_logits,
+            yb,
+            temperature=current["temperature"],
+            alpha=current["alpha"],
+        )
+
+    history = fit(
+        student,
+        x,
+        y,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        loss_fn=loss_fn,
+        before_epoch=before_epoch,
+    )
+    return student, {**history, "schedule": used}
+
+
+class DistillParams(BaseModel):
+    """Params of the `distill` step."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    student_arch: dict[str, Any] | None = Field(
+        default=None,
+        description="Student zoo arch, e.g. {'name': 'mlp', 'hidden': [64]}; in_features and "
+        "num_classes come from the dataset. Default: that MLP, unless student_key is set.",
+    )
+    student_key: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Store key (users/{you}/...) of a torch model to use as the student, with "
+        "its weights as the starting point; instead of student_arch.",
+    )
+    temperature: float = Field(default=4.0, gt=0, le=100, description="Softmax temperature T.")
+    temperature_final: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="If set, T falls linearly to this by the last epoch (at most temperature).",
+    )
+    alpha: float = Field(default=0.7, ge=0, le=1, description="Weight of the soft (KD) loss.")
+    alpha_final: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="If set, alpha falls linearly to this by the last epoch (at most alpha).",
+    )
+    epochs: int = Field(default=20, ge=1, le=1000, description="Training epochs.")
+    lr: float = Field(default=1e-3, gt=0, le=1.0, description="Learning rate (Adam).")
+    batch_size: int = Field(default=64, ge=1, le=65536, description="Batch size.")
+    timing_runs: int = Field(
+        default=20, ge=2, le=10_000, description="Timed runs per batch size for the latency report."
+    )
+
+    @field_validator("student_key")
+    @classmethod
+    def _check_key(cls, value: str | None) -> str | None:
+        return None if value is None else validate_key(value)
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> DistillParams:
+        if self.student_arch is not None and self.student_key is not None:
+            raise ValueError("give student_arch or student_key, not both")
+        if self.temperature_final is not None and self.temperature_final > self.temperature:
+            raise ValueError(
+                f"temperature_final {self.temperature_final} is above temperature "
+                f"{self.temperature}; the schedule runs from high to low"
+            )
+        if self.alpha_final is not None and self.alpha_final > self.alpha:
+            raise ValueError(
+                f"alpha_final {self.alpha_final} is above alpha {self.alpha}; the schedule "
+                "runs from high to low"
+            )
+        return self
+
+
+def _student(params: DistillParams, data: Dataset, ctx: StepContext) -> nn.Module:
+    if params.student_key is None:
+        given = params.student_arch or DEFAULT_STUDENT
+        teacher_dims = {"in_features": data.n_features, "num_classes": data.n_classes}
+        for key, value in teacher_dims.items():
+            if key in given and given[key] != value:
+                raise IncompatibleError(
+                    f"student_arch sets {key}={given[key]!r} but the teacher has {key}={value}"
+                )
+        arch = complete_arch(
+            given,
+            in_features=data.n_features,
+            num_classes=data.n_classes,
+            image_shape=data.image_shape,
+        )
+        seed_everything(ctx.seed)
+        return build_model(arch)
+    if not key_in_user(params.student_key, ctx.user_id):
+        raise BadInputError(
+            f"student_key {params.student_key!r} is not under users/{ctx.user_id}/; a student "
+            "must belong to the job's user"
+        )
+    if ctx.load_model is None:
+        raise BadInputError("student_key needs a model store, and this run has none")
+    artifact = ctx.load_model(params.student_key)
+    if artifact.framework != "torch":
+        raise IncompatibleError(
+            f"student_key {params.student_key!r} holds a {artifact.framework} model; the "
+            "student must be a torch model"
+        )
+    return copy.deepcopy(artifact.obj)
+
+
+def check_student_fits(student: nn.Module, teacher: nn.Module, *, x: np.ndarray) -> None:
+    """IncompatibleError naming both sides when the student's input or output differs."""
+    student_in = torch_io_dims(student).get("in_features")
+    if student_in is not None and student_in != x.shape[1]:
+        raise IncompatibleError(
+            f"the student takes {student_in} input features but the teacher takes {x.shape[1]}"
+        )
+    sample = torch.from_numpy(np.ascontiguousarray(x[:2], dtype=np.float32))
+    with torch.no_grad():
+        teacher_out = teacher.eval()(sample)
+        try:
+            student_out = student.eval()(sample)
+        except RuntimeError as exc:
+            raise IncompatibleError(
+                f"the student does not accept the teacher's {x.shape[1]} input features: {exc}"
+            ) from None
+    if tuple(student_out.shape[1:]) != tuple(teacher_out.shape[1:]):
+        raise IncompatibleError(
+            f"the student outputs {list(student_out.shape[1:])} per row but the teacher "
+            f"outputs {list(teacher_out.shape[1:])}"
+        )
+
+
+def _profile(artifact: ModelArtifact, data: Dataset, runs: int) -> dict[str, Any]:
+    predictor = make_predictor(artifact)
+    latency: dict[str, Any] = {}
+    for size in (1, 64):
+        stat, _ = time_batches(predictor.scores, batch_of(data.X_test, size), warmup=3, runs=runs)
+        latency[f"b{size}"] = stat
+    return {
+        "accuracy": float((predictor.labels(data.X_test) == data.y_test).mean()),
+        "size_bytes": len(save_model(artifact)),
+        "params": count_params(artifact)[0],
+        "latency_ms": latency,
+    }
+
+
+@register_step("distill", params=DistillParams, accepts={"torch"})
+def distill_step(
+    model: ModelArtifact, data: Dataset, params: DistillParams, ctx: StepContext
+) -> StepOutput:
+    """Distill the input (teacher) model into a smaller student; compare the two."""
+    teacher = model.obj
+    check_fits_data(teacher, data.X_test, num_classes=data.n_classes, what="the teacher")
+    student = _student(params, data, ctx)
+    check_trainable(student, step="distill")
+    check_student_fits(student, teacher, x=data.X_test)
+    start_accuracy = accuracy(student, data.X_test, data.y_test)
+    trained, history = distill(
+        teacher,
+        student,
+        data.X_train,
+        data.y_train,
+        temperature=params.temperature,
+        alpha=params.alpha,
+        temperature_final=params.temperature_final,
+        alpha_final=params.alpha_final,
+        epochs=params.epochs,
+        lr=params.lr,
+        batch_size=params.batch_size,
+        seed=ctx.seed,
+    )
+    meta = {"in_features": data.n_features, "num_classes": data.n_classes}
+    out = ModelArtifact("torch", trained.eval(), meta)
+    teacher_report = _profile(
+        ModelArtifact("torch", teacher, {**model.meta, **meta}), data, params.timing_runs
+    )
+    student_report = _profile(out, data, params.timing_runs)
+    metrics = {
+        "teacher": teacher_report,
+        "student": student_report,
+        "student_accuracy_before": start_accuracy,
+        "accuracy": student_report["accuracy"],
+        "accuracy_drop_pt": 100 * (teacher_report["accuracy"] - student_report["accuracy"]),
+        "size_ratio": teacher_report["size_bytes"] / student_report["size_bytes"],
+        "speedup_b64": teacher_report["latency_ms"]["b64"]["median"]
+        / student_report["latency_ms"]["b64"]["median"],
+        "schedule": history["schedule"],
+        "final_loss": history["final_loss"],
+        "train_time_s": history["train_time_s"],
+    }
+    return StepOutput(model=out, metrics=metrics)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Not base_parser: the issue fixes these option names (--teacher, --output).
+    parser = argparse.ArgumentParser(description="Distill a teacher model into a student.")
+    parser.add_argument(
+        "--teacher", dest="input_model", type=Path, required=True, help="Teacher model file."
+    )
+    student = parser.add_mutually_exclusive_group()
+    student.add_argument(
+        "--student", type=Path, help="Student model file (arch + initial weights)."
+    )
+    student.add_argument("--student-arch", help='Student zoo arch JSON, e.g. {"name": "mlp"}.')
+    parser.add_argument("--output", dest="output_model", type=Path, help="Where to write it.")
+    parser.add_argument("--temperature", type=float, help="Softmax temperature (default 4).")
+    parser.add_argument("--temperature-final", type=float, help="Final temperature.")
+    parser.add_argument("--alpha", type=float, help="Soft-loss weight (default 0.7).")
+    parser.add_argument("--alpha-final", type=float, help="Final alpha.")
+    parser.add_argument("--epochs", type=int, help="Training epochs (default 20).")
+    parser.add_argument("--lr", type=float, help="Learning rate.")
+    parser.add_argument("--dataset", default="digits", help="Built-in name, .npz or IDX dir.")
+    parser.add_argument("--profile", default="edge-8mb", help="Hardware profile name.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed.")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="Allow full pickled torch modules (runs code from the file: trusted files only).",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: distill through run_step and print one JSON line of metrics."""
+    from modules.pipeline.local import LocalWorkspace
+
+    with tempfile.TemporaryDirectory(prefix="mcaas-distill-") as tmp:
+        workspace = Path(tmp)
+
+        def to_params(args: argparse.Namespace) -> dict[str, Any]:
+            names = ("temperature", "temperature_final", "alpha", "alpha_final", "epochs", "lr")
+            params = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+            if args.student is not None:
+                # The student file goes into the same store the step reads from, through
+                # the safe loaders, and is passed by key like any other stored model.
+                params["student_key"] = LocalWorkspace(workspace).import_model(
+                    args.student, user_id="local", trust_pickle=args.trust_pickle
+                )
+            elif args.student_arch is not None:
+                params["student_arch"] = parse_json_arg(args.student_arch, option="--student-arch")
+            return params
+
+        return script_main("distill", _parser(), to_params, argv, workspace=workspace)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

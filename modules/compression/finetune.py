@@ -1,0 +1,125 @@
+"""The one training loop, shared by train, prune, low-rank and distill; deterministic."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modules.errors import BadInputError, IncompatibleError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fit(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    loss_fn: LossFn | None = None,
+    after_step: Callable[[int], None] | None = None,
+    before_epoch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train with Adam on (x, y); returns loss history and wall time.
+
+    loss_fn(logits, xb, yb): defaults to cross-entropy; distillation passes its own.
+    after_step(global_step): runs after every optimizer step (pruning masks, schedules).
+    before_epoch(epoch): runs before each epoch (temperature / alpha schedules).
+    """
+    seed_everything(seed)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    ce = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    step = 0
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
+        order = torch.randperm(len(xt), generator=generator)
+        total, count = 0.0, 0
+        for i in range(0, len(xt), batch_size):
+            idx = order[i : i + batch_size]
+            xb, yb = xt[idx], yt[idx]
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = loss_fn(logits, xb, yb) if loss_fn is not None else ce(logits, yb)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if after_step is not None:
+                after_step(step)
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        losses.append(total / max(count, 1))
+    model.eval()
+    return {
+        "epochs": epochs,
+        "steps": step,
+        "final_loss": losses[-1] if losses else None,
+        "loss_history": losses,
+        "train_time_s": time.perf_counter() - start,
+    }
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of a torch classifier on flat features."""
+    model.eval()
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    return float((logits.argmax(dim=1).numpy() == y).mean())
+
+
+def check_trainable(model: nn.Module, *, step: str) -> None:
+    """Refuse a model that fine-tuning cannot train: quantized layers or non-float32 weights."""
+    from modules.storage.zoo import Float16Linear, Int8Linear
+
+    for name, sub in model.named_modules():
+        if isinstance(sub, Int8Linear | Float16Linear):
+            raise BadInputError(
+                f"{step}: layer {name or 'model'} is a {type(sub).__name__} (already quantized); "
+                f"run {step} before quantize_dynamic"
+            )
+    for name, param in model.named_parameters():
+        if param.dtype != torch.float32:
+            raise BadInputError(
+                f"{step}: parameter {name} is {param.dtype}; {step} fine-tunes float32 models only"
+            )
+
+
+def check_fits_data(model: nn.Module, x: np.ndarray, *, num_classes: int, what: str) -> None:
+    """Run two rows through `model`; an IncompatibleError names expected and actual shapes."""
+    sample = torch.from_numpy(np.ascontiguousarray(x[:2], dtype=np.float32))
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except RuntimeError as exc:
+        raise IncompatibleError(
+            f"{what} does not accept the data's {x.shape[1]} input features: {exc}"
+        ) from None
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise IncompatibleError(
+            f"{what} outputs shape {tuple(out.shape[1:])} per row, but the data has "
+            f"{num_classes} classes"
+        )

@@ -1,0 +1,1 @@
+"""Evaluation: measurement, statistics, hardware simulation, sweeps and plots."""

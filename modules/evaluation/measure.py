@@ -1,0 +1,265 @@
+"""The `measure` step: size, parameters, accuracy, latency with CI, throughput, memory.
+
+Latency: `warmup` untimed runs, then `runs` timed runs of one batch each, reported
+as median, mean, std and a Student-t 95% CI in milliseconds, with the batch size
+and the thread count. Memory: torch = parameter bytes + the activations its leaf
+modules emit for one batch (forward hooks); scikit-learn = model arrays + peak
+Python/numpy allocations during predict (tracemalloc); ONNX = initializer bytes +
+input and output tensors. Each result names its method.
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from modules.evaluation.inference import Predictor, make_predictor
+from modules.evaluation.stats import summarize
+from modules.pipeline.registry import register_step
+from modules.pipeline.step import StepContext, StepOutput
+from modules.storage.artifact import ModelArtifact
+from modules.storage.datasets import Dataset
+from modules.storage.model_formats import save_model
+
+
+class MeasureParams(BaseModel):
+    """Params of the `measure` step."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_sizes: list[int] = Field(
+        default=[1, 64], min_length=1, max_length=8, description="Batch sizes to time."
+    )
+    warmup: int = Field(default=5, ge=0, le=1000, description="Untimed runs before timing.")
+    runs: int = Field(default=30, ge=2, le=10_000, description="Timed runs per batch size.")
+
+
+def time_batches(
+    fn: Any, x: np.ndarray, *, warmup: int, runs: int
+) -> tuple[dict[str, Any], list[float]]:
+    """Time `fn(x)` after warm-up; returns the summary in ms and the raw samples."""
+    for _ in range(warmup):
+        fn(x)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(x)
+        samples.append((time.perf_counter() - start) * 1000.0)
+    return summarize(samples, unit="ms"), samples
+
+
+def batch_of(x: np.ndarray, size: int) -> np.ndarray:
+    """`size` rows of x, cycling when x is shorter."""
+    reps = -(-size // len(x))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:size]) if reps > 1 else x[:size]
+
+
+def count_params(artifact: ModelArtifact) -> tuple[int, int]:
+    """(parameters, non-zero parameters): weights for torch/ONNX, stored numbers for sklearn."""
+    arrays = list(_weight_arrays(artifact))
+    total = sum(int(a.size) for a in arrays)
+    nonzero = sum(int(np.count_nonzero(a)) for a in arrays)
+    return total, nonzero
+
+
+def _weight_arrays(artifact: ModelArtifact) -> Any:
+    if artifact.framework == "torch":
+        for t in artifact.obj.state_dict().values():
+            if t.is_floating_point() or t.dtype.is_signed:
+                yield t.detach().cpu().numpy()
+            # packed quantized weights have no numpy view; count_params stays a float count
+    elif artifact.framework == "onnx":
+        from onnx import numpy_helper
+
+        for init in artifact.obj.graph.initializer:
+            yield numpy_helper.to_array(init)
+    else:
+        yield from _sklearn_arrays(artifact.obj, seen=set())
+
+
+def _sklearn_arrays(obj: Any, *, seen: set[int]) -> Any:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray) and obj.dtype.kind in "biuf":
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from _sklearn_arrays(item, seen=seen)
+    elif hasattr(obj, "__getstate__") and type(obj).__module__.startswith("sklearn"):
+        state = obj.__getstate__()
+        if isinstance(state, dict):
+            for key, value in state.items():
+                # Fitted arrays in private attributes count too: KNN keeps its stored
+                # samples in _fit_X and _y, its KD/ball tree in _tree.
+                fitted = key.endswith("_") or isinstance(value, np.ndarray)
+                if fitted or key in {"tree_", "estimators_", "steps", "_tree"}:
+                    yield from _sklearn_arrays(value, seen=seen)
+            nodes = state.get("nodes")
+            if isinstance(nodes, np.ndarray):  # sklearn.tree._tree.Tree
+                yield from (nodes[f] for f in ("threshold", "feature", "left_child"))
+                yield state["values"]
+        elif isinstance(state, tuple):  # KDTree / BallTree pickle their arrays as a tuple
+            yield from _sklearn_arrays(list(state), seen=seen)
+        for name in ("steps",):
+            for _, step in getattr(obj, name, []) or []:
+                yield from _sklearn_arrays(step, seen=seen)
+
+
+def inference_memory(artifact: ModelArtifact, x: np.ndarray) -> dict[str, Any]:
+    """Bytes needed to run one batch `x`, with the method that produced the number."""
+    if artifact.framework == "torch":
+        import torch
+
+        module = artifact.obj
+        param_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        act_bytes = 0
+
+        def hook(_m: Any, _i: Any, out: Any) -> None:
+            nonlocal act_bytes
+            if isinstance(out, torch.Tensor):
+                act_bytes += out.numel() * out.element_size()
+
+        leaves = [m for m in module.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.inference_mode():
+                module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        finally:
+            for h in handles:
+                h.remove()
+        return {
+            "bytes": int(param_bytes + act_bytes + x.nbytes),
+            "model_bytes": int(param_bytes),
+            "activation_bytes": int(act_bytes),
+            "method": "parameters + leaf-module activations (forward hooks)",
+        }
+    if artifact.framework == "sklearn":
+        model_bytes = sum(int(a.nbytes) for a in _sklearn_arrays(artifact.obj, seen=set()))
+        predictor = make_predictor(artifact)
+        tracemalloc.start()
+        try:
+            predictor.scores(x)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        return {
+            "bytes": int(model_bytes + peak),
+            "model_bytes": int(model_bytes),
+            "activation_bytes": int(peak),
+            "method": "model arrays + tracemalloc peak during predict",
+        }
+    model_bytes = sum(int(a.nbytes) for a in _weight_arrays(artifact))
+    out = make_predictor(artifact).scores(x)
+    io_bytes = int(x.nbytes + np.asarray(out).nbytes)
+    return {
+        "bytes": model_bytes + io_bytes,
+        "model_bytes": model_bytes,
+        "activation_bytes": io_bytes,
+        "method": "initializers + input/output tensors (ONNX Runtime arena not visible)",
+    }
+
+
+def thread_count(framework: str) -> int:
+    if framework == "torch":
+        import torch
+
+        return int(torch.get_num_threads())
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def measure_model(
+    artifact: ModelArtifact,
+    data: Dataset,
+    params: MeasureParams,
+    *,
+    predictor: Predictor | None = None,
+) -> dict[str, Any]:
+    """All measurements of one model on the test split."""
+    predictor = predictor or make_predictor(artifact)
+    x_test = data.X_test
+    predictor.check_features(x_test)
+    blob = save_model(artifact)
+    n_params, n_nonzero = count_params(artifact)
+    accuracy = float((predictor.labels(x_test) == data.y_test).mean())
+    metrics: dict[str, Any] = {
+        "framework": artifact.framework,
+        "size_bytes": len(blob),
+        "params": n_params,
+        "nonzero_params": n_nonzero,
+        "sparsity": (1 - n_nonzero / n_params) if n_params else 0.0,
+        "accuracy": accuracy,
+        "n_test": len(data.y_test),
+        "threads": thread_count(artifact.framework),
+        "latency_ms": {},
+        "throughput_per_s": {},
+        "memory": {},
+    }
+    for size in params.batch_sizes:
+        x = batch_of(x_test, size)
+        stat, _ = time_batches(predictor.scores, x, warmup=params.warmup, runs=params.runs)
+        stat["batch_size"] = size
+        metrics["latency_ms"][f"b{size}"] = stat
+        metrics["throughput_per_s"][f"b{size}"] = size / (stat["median"] / 1000.0)
+        metrics["memory"][f"b{size}"] = inference_memory(artifact, x)
+    return metrics
+
+
+@register_step("measure", params=MeasureParams, accepts={"torch", "sklearn", "onnx"})
+def measure(
+    model: ModelArtifact, data: Dataset, params: MeasureParams, ctx: StepContext
+) -> StepOutput:
+    """Measure size, parameters, accuracy, latency (median and 95% CI), throughput, memory."""
+    metrics = measure_model(model, data, params)
+    if ctx.repeats > 1:
+        metrics.update(repeated_measurements(model, data, params, ctx))
+    return StepOutput(model=None, metrics=metrics)
+
+
+def repeated_measurements(
+    model: ModelArtifact, data: Dataset, params: MeasureParams, ctx: StepContext
+) -> dict[str, Any]:
+    """Repeat the whole measuring protocol ctx.repeats times on the seed schedule.
+
+    Each repeat contributes its latency medians, throughput, accuracy, size and the
+    profile's energy estimate (power x batch-1 median / compute scale); each of these gets
+    mean, std, 95% CI and n. Measuring uses no randomness: the seeds are recorded so a
+    repeat of a step that does (sweep, auto) lines up with this one.
+    """
+    from modules.evaluation.repeat import repeat_runs
+
+    profile = ctx.profile
+
+    def one(_seed: int) -> dict[str, Any]:
+        again = measure_model(model, data, params)
+        b1 = again["latency_ms"].get("b1")
+        energy = (
+            {"energy_mj_estimate": profile.power_w * b1["median"] / profile.compute_scale}
+            if b1
+            else {}
+        )
+        return {
+            "latency_ms": {k: v["median"] for k, v in again["latency_ms"].items()},
+            "throughput_per_s": again["throughput_per_s"],
+            "accuracy": again["accuracy"],
+            "size_bytes": again["size_bytes"],
+            **energy,
+        }
+
+    repeated = repeat_runs(one, ctx.repeats, ctx.seed)
+    summaries = repeated["metrics"]
+    return {
+        # The per-repeat medians get their own CI (kept under the name earlier runs used).
+        "latency_median_over_repeats_ms": {
+            key.removeprefix("latency_ms."): stat | {"unit": "ms"}
+            for key, stat in summaries.items()
+            if key.startswith("latency_ms.")
+        },
+        "repeats": {"n": repeated["n"], "seeds": repeated["seeds"], "metrics": summaries},
+    }

@@ -1,0 +1,1 @@
+"""The step pipeline: registry, job spec, profiles, run_step and the in-process runner."""

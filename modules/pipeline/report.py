@@ -1,0 +1,117 @@
+"""The job report as data: every step record, the verdicts, the config, and a summary table."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime
+from typing import Any
+
+from modules.evaluation.stats import point
+
+
+def summary_row(record: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one step record (None where the step did not measure them)."""
+    metrics = record.get("metrics") or {}
+    # hardware_sim and budget_gate name their timings measured_latency_ms.
+    latency = metrics.get("latency_ms") or metrics.get("measured_latency_ms") or {}
+    b1, b64 = latency.get("b1"), latency.get("b64")
+    accuracy = metrics.get("accuracy", metrics.get("test_accuracy"))
+    verdict = record.get("verdict")
+    return {
+        "index": record["index"],
+        "step": record["step"],
+        "framework": record.get("output_framework"),
+        "size_bytes": metrics.get("size_bytes", record.get("output_size")),
+        "params": metrics.get("params"),
+        "accuracy": point(accuracy),
+        "latency_b1_ms": point(b1, key="median") if b1 else None,
+        "latency_b1_ci95": b1.get("median_ci95", b1.get("ci95")) if b1 else None,
+        "latency_b64_ms": point(b64, key="median") if b64 else None,
+        "latency_b64_ci95": b64.get("median_ci95", b64.get("ci95")) if b64 else None,
+        "verdict": None if verdict is None else ("pass" if verdict["passed"] else "REJECTED"),
+        "duration_s": record.get("duration_s"),
+        "output_key": record.get("output_key"),
+        **deployment_columns(metrics, verdict),
+    }
+
+
+def deployment_columns(metrics: dict[str, Any], verdict: dict[str, Any] | None) -> dict[str, Any]:
+    """hardware_sim's estimates and the parity gate's numbers, where the step produced them."""
+    estimated = (metrics.get("estimated_latency_ms") or {}).get("b1")
+    energy = (metrics.get("energy_mj_per_inference_estimate") or {}).get("b1")
+    return {
+        "estimated_latency_b1_ms": point(estimated, key="median") if estimated else None,
+        "energy_mj_estimate": point(energy, key="median") if energy else None,
+        "fits": metrics.get("fits"),
+        "auto_batch": metrics.get("auto_batch"),
+        "agreement": metrics.get("agreement"),
+        "max_abs_prob_diff": metrics.get("max_abs_prob_diff"),
+        "verdict_reason": verdict.get("reason") if verdict else None,
+    }
+
+
+SUMMARY_CSV_COLUMNS = (
+    "index",
+    "step",
+    "framework",
+    "size_bytes",
+    "params",
+    "accuracy",
+    "latency_b1_ms",
+    "latency_b1_ci95",
+    "latency_b64_ms",
+    "latency_b64_ci95",
+    "estimated_latency_b1_ms",
+    "energy_mj_estimate",
+    "fits",
+    "auto_batch",
+    "agreement",
+    "max_abs_prob_diff",
+    "verdict",
+    "verdict_reason",
+    "duration_s",
+    "output_key",
+)
+
+
+def _csv_cell(value: Any) -> Any:
+    return ";".join(f"{v:.6g}" for v in value) if isinstance(value, list) else value
+
+
+def summary_csv(rows: list[dict[str, Any]]) -> str:
+    """The summary table as CSV (CI pairs written as "lo;hi")."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(
+        buf, fieldnames=SUMMARY_CSV_COLUMNS, extrasaction="ignore", lineterminator="\n"
+    )
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_cell(row.get(k)) for k in SUMMARY_CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def job_report(
+    *,
+    spec: dict[str, Any],
+    status: str,
+    reason: str | None,
+    records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """report.json's content."""
+    return {
+        "job_id": spec.get("job_id"),
+        "user_id": spec.get("user_id"),
+        "status": status,
+        "reason": reason,
+        "generated_at": datetime.now(UTC).isoformat(),
+        "config": spec,
+        "dataset": records[0].get("dataset") if records else None,
+        "summary": [summary_row(r) for r in records],
+        "verdicts": [
+            {"index": r["index"], "step": r["step"], **r["verdict"]}
+            for r in records
+            if r.get("verdict") is not None
+        ],
+        "steps": records,
+    }

@@ -1,0 +1,206 @@
+"""run_step: the one place that loads a step's input, calls it, saves its output and logs it.
+
+The CLI scripts, the Celery task, the ECS entrypoint and the in-process runner all
+call this. Output keys are a pure function of (user, profile, job, index, step), and
+the record is appended last with a conditional put, so running a step twice writes
+the same objects and one record: that is what makes worker redelivery safe.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+import tempfile
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modules.errors import BadInputError, IncompatibleError, McaasError
+from modules.pipeline.jobspec import JobSpec
+from modules.pipeline.registry import get_step
+from modules.pipeline.step import StepContext, StepOutput
+from modules.storage.artifact import ModelArtifact
+from modules.storage.artifacts import ArtifactStore
+from modules.storage.datasets import load_dataset
+from modules.storage.model_formats import load_model, save_model
+from modules.storage.steplog import StepLog
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSIONED = ("torch", "scikit-learn", "onnx", "onnxruntime", "skl2onnx", "numpy", "torch-pruning")
+
+
+class PipelineOrderError(McaasError):
+    """A step was asked to run before the step it depends on has a record."""
+
+    code = "order"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers, without importing them."""
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def step_prefix(job: JobSpec, index: int) -> str:
+    """Where step `index` of `job` writes: users/{user}/{profile}/{job}/{i}-{step}/."""
+    name = job.steps[index].name
+    return f"users/{job.user_id}/{job.profile_name}/{job.job_id}/{index:02d}-{name}/"
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types only: numpy scalars and arrays become Python ones, NaN becomes None."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def load_stored_model(
+    store: ArtifactStore, key: str, *, trust_pickle: bool = False
+) -> ModelArtifact:
+    """Load a model artifact from the store through the safe loaders."""
+    try:
+        return load_model(store.get_bytes(key), filename=key, trust_pickle=trust_pickle)
+    except BadInputError as exc:
+        if key in str(exc):
+            raise
+        raise type(exc)(f"model {key}: {exc}") from None
+
+
+def _input_key(job: JobSpec, index: int, previous: dict[str, Any] | None) -> str | None:
+    if index == 0:
+        return job.model
+    if previous is None:
+        raise PipelineOrderError(
+            f"job {job.job_id}: step {index} ({job.steps[index].name}) needs the record of "
+            f"step {index - 1} ({job.steps[index - 1].name}), which has not run"
+        )
+    verdict = previous.get("verdict")
+    if verdict is not None and not verdict.get("passed", True):
+        raise PipelineOrderError(
+            f"job {job.job_id}: step {index - 1} was rejected ({verdict.get('reason')}); "
+            "later steps do not run"
+        )
+    key = previous.get("output_key")
+    return str(key) if key else None
+
+
+def run_step(
+    job: JobSpec,
+    index: int,
+    *,
+    store: ArtifactStore,
+    log: StepLog,
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
+    """Run step `index` of `job` once; a second call returns the first call's record."""
+    if not 0 <= index < len(job.steps):
+        raise BadInputError(f"job {job.job_id} has {len(job.steps)} steps; no step {index}")
+    # One query serves the idempotency check, the input and the history: each log read
+    # is a DynamoDB round trip in the service.
+    earlier = {r["index"]: r for r in log.records(job.job_id)}
+    if index in earlier:
+        return earlier[index]
+
+    call = job.steps[index]
+    step = get_step(call.name)
+    params = step.params.model_validate(call.params)
+    input_key = _input_key(job, index, earlier.get(index - 1))
+    model = load_stored_model(store, input_key, trust_pickle=trust_pickle) if input_key else None
+    input_size = store.size(input_key) if input_key else None
+    kind = model.framework if model is not None else "none"
+    if kind not in step.accepts:
+        raise IncompatibleError(
+            f"step {call.name!r} accepts {sorted(step.accepts)} models, got {kind!r}"
+        )
+    data = load_dataset(job.dataset, seed=job.seed)
+    history = [earlier[i] for i in sorted(earlier) if i < index]
+
+    started_at = datetime.now(UTC).isoformat()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mcaas-step-") as workdir:
+        ctx = StepContext(
+            job_id=job.job_id,
+            user_id=job.user_id,
+            profile=job.profile_obj,
+            seed=job.seed,
+            repeats=job.repeats,
+            step_index=index,
+            step_name=call.name,
+            workdir=Path(workdir),
+            history=history,
+            load_model=lambda key: load_stored_model(store, key, trust_pickle=trust_pickle),
+            read_bytes=store.get_bytes,
+        )
+        output: StepOutput = step.fn(model, data, params, ctx)
+    duration = time.perf_counter() - t0
+
+    prefix = step_prefix(job, index)
+    output_key: str | None
+    if output.model is not None:
+        blob = save_model(output.model)
+        output_key = f"{prefix}model{output.model.suffix}"
+        store.put_bytes(output_key, blob)
+        output_size: int | None = len(blob)
+        output_framework: str | None = output.model.framework
+    else:
+        output_key = input_key
+        output_size = input_size
+        output_framework = kind if model is not None else None
+    file_keys: dict[str, str] = {}
+    for name, content in sorted(output.files.items()):
+        if not _FILE_NAME.match(name):
+            raise BadInputError(f"step {call.name!r} produced a file with a bad name: {name!r}")
+        file_keys[name] = f"{prefix}{name}"
+        store.put_bytes(file_keys[name], content)
+
+    record = to_jsonable(
+        {
+            "job_id": job.job_id,
+            "user_id": job.user_id,
+            "profile": job.profile_name,
+            "step": call.name,
+            "index": index,
+            "n_steps": len(job.steps),
+            "params": params.model_dump(mode="json"),
+            "input_key": input_key,
+            "input_size": input_size,
+            "input_framework": kind,
+            "output_key": output_key,
+            "output_size": output_size,
+            "output_framework": output_framework,
+            "files": file_keys,
+            "metrics": output.metrics,
+            "verdict": output.verdict.as_dict() if output.verdict else None,
+            "seed": job.seed,
+            "repeats": job.repeats,
+            "dataset": data.describe(),
+            "versions": library_versions(),
+            "started_at": started_at,
+            "finished_at": datetime.now(UTC).isoformat(),
+            "duration_s": duration,
+        }
+    )
+    if log.append(record):
+        return record
+    # Whatever was stored first is the truth (a redelivered duplicate may have raced us).
+    return log.get(job.job_id, index) or record

@@ -1,0 +1,73 @@
+"""What a step function receives and returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modules.pipeline.profiles import Profile
+from modules.storage.artifact import ModelArtifact
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A gate's decision. `reason` always states the numbers behind it."""
+
+    passed: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reason": self.reason}
+
+
+@dataclass
+class StepOutput:
+    """What a step hands back.
+
+    model: the transformed model, or None when the step only looks at its input
+        (measure, gates, report): the input artifact then passes through unchanged.
+    metrics: JSON-able numbers; repeated measurements as `modules.evaluation.stats` dicts.
+    files: extra files to store beside the model, name -> bytes (reports, plots, CSVs).
+    verdict: set by gate steps; a failed verdict stops the job with status REJECTED.
+    """
+
+    model: ModelArtifact | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    verdict: Verdict | None = None
+
+
+@dataclass
+class StepContext:
+    """Everything about the job a step may need, without knowing where it runs.
+
+    history: the step records of the earlier steps of this job, in order.
+    load_model: loads a stored model artifact by key (for steps that compare against
+        an earlier model, like the ONNX parity gate or distillation's teacher).
+    workdir: a private scratch directory, removed after the step.
+    """
+
+    job_id: str
+    user_id: str
+    profile: Profile
+    seed: int
+    repeats: int
+    step_index: int
+    step_name: str
+    workdir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    load_model: Callable[[str], ModelArtifact] | None = None
+    # Raw bytes of a stored object (a user's inputs file); steps build the key from user_id.
+    read_bytes: Callable[[str], bytes] | None = None
+
+    def earlier_model(self, *, framework: str | None = None) -> ModelArtifact | None:
+        """The newest model produced before this step (optionally of one framework)."""
+        if self.load_model is None:
+            return None
+        for record in reversed(self.history):
+            key = record.get("output_key")
+            if key and (framework is None or record.get("output_framework") == framework):
+                return self.load_model(key)
+        return None

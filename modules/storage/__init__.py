@@ -1,0 +1,1 @@
+"""Storage: artifacts, step logs, job records, model formats and datasets."""

@@ -1,0 +1,28 @@
+"""The in-memory model a step receives and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Framework = Literal["torch", "sklearn", "onnx"]
+
+FILE_SUFFIX: dict[str, str] = {"torch": ".pt", "sklearn": ".skops", "onnx": ".onnx"}
+
+
+@dataclass
+class ModelArtifact:
+    """A loaded model plus what is needed to save it safely again.
+
+    `obj` is an `nn.Module` (torch), a fitted estimator (sklearn) or an
+    `onnx.ModelProto` (onnx). `meta` carries facts that travel with the model:
+    the input feature count, class count, the zoo arch it came from.
+    """
+
+    framework: Framework
+    obj: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def suffix(self) -> str:
+        return FILE_SUFFIX[self.framework]

@@ -1,0 +1,385 @@
+"""Step records: one per (job_id, index), written once, in DynamoDB and/or a CSV file."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from modules.errors import BadInputError
+from modules.storage.artifacts import ArtifactStore
+from modules.storage.keys import validate_user_id
+
+MAX_INDEX = 9999  # the sort key is f"{index:04d}"; a fifth digit would break its ordering
+# Bytes of record JSON kept inline; DynamoDB caps a whole item at 400 KB.
+DYNAMO_INLINE_LIMIT = 350_000
+
+CSV_COLUMNS = [
+    "job_id",
+    "index",
+    "step",
+    "user_id",
+    "profile",
+    "status",
+    "passed",
+    "input_key",
+    "output_key",
+    "input_size",
+    "output_size",
+    "accuracy",
+    "latency_b1_ms",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "record_json",
+]
+
+
+@runtime_checkable
+class StepLog(Protocol):
+    """Append-once log of step records keyed by (job_id, index)."""
+
+    def append(self, record: dict[str, Any]) -> bool:
+        """Write `record`; False (and no change) if (job_id, index) already has one."""
+        ...
+
+    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+        """Return the record for (job_id, index), or None."""
+        ...
+
+    def records(self, job_id: str) -> list[dict[str, Any]]:
+        """Return the job's records ordered by index."""
+        ...
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def check_record(record: dict[str, Any]) -> str:
+    """Validate a record's identity fields and return its JSON text."""
+    if not isinstance(record, dict):
+        raise BadInputError(f"a step record must be a dict, not {type(record).__name__}")
+    job_id, index, step = record.get("job_id"), record.get("index"), record.get("step")
+    if not isinstance(job_id, str) or not job_id:
+        raise BadInputError(f"step record needs a non-empty str job_id, got {job_id!r}")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= MAX_INDEX:
+        raise BadInputError(f"step record needs an int index in 0..{MAX_INDEX}, got {index!r}")
+    if not isinstance(step, str) or not step:
+        raise BadInputError(f"step record needs a non-empty str step, got {step!r}")
+    try:
+        return json.dumps(record, sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"step record {job_id}/{index} is not JSON-able: {exc}") from exc
+
+
+def _lookup(record: dict[str, Any], name: str) -> Any:
+    """Find `name` at the top level of a record, then under `metrics`."""
+    if name in record:
+        return record[name]
+    metrics = record.get("metrics")
+    if isinstance(metrics, dict):
+        return metrics.get(name)
+    return None
+
+
+def _scalar(value: Any, *stat_names: str) -> Any:
+    """Reduce a stat dict ({"mean": ..., "median": ...}) to its first present stat."""
+    if isinstance(value, dict):
+        for stat in stat_names:
+            if stat in value:
+                return value[stat]
+        return None
+    return value
+
+
+def _passed(record: dict[str, Any]) -> Any:
+    if "passed" in record:
+        return record["passed"]
+    verdict = record.get("verdict")
+    if isinstance(verdict, dict):
+        return verdict.get("passed")
+    return verdict if isinstance(verdict, bool) else None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def csv_row(record: dict[str, Any], record_json: str) -> dict[str, str]:
+    """Flatten a record to the CSV's fixed columns, keeping the full record in record_json."""
+    flat: dict[str, Any] = {name: _lookup(record, name) for name in CSV_COLUMNS}
+    flat["passed"] = _passed(record)
+    flat["accuracy"] = _scalar(flat["accuracy"], "mean")
+    if flat["latency_b1_ms"] is None:
+        # The measure step nests its latencies by batch size: metrics.latency_ms.b1.
+        latency = (record.get("metrics") or {}).get("latency_ms")
+        flat["latency_b1_ms"] = latency.get("b1") if isinstance(latency, dict) else None
+    flat["latency_b1_ms"] = _scalar(flat["latency_b1_ms"], "median", "mean")
+    flat["record_json"] = record_json
+    return {name: _cell(flat[name]) for name in CSV_COLUMNS}
+
+
+class CsvStepLog:
+    """Step records as rows of one CSV file; safe across processes through an fcntl lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        # record_json cells can exceed csv's default 128 KiB field limit.
+        csv.field_size_limit(2**31 - 1)
+
+    @contextlib.contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        with open(self.lock_path, "a+b") as lock:
+            fcntl.flock(lock.fileno(), mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _rows(self) -> list[dict[str, str]]:
+        try:
+            with open(self.path, newline="", encoding="utf-8") as handle:
+                return list(csv.DictReader(handle))
+        except FileNotFoundError:
+            return []
+
+    def append(self, record: dict[str, Any]) -> bool:
+        """Append one row unless (job_id, index) is already present; flush and fsync."""
+        record_json = check_record(record)
+        job_id, index = record["job_id"], str(record["index"])
+        with self._locked(fcntl.LOCK_EX):
+            if any(r["job_id"] == job_id and r["index"] == index for r in self._rows()):
+                return False
+            with open(self.path, "a", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+                if handle.tell() == 0:
+                    writer.writeheader()
+                writer.writerow(csv_row(record, record_json))
+                handle.flush()
+                os.fsync(handle.fileno())
+        return True
+
+    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+        """Return the record for (job_id, index), parsed from record_json, or None."""
+        with self._locked(fcntl.LOCK_SH):
+            rows = self._rows()
+        for row in rows:
+            if row["job_id"] == job_id and row["index"] == str(index):
+                record: dict[str, Any] = json.loads(row["record_json"])
+                return record
+        return None
+
+    def records(self, job_id: str) -> list[dict[str, Any]]:
+        """Return the job's records ordered by index."""
+        with self._locked(fcntl.LOCK_SH):
+            rows = self._rows()
+        found = [json.loads(row["record_json"]) for row in rows if row["job_id"] == job_id]
+        return sorted(found, key=lambda record: int(record["index"]))
+
+
+def _error_code(exc: Exception) -> str:
+    response: dict[str, Any] = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _number(value: Any) -> str | None:
+    """DynamoDB N text for an int/float, or None for anything else (bools, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = Decimal(str(value))
+    return str(number) if number.is_finite() else None
+
+
+class DynamoStepLog:
+    """Step records in DynamoDB: PK job_id, SK zero-padded index; big ones overflow to a store."""
+
+    def __init__(
+        self,
+        table_name: str,
+        *,
+        client: Any = None,
+        overflow_store: ArtifactStore | None = None,
+        region: str = "us-east-1",
+    ) -> None:
+        self.table_name = table_name
+        self.overflow_store = overflow_store
+        self.region = region
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        """The boto3 DynamoDB client, created on first use (honours AWS_ENDPOINT_URL)."""
+        if self._client is None:
+            import boto3  # deferred: the CSV log must not pay for boto3
+
+            self._client = boto3.client("dynamodb", region_name=self.region)
+        return self._client
+
+    @staticmethod
+    def sort_key(index: int) -> str:
+        """Return the zero-padded sort key for a step index."""
+        return f"{index:04d}"
+
+    @staticmethod
+    def overflow_key(*, user_id: str, job_id: str, index: int) -> str:
+        """Return the store key that holds an oversized record's JSON."""
+        return f"users/{user_id}/records/{job_id}/{index:04d}.json"
+
+    def ensure_table(self) -> None:
+        """Create the table (PAY_PER_REQUEST) if it does not exist."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.describe_table(TableName=self.table_name)
+            return
+        except ClientError as exc:
+            if _error_code(exc) != "ResourceNotFoundException":
+                raise
+        try:
+            self.client.create_table(
+                TableName=self.table_name,
+                AttributeDefinitions=[
+                    {"AttributeName": "job_id", "AttributeType": "S"},
+                    {"AttributeName": "step", "AttributeType": "S"},
+                ],
+                KeySchema=[
+                    {"AttributeName": "job_id", "KeyType": "HASH"},
+                    {"AttributeName": "step", "KeyType": "RANGE"},
+                ],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        except ClientError as exc:
+            if _error_code(exc) != "ResourceInUseException":
+                raise
+        self.client.get_waiter("table_exists").wait(TableName=self.table_name)
+
+    def _item_key(self, job_id: str, index: int) -> dict[str, Any]:
+        return {"job_id": {"S": job_id}, "step": {"S": self.sort_key(index)}}
+
+    def append(self, record: dict[str, Any]) -> bool:
+        """Conditionally put the record; False if (job_id, index) already exists."""
+        from botocore.exceptions import ClientError
+
+        record_json = check_record(record)
+        job_id, index = record["job_id"], record["index"]
+        item: dict[str, Any] = {
+            **self._item_key(job_id, index),
+            "index": {"N": str(index)},
+            "step_name": {"S": record["step"]},
+            "created_at": {"S": _now()},
+        }
+        for name in ("user_id", "profile"):
+            if isinstance(record.get(name), str) and record[name]:
+                item[name] = {"S": record[name]}
+        output_size = _number(record.get("output_size"))
+        if output_size is not None:
+            item["output_size"] = {"N": output_size}
+
+        encoded = record_json.encode("utf-8")
+        if len(encoded) <= DYNAMO_INLINE_LIMIT:
+            item["record_json"] = {"S": record_json}
+        else:
+            if self.get(job_id, index) is not None:
+                # Checked first so a duplicate never overwrites the stored overflow JSON.
+                return False
+            item["record_ref"] = {"S": self._put_overflow(record, encoded)}
+        try:
+            self.client.put_item(
+                TableName=self.table_name,
+                Item=item,
+                ConditionExpression="attribute_not_exists(job_id)",
+            )
+        except ClientError as exc:
+            if _error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+    def _put_overflow(self, record: dict[str, Any], encoded: bytes) -> str:
+        job_id, index = record["job_id"], record["index"]
+        if self.overflow_store is None:
+            raise BadInputError(
+                f"step record {job_id}/{index} is too big for DynamoDB "
+                f"({len(encoded)} bytes > {DYNAMO_INLINE_LIMIT}) and no overflow store is set"
+            )
+        user_id = record.get("user_id")
+        if not isinstance(user_id, str):
+            raise BadInputError(f"oversized step record {job_id}/{index} needs a user_id")
+        key = self.overflow_key(user_id=validate_user_id(user_id), job_id=job_id, index=index)
+        self.overflow_store.put_bytes(key, encoded)
+        return key
+
+    def _decode(self, item: dict[str, Any]) -> dict[str, Any]:
+        if "record_json" in item:
+            text: str | bytes = item["record_json"]["S"]
+        else:
+            if self.overflow_store is None:
+                ref = item["record_ref"]["S"]
+                raise BadInputError(f"step record is at {ref!r} but no overflow store is set")
+            text = self.overflow_store.get_bytes(item["record_ref"]["S"])
+        record: dict[str, Any] = json.loads(text)
+        return record
+
+    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+        """Return the record for (job_id, index), reading overflow transparently, or None."""
+        response = self.client.get_item(
+            TableName=self.table_name, Key=self._item_key(job_id, index), ConsistentRead=True
+        )
+        item = response.get("Item")
+        return None if item is None else self._decode(item)
+
+    def records(self, job_id: str) -> list[dict[str, Any]]:
+        """Return the job's records ordered by index (Query, following LastEvaluatedKey)."""
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "KeyConditionExpression": "#pk = :job",
+            "ExpressionAttributeNames": {"#pk": "job_id"},
+            "ExpressionAttributeValues": {":job": {"S": job_id}},
+            "ConsistentRead": True,
+        }
+        while True:
+            response = self.client.query(**kwargs)
+            items.extend(response.get("Items", []))
+            last = response.get("LastEvaluatedKey")
+            if not last:
+                break
+            kwargs["ExclusiveStartKey"] = last
+        return [self._decode(item) for item in items]
+
+
+class TeeStepLog:
+    """Writes every record to all logs; reads from the primary."""
+
+    def __init__(self, primary: StepLog, *others: StepLog) -> None:
+        self.primary = primary
+        self.others = others
+
+    def append(self, record: dict[str, Any]) -> bool:
+        """Append to every log (a retry fills any that missed it); return the primary's answer."""
+        written = self.primary.append(record)
+        for other in self.others:
+            other.append(record)
+        return written
+
+    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+        """Return the primary's record."""
+        return self.primary.get(job_id, index)
+
+    def records(self, job_id: str) -> list[dict[str, Any]]:
+        """Return the primary's records."""
+        return self.primary.records(job_id)

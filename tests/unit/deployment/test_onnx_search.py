@@ -1,0 +1,239 @@
+"""The accuracy-aware int8 search: grid, sensitivity probes, node exclusion, best-so-far."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from modules.deployment.onnx_export import OnnxExportParams, export_model
+from modules.deployment.onnx_quantize import OnnxQuantizeParams, onnx_quantize
+from modules.deployment.onnx_search import SearchBudget, grid_settings, search_int8
+from modules.deployment.parity import OrtRunner, cosine_rows
+from modules.errors import IncompatibleError
+from modules.storage.artifact import ModelArtifact
+from modules.storage.artifacts import LocalStore
+from modules.storage.inputs import inputs_key
+from modules.storage.model_formats import load_model, save_model
+from modules.storage.zoo import text_encoder, text_encoder_inputs, text_encoder_onnx
+
+# speed_band=None: the base setting is chosen by parity alone, so the outcome does not
+# depend on how fast each trial happened to run on a loaded machine.
+QUICK = SearchBudget(latency_runs=2, latency_batch=8, speed_band=None)
+QUICK_PARAMS = {"search": True, "latency_runs": 2, "latency_batch": 8}
+
+
+def fragile_graph() -> onnx.ModelProto:
+    """features (batch, 16) -> MatMul `benign` -> Relu -> MatMul `fragile` -> embedding (8).
+
+    `fragile` has a row of 1000s that meets a unit which is always 0 (its weights and bias
+    keep it negative before the Relu): no effect in float, but every int8 scale of that
+    node is set by the 1000s, so its real weights all round to zero, per tensor or per
+    channel alike.
+    """
+    rng = np.random.default_rng(0)
+    w_a = (rng.normal(size=(16, 32)) * 0.3).astype(np.float32)
+    w_a[:, 0] = 0.0
+    b_a = np.zeros(32, np.float32)
+    b_a[0] = -1.0
+    w_b = rng.normal(size=(32, 8)).astype(np.float32)
+    w_b[0, :] = 1000.0
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "w_a"], ["a"], name="benign"),
+            helper.make_node("Add", ["a", "b_a"], ["a_b"], name="bias"),
+            helper.make_node("Relu", ["a_b"], ["h"], name="relu"),
+            helper.make_node("MatMul", ["h", "w_b"], ["embedding"], name="fragile"),
+        ],
+        "fragile",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(a, n) for a, n in ((w_a, "w_a"), (b_a, "b_a"), (w_b, "w_b"))],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def features(rows: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(seed).normal(size=(rows, 16)).astype(np.float32)
+    return {"features": x}
+
+
+def calibration() -> list[dict[str, np.ndarray]]:
+    x = features(32, seed=1)["features"]
+    return [{"features": x[:16]}, {"features": x[16:]}]
+
+
+def test_the_grid_covers_modes_scales_ranges_and_weight_types():
+    grid = grid_settings(static=True)
+    assert len(grid) == 16 == len({s.as_dict().__repr__() for s in grid})
+    assert {s.mode for s in grid} == {"dynamic", "static"}
+    assert len(grid_settings(static=False)) == 8
+
+
+def test_the_search_excludes_the_fragile_node_and_then_passes(tmp_path):
+    proto = fragile_graph()
+    result = search_int8(
+        proto,
+        feeds=features(),
+        calibration=calibration(),
+        thresholds=OnnxQuantizeParams(),
+        meta={},
+        workdir=tmp_path,
+        budget=QUICK,
+    )
+    grid = [t for t in result.trials if t["phase"] == "grid"]
+    assert len(grid) == 16 and not any(t["passed"] for t in grid)
+    # Probes are named as in the pre-processed graph, where `benign` + `bias` became a Gemm.
+    probes = {t["unit"].split("/")[0]: t for t in result.trials if t["phase"] == "sensitivity"}
+    assert set(probes) == {"benign", "fragile"} and not any(t["candidate"] for t in probes.values())
+    assert probes["fragile"]["score"] < 0.5 < 0.99 < probes["benign"]["score"]
+    assert result.verdict.passed, result.verdict.reason
+    assert result.chosen["phase"] == "exclude" and result.chosen["chosen"] is True
+    assert result.chosen["settings"]["nodes_to_exclude"] == ["fragile"]
+    assert result.kind == "embedding" and "int8 search chose" in result.verdict.reason
+    for trial in result.trials:  # every trial: settings, size, parity and latency
+        assert {"settings", "size_bytes", "parity", "latency_ms", "passed"} <= set(trial)
+    ops = {n.name: n.op_type for n in result.model.graph.node}
+    assert ops["fragile"] == "MatMul" and "MatMulInteger" in ops.values()
+    ref = OrtRunner.of(proto, threads=1).run(features(seed=5))["embedding"]
+    out = OrtRunner.of(result.model, threads=1).run(features(seed=5))["embedding"]
+    assert cosine_rows(ref, out).min() >= 0.99
+
+
+def test_an_impossible_threshold_returns_the_best_so_far_with_the_reason(tmp_path):
+    impossible = OnnxQuantizeParams(min_cosine=1.0, max_abs_error=0.0)
+    result = search_int8(
+        fragile_graph(),
+        feeds=features(),
+        calibration=None,
+        thresholds=impossible,
+        meta={},
+        workdir=tmp_path,
+        budget=QUICK,
+    )
+    assert result.model is not None and result.chosen is not None
+    assert not result.verdict.passed
+    reason = result.verdict.reason
+    assert "no setting passed the embedding parity gate" in reason and "best so far" in reason
+    assert "max abs error" in reason and "> max 0" in reason
+    best = max((t for t in result.trials if t["candidate"]), key=lambda t: t["score"])
+    assert result.chosen["trial"] == best["trial"]
+    assert result.model.ByteSize() == result.chosen["size_bytes"]
+
+
+def test_the_trial_budget_stops_the_search_and_says_so(tmp_path):
+    result = search_int8(
+        fragile_graph(),
+        feeds=features(),
+        calibration=None,
+        thresholds=OnnxQuantizeParams(),
+        meta={},
+        workdir=tmp_path,
+        budget=SearchBudget(latency_runs=2, latency_batch=8, max_trials=3),
+    )
+    assert len(result.trials) == 3 and result.stopped == "max_trials (3) reached"
+    assert not result.verdict.passed and "max_trials (3) reached" in result.verdict.reason
+
+
+# --- the step ---------------------------------------------------------------------------------
+
+
+def with_inputs(ctx, tmp_path, arrays: dict[str, np.ndarray], inputs_id: str = "feats"):
+    store = LocalStore(tmp_path / "store")
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    store.put_bytes(inputs_key(ctx.user_id, inputs_id), buf.getvalue())
+    ctx.read_bytes = store.get_bytes
+    return ctx
+
+
+def test_the_step_searches_on_an_inputs_file_and_stores_every_trial(digits, ctx_factory, tmp_path):
+    ctx = with_inputs(ctx_factory(), tmp_path, features())
+    params = OnnxQuantizeParams(inputs="feats", **QUICK_PARAMS)
+    out = onnx_quantize(ModelArtifact("onnx", fragile_graph(), {}), digits, params, ctx)
+    assert out.verdict.passed, out.verdict.reason
+    m = out.metrics
+    assert m["kind"] == "embedding" and m["inputs"] == {"inputs": "feats", "rows": 64}
+    assert m["calibration"]["inputs"] == "feats" and m["n_trials"] == len(m["trials"])
+    assert m["chosen"]["settings"]["nodes_to_exclude"] == ["fragile"]
+    assert json.loads(out.files["int8_search.json"])["trials"] == m["trials"]
+    back = load_model(save_model(out.model), filename="q.onnx")  # passes the safe loader
+    assert back.meta["quantized"] == f"{m['mode']}-{m['weight_type']}"
+
+
+@pytest.mark.parametrize(
+    ("arrays", "pattern"),
+    [
+        ({"feature": np.ones((4, 16), np.float32)}, r"model input 'features' is missing"),
+        ({"features": np.ones((4, 15), np.float32)}, r"input 'features'.*\[4, 15\]|dim 1"),
+        ({"features": np.ones((4, 16), np.int64) > 0}, r"input 'features': the model expects"),
+    ],
+    ids=["name", "shape", "dtype"],
+)
+def test_inputs_that_do_not_fit_are_refused_with_the_input_named(
+    arrays, pattern, digits, ctx_factory, tmp_path
+):
+    ctx = with_inputs(ctx_factory(), tmp_path, arrays)
+    params = OnnxQuantizeParams(inputs="feats", **QUICK_PARAMS)
+    with pytest.raises(IncompatibleError, match=pattern):
+        onnx_quantize(ModelArtifact("onnx", fragile_graph(), {}), digits, params, ctx)
+
+
+def test_a_small_encoder_passes_on_the_grid(digits, ctx_factory, tmp_path):
+    model = text_encoder(vocab_size=60, dim=16, heads=2, layers=1, ff_dim=32, max_len=12)
+    proto = onnx.load_model_from_string(text_encoder_onnx(model))
+    arrays = text_encoder_inputs(rows=24, seq_len=10, vocab_size=60)
+    ctx = with_inputs(ctx_factory(), tmp_path, arrays, inputs_id="tokens")
+    params = OnnxQuantizeParams(inputs="tokens", **QUICK_PARAMS)
+    out = onnx_quantize(ModelArtifact("onnx", proto, {}), digits, params, ctx)
+    assert out.verdict.passed, out.verdict.reason
+    assert out.metrics["kind"] == "embedding"
+    assert out.metrics["chosen"]["parity"]["min_cosine"] >= 0.99
+    assert out.metrics["size_bytes_after"] < out.metrics["size_bytes_before"]
+
+
+def test_an_exported_classifier_is_searched_in_labels_mode_on_the_dataset(
+    small_mlp, digits, ctx_factory
+):
+    onnx_model, _ = export_model(small_mlp, digits, OnnxExportParams())
+    out = onnx_quantize(onnx_model, digits, OnnxQuantizeParams(**QUICK_PARAMS), ctx_factory())
+    assert out.verdict.passed, out.verdict.reason
+    assert out.metrics["kind"] == "labels" and out.metrics["inputs"]["split"] == "test"
+    assert out.metrics["calibration"] == {"dataset": "digits", "split": "train", "rows": 256}
+    assert out.metrics["chosen"]["parity"]["agreement"] >= 0.98
+
+
+def test_a_gemm_named_as_in_the_graph_is_excluded_in_dynamic_mode(small_mlp, digits, ctx_factory):
+    onnx_model, _ = export_model(small_mlp, digits, OnnxExportParams())
+    gemms = [n.name for n in onnx_model.obj.graph.node if n.op_type == "Gemm"]
+    params = OnnxQuantizeParams(nodes_to_exclude=(gemms[-1],))
+    out = onnx_quantize(onnx_model, digits, params, ctx_factory())
+    ops = [n.op_type for n in out.model.obj.graph.node]
+    assert ops.count("MatMulInteger") == 1 and out.metrics["nodes_excluded"] == 1
+
+
+def test_the_cli_searches_with_a_local_inputs_file(tmp_path, capsys):
+    from modules.deployment.onnx_quantize import main
+
+    model = tmp_path / "fragile.onnx"
+    model.write_bytes(fragile_graph().SerializeToString())
+    inputs = tmp_path / "features.npz"
+    np.savez(inputs, **features())
+    out = tmp_path / "q.onnx"
+    argv = ["--input-model", str(model), "--output-model", str(out), "--search"]
+    code = main([*argv, "--inputs", str(inputs)])
+    assert code == 0, capsys.readouterr().err
+    line = json.loads(capsys.readouterr().out)
+    assert line["verdict"]["passed"] and line["metrics"]["kind"] == "embedding"
+    assert line["metrics"]["chosen"]["settings"]["nodes_to_exclude"] == ["fragile"]
+    assert load_model(out.read_bytes(), filename="q.onnx").framework == "onnx"
+
+    missing = tmp_path / "missing.npz"
+    assert main([*argv, "--inputs", str(missing)]) == 2
+    assert f"error: inputs file {missing} does not exist" in capsys.readouterr().err

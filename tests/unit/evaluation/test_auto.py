@@ -1,0 +1,111 @@
+import pytest
+from pydantic import ValidationError
+
+from modules.evaluation.auto import AutoParams, accuracy_floor, auto, trial_plan
+from modules.evaluation.measure import count_params
+
+FAST = {"runs": 3, "warmup": 1}
+ROOMY = {"memory_budget_mb": 64, "compute_scale": 1, "power_w": 1}
+
+
+def space(step, values, **extra):
+    return {"step": step, "grid": {"amount": values}, **extra}
+
+
+def test_accuracy_floor_absolute_and_relative():
+    assert accuracy_floor(0.96, max_drop=1.0, drop_kind="absolute") == pytest.approx(0.95)
+    assert accuracy_floor(0.90, max_drop=10.0, drop_kind="relative") == pytest.approx(0.81)
+
+
+def test_best_candidate_within_budget_is_returned(small_mlp, digits, ctx_factory, slim_step):
+    params = AutoParams(search=[space(slim_step, [0.2, 0.5, 0.9])], max_drop=100, **FAST)
+    out = auto(small_mlp, digits, params, ctx_factory(profile=ROOMY))
+    m = out.metrics
+    assert m["met_budget"] and m["n_trials"] == 3 and m["stopped_by"] == "exhausted"
+    # With no accuracy limit the smallest candidate wins; the search tried all three.
+    assert m["best"] == "t_slim(amount=0.9)"
+    assert count_params(out.model)[0] < 0.2 * count_params(small_mlp)[0]
+    assert m["size_bytes"] == min(r["size_bytes"] for r in m["rows"])
+    assert "meets the budget" in m["reason"]
+    assert out.files["auto_trials.csv"].count(b"\n") == 5  # header + input + 3 trials
+
+
+def test_accuracy_drop_limits_the_choice(small_mlp, digits, ctx_factory, slim_step):
+    params = AutoParams(search=[space(slim_step, [0.0, 0.95])], max_drop=0.5, **FAST)
+    m = auto(small_mlp, digits, params, ctx_factory(profile=ROOMY)).metrics
+    rows = {r["label"]: r for r in m["rows"]}
+    # Two neurons left of 32: far below the floor, so not chosen although smallest.
+    assert rows["t_slim(amount=0.95)"]["violations"][0].startswith("accuracy")
+    assert m["best"] != "t_slim(amount=0.95)" and m["met_budget"]
+    assert m["accuracy_floor"] == pytest.approx(m["baseline_accuracy"] - 0.005)
+
+
+def test_impossible_budget_returns_best_so_far_with_reason(
+    small_mlp, digits, ctx_factory, zero_step
+):
+    impossible = {"memory_budget_mb": 1e-6, "compute_scale": 1, "power_w": 1}
+    params = AutoParams(search=[space(zero_step, [0.3, 0.6])], max_drop=1, **FAST)
+    out = auto(small_mlp, digits, params, ctx_factory(profile=impossible))
+    m = out.metrics
+    assert not m["met_budget"]
+    assert m["reason"].startswith("no candidate met the budget of profile custom")
+    assert "best-so-far" in m["reason"] and "> budget 1e-06 MB" in m["reason"]
+    assert m["best"] in {r["label"] for r in m["rows"]}
+    assert m["best_row"]["violations"]
+
+
+def test_max_trials_and_max_time_bound_the_search(small_mlp, digits, ctx_factory, zero_step):
+    many = [space(zero_step, [0.1, 0.2, 0.3, 0.4, 0.5])]
+    m = auto(
+        small_mlp, digits, AutoParams(search=many, max_trials=2, **FAST), ctx_factory(profile=ROOMY)
+    ).metrics
+    assert m["n_trials"] == 2 and m["stopped_by"] == "max_trials"
+    out = auto(
+        small_mlp,
+        digits,
+        AutoParams(search=many, max_time_s=1e-9, **FAST),
+        ctx_factory(profile=ROOMY),
+    )
+    assert out.metrics["n_trials"] == 0 and out.metrics["stopped_by"] == "max_time"
+    assert out.metrics["best"] == "input" and out.model is None  # never ends with nothing
+
+
+def test_trial_plan_interleaves_spaces():
+    from modules.evaluation.auto import SearchSpace
+
+    class Fake(SearchSpace):
+        @classmethod
+        def of(cls, step, values):
+            return cls.model_construct(step=step, grid={"p": values}, base_params={}, then=[])
+
+    a, b = Fake.of("a", [1, 2, 3]), Fake.of("b", [10])
+    plan = trial_plan([a, b], 3)
+    assert [(p[1].step, p[2]["p"]) for p in plan] == [("a", 1), ("b", 10), ("a", 2)]
+
+
+def test_failed_candidates_are_rows_not_crashes(small_mlp, digits, ctx_factory, zero_step):
+    # onnx_quantize takes ONNX models, so this chain fails on the torch candidate.
+    params = AutoParams(
+        search=[space(zero_step, [0.2], then=[{"name": "onnx_quantize", "params": {}}])], **FAST
+    )
+    m = auto(small_mlp, digits, params, ctx_factory(profile=ROOMY)).metrics
+    failed = m["rows"][1]
+    assert "accepts ['onnx'] models, got 'torch'" in failed["error"]
+    assert failed["violations"][0].startswith("failed:")
+    assert m["best"] == "input" and m["met_budget"]
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"search": [{"step": "t_zero", "grid": {"amout": [0.1]}}]}, "unknown sweep param 'amout'"),
+        ({"search": [{"step": "t_zero", "grid": {"amount": [3]}}]}, "amount=3"),
+        ({"search": [{"step": "t_zero", "grid": {}}]}, "empty grid"),
+        ({"max_drop": -1}, "max_drop"),
+        ({"max_trials": 0}, "max_trials"),
+        ({"max_time_s": 0}, "max_time_s"),
+    ],
+)
+def test_bad_params_are_named(params, needle, zero_step):
+    with pytest.raises(ValidationError, match=needle):
+        AutoParams(**params)

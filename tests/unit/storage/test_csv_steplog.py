@@ -1,0 +1,170 @@
+"""CsvStepLog: append-once rows that read back as the record that was written."""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modules.errors import BadInputError
+from modules.storage.steplog import CSV_COLUMNS, CsvStepLog, StepLog, TeeStepLog
+
+
+def make_record(job_id: str = "job1", index: int = 0, **extra: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "job_id": job_id,
+        "index": index,
+        "step": "prune_structured",
+        "user_id": "alice",
+        "profile": "mcu-8mb",
+        "status": "ok",
+        "verdict": {"passed": True, "reason": None},
+        "input_key": "users/alice/models/m1/model.pt",
+        "output_key": f"users/alice/mcu-8mb/{job_id}/{index}-prune_structured/model.pt",
+        "input_size": 4_500_000,
+        "output_size": 1_200_000,
+        "metrics": {
+            "accuracy": {"mean": 0.97, "std": 0.01, "ci95": [0.95, 0.99], "n": 5},
+            "latency_b1_ms": {"median": 0.25, "mean": 0.27, "std": 0.02, "n": 50},
+            "series": [1.5, 2.25, None],
+        },
+        "params": {"ratio": 0.5},
+        "started_at": "2024-01-01T00:00:00+00:00",
+        "finished_at": "2024-01-01T00:00:01.5+00:00",
+        "duration_s": 1.5,
+    }
+    record.update(extra)
+    return record
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> CsvStepLog:
+    return CsvStepLog(tmp_path / "logs" / "steps.csv")
+
+
+def test_round_trip_returns_the_same_dict(log: CsvStepLog) -> None:
+    record = make_record()
+    assert log.append(record) is True
+    assert log.get("job1", 0) == record
+    assert log.records("job1") == [record]
+    assert isinstance(log, StepLog)
+
+
+def test_second_append_is_a_no_op(log: CsvStepLog) -> None:
+    first = make_record()
+    assert log.append(first)
+    assert log.append(make_record(status="different")) is False
+    assert log.get("job1", 0) == first
+    with open(log.path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert len(rows) == 2  # header + one record
+
+
+def test_header_once_and_flattened_columns(log: CsvStepLog) -> None:
+    log.append(make_record(index=0))
+    log.append(make_record(index=1, verdict={"passed": False}, metrics={"accuracy": 0.5}))
+    with open(log.path, newline="") as handle:
+        header = next(csv.reader(handle))
+        handle.seek(0)
+        rows = list(csv.DictReader(handle))
+    assert header == CSV_COLUMNS
+    assert [r["index"] for r in rows] == ["0", "1"]
+    assert rows[0]["accuracy"] == "0.97"
+    assert rows[0]["latency_b1_ms"] == "0.25"
+    assert rows[0]["passed"] == "True"
+    assert rows[0]["output_size"] == "1200000"
+    assert rows[1]["accuracy"] == "0.5"
+    assert rows[1]["latency_b1_ms"] == ""
+    assert rows[1]["passed"] == "False"
+
+
+def test_records_are_ordered_by_index_and_scoped_to_job(log: CsvStepLog) -> None:
+    for index in (10, 2, 0):
+        log.append(make_record(index=index))
+    log.append(make_record(job_id="other", index=1))
+    assert [r["index"] for r in log.records("job1")] == [0, 2, 10]
+    assert [r["index"] for r in log.records("other")] == [1]
+    assert log.records("missing") == []
+    assert log.get("job1", 3) is None
+
+
+def test_reads_before_any_write(tmp_path: Path) -> None:
+    log = CsvStepLog(tmp_path / "empty.csv")
+    assert log.get("job1", 0) is None
+    assert log.records("job1") == []
+
+
+def test_large_record_json_round_trips(log: CsvStepLog) -> None:
+    record = make_record(series=[float(i) / 3 for i in range(30_000)])
+    assert log.append(record)
+    assert CsvStepLog(log.path).get("job1", 0) == record
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"index": 0, "step": "s"},
+        {"job_id": "j", "index": "0", "step": "s"},
+        {"job_id": "j", "index": True, "step": "s"},
+        {"job_id": "j", "index": -1, "step": "s"},
+        {"job_id": "j", "index": 0},
+        {"job_id": "j", "index": 0, "step": "s", "obj": object()},
+    ],
+)
+def test_invalid_records_are_rejected(log: CsvStepLog, bad: dict[str, Any]) -> None:
+    with pytest.raises(BadInputError):
+        log.append(bad)
+    assert not log.path.exists()
+
+
+def _append_from_process(path: str, index: int) -> bool:
+    return CsvStepLog(Path(path)).append(make_record(index=index, who=index))
+
+
+def test_concurrent_processes_write_each_pair_once(tmp_path: Path) -> None:
+    path = tmp_path / "shared.csv"
+    args = [(str(path), i % 3) for i in range(12)]
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        results = pool.starmap(_append_from_process, args)
+    assert sum(results) == 3
+    log = CsvStepLog(path)
+    assert [r["index"] for r in log.records("job1")] == [0, 1, 2]
+    with open(path, newline="") as handle:
+        assert len(list(csv.reader(handle))) == 4
+
+
+def test_tee_writes_everywhere_and_reads_primary(tmp_path: Path) -> None:
+    primary = CsvStepLog(tmp_path / "a.csv")
+    secondary = CsvStepLog(tmp_path / "b.csv")
+    record = make_record()
+    secondary.append(record)  # a retry after the secondary got the record but not the primary
+    tee = TeeStepLog(primary, secondary)
+    assert tee.append(record) is True
+    assert tee.append(record) is False
+    assert primary.records("job1") == [record]
+    assert secondary.records("job1") == [record]
+    assert tee.get("job1", 0) == record
+    assert tee.records("job1") == [record]
+
+
+def test_measure_latency_fills_the_latency_column(tmp_path):
+    import csv
+
+    from modules.storage.steplog import CsvStepLog
+
+    log = CsvStepLog(tmp_path / "steps.csv")
+    stat = {"mean": 2.0, "median": 1.5, "ci95": [1.0, 3.0], "n": 30}
+    log.append(
+        {
+            "job_id": "j",
+            "index": 0,
+            "step": "measure",
+            "metrics": {"latency_ms": {"b1": stat, "b64": {**stat, "median": 9.0}}},
+        }
+    )
+    with open(tmp_path / "steps.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["latency_b1_ms"]) == 1.5

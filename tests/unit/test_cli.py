@@ -1,0 +1,128 @@
+"""The `mcaas` CLI: real commands, exit code 2 with a named problem, nothing half-written."""
+
+import json
+import pickle
+
+import pytest
+from typer.testing import CliRunner
+
+from modules.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_steps_and_profiles_list_the_registry():
+    out = invoke("steps", "--json")
+    assert out.exit_code == 0
+    names = {s["name"] for s in json.loads(out.stdout)}
+    assert {"train", "measure"} <= names
+    out = invoke("profiles", "--json")
+    assert {p["name"] for p in json.loads(out.stdout)} >= {"edge-8mb", "mcu-256kb"}
+
+
+def test_train_writes_a_model_that_loads(tmp_path):
+    from modules.storage.model_formats import load_model_file
+
+    out = tmp_path / "knn.skops"
+    res = invoke("train", "--model", "knn", "--output", str(out))
+    assert res.exit_code == 0, res.output
+    assert load_model_file(out).framework == "sklearn"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "svm"], "svm"),
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--arch", '{"name": "transformer9"}'], "transformer9"),
+        (["--arch", "{not json"], "--arch is not valid JSON"),
+        (["--epochs", "0"], "epochs"),
+    ],
+)
+def test_train_bad_input_exits_2_and_writes_nothing(tmp_path, args, needle):
+    out = tmp_path / "m.pt"
+    res = invoke("train", "--output", str(out), *args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def _job(tmp_path, **spec):
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_run_job_file_end_to_end(tmp_path):
+    job = _job(
+        tmp_path,
+        job_id="j",
+        steps=[
+            {"name": "train", "params": {"model": "logreg"}},
+            {"name": "measure", "params": {"runs": 3}},
+        ],
+    )
+    res = invoke("run", str(job), "--artifacts", str(tmp_path / "ws"))
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "ws" / "jobs" / "j" / "report.json").read_text())
+    assert report["status"] == "COMPLETED"
+    assert [row["step"] for row in report["summary"]] == ["train", "measure"]
+    assert report["summary"][1]["latency_b1_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ({"steps": [{"name": "shrink"}]}, "unknown step 'shrink'"),
+        ({"profile": "tiny", "steps": [{"name": "train"}]}, "unknown profile 'tiny'"),
+        ({"steps": [{"name": "train", "params": {"epochs": 1.5}}]}, "epochs=1.5"),
+    ],
+)
+def test_run_bad_spec_exits_2_and_writes_nothing(tmp_path, spec, needle):
+    res = invoke("run", str(_job(tmp_path, **spec)), "--artifacts", str(tmp_path / "ws"))
+    assert res.exit_code == 2
+    assert needle in res.output
+    assert not (tmp_path / "ws").exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".skops", ".onnx", ".pkl"])
+def test_pickle_payload_model_is_refused_and_never_runs(tmp_path, suffix):
+    marker = tmp_path / "pwned"
+    model = tmp_path / f"evil{suffix}"
+    model.write_bytes(pickle.dumps(_Payload(marker)))
+    job = _job(tmp_path, model=str(model), steps=[{"name": "measure"}])
+    res = invoke("run", str(job), "--artifacts", str(tmp_path / "ws"))
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output
+    assert not marker.exists()
+
+
+def test_missing_and_corrupt_model_files(tmp_path):
+    res = invoke(
+        "run", str(_job(tmp_path, model=str(tmp_path / "nope.pt"), steps=[{"name": "measure"}]))
+    )
+    # A path that is not a file is treated as a store key and is not found.
+    assert res.exit_code == 2 and "nope.pt" in res.output
+    corrupt = tmp_path / "bad.pt"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    res = invoke(
+        "run",
+        str(_job(tmp_path, model=str(corrupt), steps=[{"name": "measure"}])),
+        "--artifacts",
+        str(tmp_path / "ws"),
+    )
+    assert res.exit_code == 2 and "bad.pt" in res.output

@@ -1,0 +1,145 @@
+"""execute_step / hand_off: one record per step whatever the redeliveries, and the right status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from kombu.exceptions import OperationalError
+
+from modules.storage.jobs import JobStatus
+from workers.dispatch import InlineDispatcher
+from workers.execute import (
+    TransientInfraError,
+    execute_step,
+    fail_job,
+    hand_off,
+    is_transient,
+    report_key,
+)
+
+
+def _client_error(code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "x"}}, "PutObject")
+
+
+def test_inline_dispatcher_runs_the_chain(services, make_job) -> None:
+    job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
+    InlineDispatcher(services, background=False).submit(job_id)
+    job = services.jobs.get(job_id)
+    assert job["status"] == "COMPLETED" and job["reason"] is None
+    assert job["attempts"] == 3
+    records = services.log.records(job_id)
+    assert [(r["index"], r["step"]) for r in records] == [
+        (0, "train"),
+        (1, "w_refit"),
+        (2, "w_gate"),
+    ]
+    report = json.loads(services.store.get_bytes(report_key(job)))
+    assert report["status"] == "COMPLETED"
+    assert [row["step"] for row in report["summary"]] == ["train", "w_refit", "w_gate"]
+
+
+def test_failed_gate_rejects_and_ends_the_chain(services, make_job, calls) -> None:
+    job_id = make_job({"name": "w_gate", "params": {"passed": False}}, {"name": "w_refit"})
+    assert execute_step(job_id, 0, services=services) == 1
+    assert execute_step(job_id, 1, services=services) is None
+    job = services.jobs.get(job_id)
+    assert job["status"] == "REJECTED"
+    assert "told to pass=False" in job["reason"]
+    assert calls["w_refit"] == 0
+    assert len(services.log.records(job_id)) == 2
+
+
+def test_redelivery_after_hand_off_is_dropped(services, make_job, calls) -> None:
+    job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
+    queued: list[tuple[str, int]] = []
+    assert execute_step(job_id, 0, services=services) == 1
+    assert execute_step(job_id, 1, services=services) == 2
+    hand_off(job_id, 2, jobs=services.jobs, enqueue=lambda j, i: queued.append((j, i)))
+    # The broker delivers step 1 again (the worker died before acking it).
+    assert execute_step(job_id, 1, services=services) is None
+    assert queued == [(job_id, 2)]
+    assert calls["w_refit"] == 1
+    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+
+
+def test_redelivery_before_hand_off_continues_the_chain(services, make_job, calls) -> None:
+    job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
+    execute_step(job_id, 0, services=services)
+    # The worker wrote step 1's record, then died before queueing step 2.
+    assert execute_step(job_id, 1, services=services) == 2
+    assert execute_step(job_id, 1, services=services) == 2  # not lost: queued again
+    assert calls["w_refit"] == 1  # but the step body ran once
+    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+    assert services.jobs.get(job_id)["attempts"] == 3
+
+
+def test_a_stopped_job_runs_no_further_step(services, make_job, calls) -> None:
+    job_id = make_job({"name": "w_refit"})
+    assert execute_step(job_id, 0, services=services) == 1
+    services.jobs.update(job_id, status=JobStatus.STOPPED.value, reason="stopped by the user")
+    assert execute_step(job_id, 1, services=services) is None
+    assert calls["w_refit"] == 0
+    assert services.jobs.get(job_id)["status"] == "STOPPED"
+
+
+def test_unknown_job_is_dropped(services) -> None:
+    assert execute_step("nope", 0, services=services) is None
+
+
+def test_transient_error_leaves_the_job_for_a_retry(services, make_job, flaky_errors) -> None:
+    job_id = make_job({"name": "w_flaky"})
+    execute_step(job_id, 0, services=services)
+    flaky_errors.append(EndpointConnectionError(endpoint_url="http://s3"))
+    with pytest.raises(TransientInfraError, match="EndpointConnectionError"):
+        execute_step(job_id, 1, services=services)
+    assert services.jobs.get(job_id)["status"] == "INPROGRESS"
+    assert services.log.get(job_id, 1) is None
+    assert execute_step(job_id, 1, services=services) is None  # the retry
+    job = services.jobs.get(job_id)
+    assert job["status"] == "COMPLETED"
+    assert job["attempts"] == 3
+    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+
+
+def test_a_real_error_fails_the_job_and_propagates(services, make_job, flaky_errors) -> None:
+    job_id = make_job({"name": "w_flaky"})
+    execute_step(job_id, 0, services=services)
+    flaky_errors.append(_client_error("AccessDenied"))
+    with pytest.raises(ClientError):
+        execute_step(job_id, 1, services=services)
+    job = services.jobs.get(job_id)
+    assert job["status"] == "FAILED"
+    assert job["reason"].startswith("step 1 (w_flaky) crashed: ClientError")
+
+
+def test_fail_job_leaves_finished_jobs_alone(services, make_job) -> None:
+    job_id = make_job()
+    InlineDispatcher(services, background=False).submit(job_id)
+    fail_job(services, job_id, "late")
+    assert services.jobs.get(job_id)["status"] == "COMPLETED"
+    other = make_job(job_id="job2")
+    fail_job(services, other, "gave up")
+    assert services.jobs.get(other)["reason"] == "gave up"
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (EndpointConnectionError(endpoint_url="http://x"), True),
+        (ReadTimeoutError(endpoint_url="http://x"), True),
+        (OperationalError("broker down"), True),
+        (_client_error("ThrottlingException"), True),
+        (_client_error("ProvisionedThroughputExceededException"), True),
+        (_client_error("SlowDown"), True),
+        (_client_error("AccessDenied"), False),
+        (_client_error("NoSuchBucket"), False),
+        (_client_error("ConditionalCheckFailedException"), False),
+        (ValueError("bad"), False),
+        (RuntimeError("bug"), False),
+    ],
+)
+def test_is_transient(error: BaseException, transient: bool) -> None:
+    assert is_transient(error) is transient

@@ -1,0 +1,134 @@
+"""The Celery app's configuration and the run_step task, applied in-process (eager).
+
+Broker behaviour (acks, redelivery) is tested against the real Redis in
+tests/integration/service; here the task body, its retries and its hand-off are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from celery.exceptions import TimeLimitExceeded
+
+from modules.pipeline.settings import get_settings
+from workers.celery_app import celery_app, celery_config
+from workers.dispatch import TASK_NAME
+from workers.tasks import backoff_s, run_step_task, worker_services
+
+
+def test_celery_config_is_made_for_long_idempotent_steps(settings_for) -> None:
+    settings = settings_for(
+        dispatcher="celery",
+        redis_url="redis://r:6379/2",
+        queue="steps-q",
+        task_soft_time_limit_s=100,
+        task_time_limit_s=120,
+        visibility_timeout_s=300,
+    )
+    config = celery_config(settings)
+    assert config["broker_url"] == "redis://r:6379/2"
+    assert config["task_acks_late"] is True
+    assert config["task_reject_on_worker_lost"] is True
+    assert config["worker_prefetch_multiplier"] == 1
+    assert (config["task_soft_time_limit"], config["task_time_limit"]) == (100, 120)
+    transport = config["broker_transport_options"]
+    assert transport["visibility_timeout"] == 300
+    assert (transport["unacked_restore_interval"], transport["unacked_restore_throttle"]) == (30, 1)
+    assert config["task_serializer"] == "json" and config["accept_content"] == ["json"]
+    assert [q.name for q in config["task_queues"]] == ["steps-q"]
+    assert config["task_routes"] == {TASK_NAME: {"queue": "steps-q"}}
+    assert config["task_ignore_result"] is True
+
+
+def test_unsafe_time_limits_are_refused(settings_for) -> None:
+    settings = settings_for(task_time_limit_s=600, visibility_timeout_s=600)
+    with pytest.raises(Exception, match="MCAAS_VISIBILITY_TIMEOUT_S above"):
+        settings.require("worker")
+    settings = settings_for(task_soft_time_limit_s=600, task_time_limit_s=600)
+    with pytest.raises(Exception, match="MCAAS_TASK_SOFT_TIME_LIMIT_S below"):
+        settings.require("worker")
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    for retries in range(12):
+        delay = backoff_s(retries)
+        assert 0.5 * min(60, 2**retries) <= delay <= min(60, 2**retries)
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The env a worker process would have, pointing at the tests' embedded stores."""
+    monkeypatch.setenv("MCAAS_STORE_URL", str(tmp_path / "store"))
+    monkeypatch.setenv("MCAAS_JOBS_DB", str(tmp_path / "jobs.sqlite"))
+    monkeypatch.setenv("MCAAS_CSV_LOG", str(tmp_path / "steps.csv"))
+    monkeypatch.setenv("MCAAS_STEP_LOG", "csv")
+    monkeypatch.setenv("MCAAS_DISPATCHER", "inline")
+    monkeypatch.setenv("MCAAS_TASK_MAX_RETRIES", "2")
+    get_settings.cache_clear()
+    worker_services.cache_clear()
+    previous = celery_app.conf.broker_url
+    celery_app.conf.broker_url = "memory://"  # hand-offs land in an in-process queue
+    yield
+    celery_app.conf.broker_url = previous
+    get_settings.cache_clear()
+    worker_services.cache_clear()
+
+
+def _queued(queue: str) -> list[list[object]]:
+    with celery_app.connection_for_write() as conn:
+        simple = conn.SimpleQueue(queue)
+        bodies = []
+        while simple.qsize():
+            message = simple.get(timeout=1)
+            bodies.append(message.payload[0])
+            message.ack()
+        simple.close()
+    return bodies
+
+
+def test_task_runs_a_step_and_queues_the_next(worker_env, services, make_job) -> None:
+    job_id = make_job({"name": "w_refit"})
+    result = run_step_task.apply(args=[job_id, 0])
+    assert result.successful()
+    assert _queued("mcaas.steps") == [[job_id, 1]]
+    job = services.jobs.get(job_id)
+    assert job["handed_off"] == 1 and job["status"] == "INPROGRESS"
+    assert run_step_task.apply(args=[job_id, 1]).successful()
+    assert services.jobs.get(job_id)["status"] == "COMPLETED"
+    assert _queued("mcaas.steps") == []
+
+
+def test_task_retries_transient_errors(worker_env, services, make_job, calls, flaky_errors) -> None:
+    job_id = make_job({"name": "w_flaky"})
+    assert run_step_task.apply(args=[job_id, 0]).successful()
+    flaky_errors.extend([EndpointConnectionError(endpoint_url="http://s3")] * 2)
+    result = run_step_task.apply(args=[job_id, 1])
+    assert result.successful()
+    assert calls["w_flaky"] == 3
+    job = services.jobs.get(job_id)
+    assert job["status"] == "COMPLETED" and job["attempts"] == 4
+    assert len(services.log.records(job_id)) == 2
+
+
+def test_task_gives_up_after_the_retry_budget(
+    worker_env, services, make_job, calls, flaky_errors
+) -> None:
+    job_id = make_job({"name": "w_flaky"})
+    run_step_task.apply(args=[job_id, 0])
+    flaky_errors.extend([EndpointConnectionError(endpoint_url="http://s3")] * 5)
+    result = run_step_task.apply(args=[job_id, 1])
+    assert result.failed()
+    assert calls["w_flaky"] == 3  # the first try and MCAAS_TASK_MAX_RETRIES=2 retries
+    job = services.jobs.get(job_id)
+    assert job["status"] == "FAILED"
+    assert "infrastructure error after 2 retries" in job["reason"]
+
+
+def test_hard_time_limit_fails_the_job(worker_env, services, make_job) -> None:
+    job_id = make_job({"name": "w_refit"})
+    run_step_task.on_failure(TimeLimitExceeded(120), "task-1", (job_id, 1), {}, None)
+    job = services.jobs.get(job_id)
+    assert job["status"] == "FAILED"
+    assert job["reason"] == "step 1 exceeded the hard time limit and was killed"

@@ -1,0 +1,242 @@
+"""Advance a stored job by one step: the body shared by the Celery task, ECS job mode and inline.
+
+The job store is the truth. Each call re-reads the job by id, runs one step through
+`modules.pipeline.run.run_step` (which writes each record once), then records the outcome
+on the job. `hand_off` queues the next step and notes it on the job, so a redelivered
+task for a step whose successor is already queued does nothing; one that died before
+queueing it queues it again (a duplicate successor is harmless: run_step is idempotent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from modules.errors import McaasError
+from modules.pipeline.settings import Services, Settings
+from modules.storage.jobs import TERMINAL, JobStatus, JobStore
+
+logger = logging.getLogger(__name__)
+
+# Error codes AWS answers when it is busy or briefly unavailable; everything else is real.
+_TRANSIENT_AWS_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "InternalServerError",
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+
+
+class TransientInfraError(Exception):
+    """An S3, DynamoDB or Redis hiccup that is worth retrying; wraps the original error."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for connection failures, timeouts and throttling of S3, DynamoDB or Redis."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ReadTimeoutError,
+    )
+    from botocore.exceptions import (
+        ConnectionError as BotoConnectionError,
+    )
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    transient = (
+        BotoConnectionError,
+        ConnectionClosedError,
+        ReadTimeoutError,
+        OperationalError,
+        RedisConnectionError,
+        RedisTimeoutError,
+    )
+    if isinstance(exc, transient):
+        return True
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return str(error.get("Code", "")) in _TRANSIENT_AWS_CODES
+    return False
+
+
+def _step_name(job: dict[str, Any], index: int) -> str:
+    steps = job.get("spec", {}).get("steps", [])
+    return str(steps[index]["name"]) if 0 <= index < len(steps) else "?"
+
+
+def finish_job(
+    services: Services, job_id: str, status: JobStatus, reason: str | None
+) -> dict[str, Any] | None:
+    """Set a terminal status unless the user stopped the job meanwhile; write report.json."""
+    current = services.jobs.get(job_id)
+    if current is None:
+        return None
+    if current["status"] == JobStatus.STOPPED:
+        return current
+    # The report goes first: whoever sees the terminal status can fetch the report. When the
+    # store refuses it (e.g. the bucket is gone), the status must still be recorded, or the
+    # job would stay INPROGRESS with its reason lost.
+    try:
+        write_job_report(services, {**current, "status": status.value, "reason": reason})
+    except Exception:
+        logger.exception(
+            "job %s: could not write report.json; recording %s anyway", job_id, status.value
+        )
+    return services.jobs.update(job_id, status=status.value, reason=reason)
+
+
+def report_key(job: dict[str, Any]) -> str:
+    """Where the job's report.json lives: beside its step folders (see run.step_prefix)."""
+    profile = job["spec"].get("profile", "edge-8mb")
+    # A stored spec holds a profile name, or an inline budget dumped with its name.
+    name = profile if isinstance(profile, str) else profile.get("name", "custom")
+    return f"users/{job['user_id']}/{name}/{job['job_id']}/report.json"
+
+
+def write_job_report(services: Services, job: dict[str, Any]) -> str | None:
+    """Store the job report built from its step records; None when it cannot be built."""
+    from modules.pipeline.report import job_report
+
+    records = services.log.records(job["job_id"])
+    report = job_report(
+        spec=job["spec"], status=job["status"], reason=job.get("reason"), records=records
+    )
+    key = report_key(job)
+    services.store.put_bytes(key, json.dumps(report, indent=2, default=str).encode("utf-8"))
+    return key
+
+
+def execute_step(
+    job_id: str, index: int, *, services: Services, trust_pickle: bool = False
+) -> int | None:
+    """Run step `index` of the stored job and record the outcome; return the next index or None.
+
+    Our errors (bad params, wrong framework, unsafe model) fail the job with their message;
+    a transient infrastructure error is raised as TransientInfraError for a retry; any
+    other exception fails the job with its type and message, then propagates.
+    """
+    from modules.pipeline.jobspec import parse_job_spec
+    from modules.pipeline.run import run_step
+    from modules.pipeline.runner import rejection_reason
+
+    jobs = services.jobs
+    name = "?"
+    try:
+        job = jobs.get(job_id)
+        if job is None:
+            logger.warning("job %s not found; dropping its step %d", job_id, index)
+            return None
+        name = _step_name(job, index)
+        if job["status"] in TERMINAL:
+            return None
+        if job.get("handed_off", 0) > index and services.log.get(job_id, index) is not None:
+            logger.info("job %s step %d ran and was handed off; duplicate dropped", job_id, index)
+            return None
+        jobs.update(
+            job_id,
+            status=JobStatus.INPROGRESS.value,
+            step_index=index,
+            attempts=int(job.get("attempts", 0)) + 1,
+        )
+        try:
+            spec = parse_job_spec(job["spec"])
+            record = run_step(
+                spec, index, store=services.store, log=services.log, trust_pickle=trust_pickle
+            )
+        except McaasError as exc:
+            finish_job(services, job_id, JobStatus.FAILED, f"step {index} ({name}) failed: {exc}")
+            return None
+        reason = rejection_reason(record)
+        if reason is not None:
+            finish_job(services, job_id, JobStatus.REJECTED, reason)
+            return None
+        if index + 1 >= len(spec.steps):
+            finish_job(services, job_id, JobStatus.COMPLETED, None)
+            return None
+        # A stop that came during this step is seen by the next task when it starts.
+        return index + 1
+    except Exception as exc:
+        if is_transient(exc):
+            raise TransientInfraError(f"{type(exc).__name__}: {exc}") from exc
+        reason = f"step {index} ({name}) crashed: {type(exc).__name__}: {exc}"
+        _fail_quietly(services, job_id, reason)
+        raise
+
+
+def _fail_quietly(services: Services, job_id: str, reason: str) -> None:
+    # Best effort: the store may be what failed; the original error is what matters.
+    try:
+        finish_job(services, job_id, JobStatus.FAILED, reason)
+    except Exception:
+        logger.exception("could not mark job %s FAILED", job_id)
+
+
+def fail_job(services: Services, job_id: str, reason: str) -> None:
+    """Mark a job FAILED (unless already terminal); used when retries run out."""
+    current = services.jobs.get(job_id)
+    if current is not None and current["status"] not in TERMINAL:
+        _fail_quietly(services, job_id, reason)
+
+
+def stale_after_s(settings: Settings) -> float:
+    """How long a queued or running job may go without an update before it counts as lost.
+
+    A running step updates the job when it starts and ends within the hard time limit; a
+    step whose worker died is redelivered after the visibility timeout plus one restore
+    sweep. Past both (with a second sweep as margin) no task is coming for the job.
+    """
+    from workers.celery_app import restore_interval_s
+
+    longest = max(settings.visibility_timeout_s, settings.task_time_limit_s)
+    return float(longest + 2 * restore_interval_s(settings))
+
+
+def fail_if_stale(
+    services: Services, job: dict[str, Any], *, stale_after: float, now: datetime | None = None
+) -> dict[str, Any]:
+    """Mark a QUEUED/INPROGRESS job with no update for `stale_after` s FAILED, with the reason.
+
+    The watchdog for lost broker messages (e.g. Redis restarted without persistence): it
+    runs when the job is read, so every poll of a silent job ends in a clear FAILED.
+    """
+    if job["status"] not in (JobStatus.QUEUED, JobStatus.INPROGRESS):
+        return job
+    idle = ((now or datetime.now(UTC)) - datetime.fromisoformat(job["updated_at"])).total_seconds()
+    if idle <= stale_after:
+        return job
+    reason = (
+        f"no progress for {idle:.0f} s (limit {stale_after:.0f} s) while {job['status']} at "
+        f"step {int(job.get('step_index', 0))}: its task was lost (worker or broker failure)"
+    )
+    logger.warning("job %s: %s", job["job_id"], reason)
+    return finish_job(services, job["job_id"], JobStatus.FAILED, reason) or job
+
+
+def hand_off(
+    job_id: str, next_index: int, *, jobs: JobStore, enqueue: Callable[[str, int], None]
+) -> None:
+    """Queue step `next_index`, then note on the job that it is queued (see module doc).
+
+    Only the task of step next_index - 1 writes this value, after its own record, so the
+    field only grows: a redelivered older step is dropped before it gets here.
+    """
+    enqueue(job_id, next_index)
+    jobs.update(job_id, handed_off=next_index)

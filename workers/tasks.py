@@ -1,0 +1,97 @@
+"""The one Celery task: run step `index` of job `job_id`, then queue the next step.
+
+A thin adapter over `workers.execute.execute_step` (which calls the foundation's
+run_step). Never `.get()` here: a task waiting on another task can deadlock the pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject, TimeLimitExceeded
+
+from modules.pipeline.settings import Services, build_services, get_settings
+from workers.celery_app import celery_app
+from workers.dispatch import TASK_NAME, CeleryDispatcher
+from workers.execute import TransientInfraError, execute_step, fail_job, hand_off, is_transient
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 60.0
+
+
+@functools.lru_cache(maxsize=1)
+def worker_services() -> Services:
+    """This worker process's store, step log and job store (rebuilt after each fork)."""
+    return build_services(get_settings().require("worker"))
+
+
+def broker_failed(exc: BaseException) -> bool:
+    """True when the error came from the broker connection (Redis), not from S3 or DynamoDB."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, OperationalError | RedisConnectionError | RedisTimeoutError)
+
+
+def backoff_s(retries: int) -> float:
+    """Exponential backoff with jitter: about 1, 2, 4, ... seconds, capped at a minute."""
+    return min(MAX_BACKOFF_S, 2.0**retries) * (0.5 + random.random() / 2)
+
+
+class StepTask(Task):
+    """Records on the job any failure the task body could not record itself.
+
+    Celery calls on_failure from the worker's main process when the hard time limit kills
+    the pool child, where no task code runs any more.
+    """
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        job_id, index = args[0], args[1]
+        if isinstance(exc, TimeLimitExceeded):
+            reason = f"step {index} exceeded the hard time limit and was killed"
+        else:
+            reason = f"step {index} failed: {type(exc).__name__}"
+        fail_job(worker_services(), job_id, reason)
+
+
+# max_retries=None: the cap is MCAAS_TASK_MAX_RETRIES, checked in the body.
+@celery_app.task(bind=True, base=StepTask, name=TASK_NAME, acks_late=True, max_retries=None)
+def run_step_task(self: Any, job_id: str, index: int) -> None:
+    """Run one step through run_step; queue the next one unless the job ended."""
+    settings = get_settings()
+    services = worker_services()
+    try:
+        next_index = execute_step(
+            job_id, index, services=services, trust_pickle=settings.trust_pickle
+        )
+        if next_index is not None:
+            dispatcher = CeleryDispatcher(self.app, queue=settings.queue)
+            hand_off(job_id, next_index, jobs=services.jobs, enqueue=dispatcher.enqueue)
+    except Exception as exc:
+        if not isinstance(exc, TransientInfraError) and not is_transient(exc):
+            raise
+        if broker_failed(exc):
+            # Redis itself failed (e.g. while queueing the next step): self.retry would have to
+            # publish through it, and when that fails Celery drops the message. Give it back
+            # instead: it is requeued once the connection returns (or restored after the
+            # visibility timeout) and the step re-runs idempotently.
+            logger.warning("job %s step %d: broker error, message requeued: %s", job_id, index, exc)
+            raise Reject(exc, requeue=True) from exc
+        retries = int(self.request.retries)
+        if retries >= settings.task_max_retries:
+            fail_job(
+                services,
+                job_id,
+                f"step {index}: infrastructure error after {retries} retries: {exc}",
+            )
+            raise
+        logger.warning("job %s step %d: transient error, retry %d: %s", job_id, index, retries, exc)
+        raise self.retry(exc=exc, countdown=backoff_s(retries)) from exc
