@@ -43,7 +43,10 @@ def test_log_in_upload_watch_progress_and_open_the_report(
     assert "/ui/login" in driver.current_url
     driver.find_element(By.ID, "api_key").send_keys(ALICE_KEY)
     driver.find_element(By.ID, "login").click()
-    wait(driver, lambda d: d.current_url.endswith("/ui/jobs"), message="login")
+    # The login form's own URL (/ui/login?next=/ui/jobs) also ends in /ui/jobs: wait for the
+    # redirect to the jobs page itself, or the next page load can race the session cookie.
+    wait(driver, lambda d: d.current_url == f"{base}/ui/jobs", message="login")
+    assert driver.get_cookie("mcaas_session") is not None
 
     model_path = tmp_path / "mlp.pt"
     model_path.write_bytes(torch_model_bytes)
