@@ -83,10 +83,19 @@ def _step_name(job: dict[str, Any], index: int) -> str:
 
 
 def finish_job(
-    services: Services, job_id: str, status: JobStatus, reason: str | None
+    services: Services,
+    job_id: str,
+    status: JobStatus,
+    reason: str | None,
+    *,
+    job: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Set a terminal status unless the user stopped the job meanwhile; write report.json."""
-    current = services.jobs.get(job_id)
+    """Set a terminal status unless the user stopped the job meanwhile; write report.json.
+
+    `job` is the record the caller already holds (its spec is all the report needs from it);
+    without one it is read first.
+    """
+    current = job if job is not None else services.jobs.get(job_id)
     if current is None:
         return None
     if current["status"] == JobStatus.STOPPED:
@@ -94,13 +103,26 @@ def finish_job(
     # The report goes first: whoever sees the terminal status can fetch the report. When the
     # store refuses it (e.g. the bucket is gone), the status must still be recorded, or the
     # job would stay INPROGRESS with its reason lost.
+    _write_report_quietly(services, {**current, "status": status.value, "reason": reason})
+    finished = services.jobs.update_unless(
+        job_id, {JobStatus.STOPPED}, status=status.value, reason=reason
+    )
+    if finished is not None:
+        return finished
+    # The user stopped the job while its report was being written: the report says so too.
+    stopped = services.jobs.get(job_id)
+    if stopped is not None:
+        _write_report_quietly(services, stopped)
+    return stopped
+
+
+def _write_report_quietly(services: Services, job: dict[str, Any]) -> None:
     try:
-        write_job_report(services, {**current, "status": status.value, "reason": reason})
+        write_job_report(services, job)
     except Exception:
         logger.exception(
-            "job %s: could not write report.json; recording %s anyway", job_id, status.value
+            "job %s: could not write report.json; recording %s anyway", job["job_id"], job["status"]
         )
-    return services.jobs.update(job_id, status=status.value, reason=reason)
 
 
 def report_key(job: dict[str, Any]) -> str:
@@ -140,36 +162,37 @@ def execute_step(
     jobs = services.jobs
     name = "?"
     try:
-        job = jobs.get(job_id)
+        # One atomic write reads the job, marks the step running and counts the attempt.
+        job = jobs.begin_step(job_id, index)
         if job is None:
-            logger.warning("job %s not found; dropping its step %d", job_id, index)
-            return None
+            # Refused: the job is gone, has ended, or a later step has begun (a duplicate).
+            current = jobs.get(job_id)
+            if current is None:
+                logger.warning("job %s not found; dropping its step %d", job_id, index)
+                return None
+            if current["status"] in TERMINAL or services.log.get(job_id, index) is not None:
+                logger.info("job %s step %d: job ended or step done; dropped", job_id, index)
+                return None
+            job = current
         name = _step_name(job, index)
-        if job["status"] in TERMINAL:
-            return None
         if job.get("handed_off", 0) > index and services.log.get(job_id, index) is not None:
             logger.info("job %s step %d ran and was handed off; duplicate dropped", job_id, index)
             return None
-        jobs.update(
-            job_id,
-            status=JobStatus.INPROGRESS.value,
-            step_index=index,
-            attempts=int(job.get("attempts", 0)) + 1,
-        )
         try:
             spec = parse_job_spec(job["spec"])
             record = run_step(
                 spec, index, store=services.store, log=services.log, trust_pickle=trust_pickle
             )
         except McaasError as exc:
-            finish_job(services, job_id, JobStatus.FAILED, f"step {index} ({name}) failed: {exc}")
+            reason = f"step {index} ({name}) failed: {exc}"
+            finish_job(services, job_id, JobStatus.FAILED, reason, job=job)
             return None
         reason = rejection_reason(record)
         if reason is not None:
-            finish_job(services, job_id, JobStatus.REJECTED, reason)
+            finish_job(services, job_id, JobStatus.REJECTED, reason, job=job)
             return None
         if index + 1 >= len(spec.steps):
-            finish_job(services, job_id, JobStatus.COMPLETED, None)
+            finish_job(services, job_id, JobStatus.COMPLETED, None, job=job)
             return None
         # A stop that came during this step is seen by the next task when it starts.
         return index + 1

@@ -8,6 +8,7 @@ the same objects and one record: that is what makes worker redelivery safe.
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import re
@@ -40,15 +41,21 @@ class PipelineOrderError(McaasError):
     code = "order"
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the numbers, without importing them."""
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
     out = {"python": platform.python_version()}
     for name in _VERSIONED:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "absent"
-    return out
+    return tuple(out.items())
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers, without importing them (read once
+    per process: an installed package does not change under a running one)."""
+    return dict(_versions())
 
 
 def step_prefix(job: JobSpec, index: int) -> str:
@@ -78,8 +85,12 @@ def load_stored_model(
     store: ArtifactStore, key: str, *, trust_pickle: bool = False
 ) -> ModelArtifact:
     """Load a model artifact from the store through the safe loaders."""
+    return _load_model_bytes(store.get_bytes(key), key, trust_pickle=trust_pickle)
+
+
+def _load_model_bytes(blob: bytes, key: str, *, trust_pickle: bool) -> ModelArtifact:
     try:
-        return load_model(store.get_bytes(key), filename=key, trust_pickle=trust_pickle)
+        return load_model(blob, filename=key, trust_pickle=trust_pickle)
     except BadInputError as exc:
         if key in str(exc):
             raise
@@ -125,8 +136,11 @@ def run_step(
     step = get_step(call.name)
     params = step.params.model_validate(call.params)
     input_key = _input_key(job, index, earlier.get(index - 1))
-    model = load_stored_model(store, input_key, trust_pickle=trust_pickle) if input_key else None
-    input_size = store.size(input_key) if input_key else None
+    model, input_size = None, None
+    if input_key:
+        # One download gives both the model and its size (no second round trip to ask).
+        blob = store.get_bytes(input_key)
+        model, input_size = _load_model_bytes(blob, input_key, trust_pickle=trust_pickle), len(blob)
     kind = model.framework if model is not None else "none"
     if kind not in step.accepts:
         raise IncompatibleError(

@@ -8,7 +8,7 @@ import contextlib
 import json
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -65,6 +65,19 @@ class JobStore(Protocol):
 
     def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
         """Set fields plus updated_at and return the new record; NotFoundError if absent."""
+        ...
+
+    def update_unless(
+        self, job_id: str, statuses: Collection[str], **fields: Any
+    ) -> dict[str, Any] | None:
+        """update() unless the job's status is one of `statuses` (then None, nothing written),
+        decided atomically with the write; NotFoundError if absent."""
+        ...
+
+    def begin_step(self, job_id: str, index: int) -> dict[str, Any] | None:
+        """Mark step `index` running and count an attempt, in one atomic write; return the new
+        record. None, writing nothing, when the job is absent or terminal or a later step
+        has already begun (step_index > index)."""
         ...
 
     def list(
@@ -239,13 +252,51 @@ class SqliteJobStore:
     def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
         """Set fields plus updated_at in one transaction; NotFoundError if absent."""
         changes = check_update(fields)
+        record = self._modify(job_id, lambda current: changes)
+        assert record is not None  # the change function never refuses
+        return record
+
+    def update_unless(
+        self, job_id: str, statuses: Collection[str], **fields: Any
+    ) -> dict[str, Any] | None:
+        """update() unless the status is one of `statuses` (None); NotFoundError if absent."""
+        changes = check_update(fields)
+        refused = frozenset(str(JobStatus(s)) for s in statuses)
+        return self._modify(job_id, lambda cur: None if cur["status"] in refused else changes)
+
+    def begin_step(self, job_id: str, index: int) -> dict[str, Any] | None:
+        """Step `index` running, attempts + 1; None if absent, terminal or past `index`."""
+
+        def change(current: dict[str, Any]) -> dict[str, Any] | None:
+            if current["status"] in TERMINAL or current["step_index"] > index:
+                return None
+            return {
+                "status": JobStatus.INPROGRESS.value,
+                "step_index": index,
+                "attempts": current["attempts"] + 1,
+            }
+
+        try:
+            return self._modify(job_id, change)
+        except NotFoundError:
+            return None
+
+    def _modify(
+        self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> dict[str, Any] | None:
+        """Read, apply `change` (None: leave the row alone) and write, in one transaction."""
         with self._connect() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
                 if row is None:
                     raise NotFoundError(f"job {job_id!r} not found")
-                record = {**self._from_row(row), **changes, "updated_at": now_iso()}
+                current = self._from_row(row)
+                changes = change(current)
+                if changes is None:
+                    conn.execute("ROLLBACK")
+                    return None
+                record = {**current, **changes, "updated_at": now_iso()}
                 new_row = self._to_row(record)
                 assignments = ", ".join(f"{name} = :{name}" for name in new_row if name != "job_id")
                 conn.execute(f"UPDATE jobs SET {assignments} WHERE job_id = :job_id", new_row)
@@ -283,6 +334,14 @@ def _error_code(exc: Exception) -> str:
 
 
 USER_INDEX = "user_id-created_at"
+
+
+def _status_not_in(statuses: list[str]) -> tuple[str, dict[str, Any]]:
+    """A DynamoDB condition (on the name #status) and its values: status is none of these."""
+    values = {f":s{i}": {"S": status} for i, status in enumerate(statuses)}
+    if not values:
+        return "attribute_exists(#status)", values
+    return f"NOT #status IN ({', '.join(values)})", values
 
 
 class DynamoJobStore:
@@ -406,11 +465,48 @@ class DynamoJobStore:
 
     def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
         """One conditional UpdateItem setting fields plus updated_at; NotFoundError if absent."""
+        record = self._update(job_id, check_update(fields))
+        if record is None:
+            raise NotFoundError(f"job {job_id!r} not found")
+        return record
+
+    def update_unless(
+        self, job_id: str, statuses: Collection[str], **fields: Any
+    ) -> dict[str, Any] | None:
+        """update() unless the status is one of `statuses` (None); NotFoundError if absent."""
+        refused = sorted(str(JobStatus(s)) for s in statuses)
+        condition, values = _status_not_in(refused)
+        record = self._update(job_id, check_update(fields), condition=condition, values=values)
+        if record is None and self.get(job_id) is None:  # the rare refusal: absent or refused?
+            raise NotFoundError(f"job {job_id!r} not found")
+        return record
+
+    def begin_step(self, job_id: str, index: int) -> dict[str, Any] | None:
+        """Step `index` running, attempts + 1; None if absent, terminal or past `index`."""
+        condition, values = _status_not_in(sorted(TERMINAL))
+        return self._update(
+            job_id,
+            check_update({"status": JobStatus.INPROGRESS.value, "step_index": index}),
+            condition=f"{condition} AND step_index <= :index",
+            values={**values, ":index": {"N": str(index)}, ":one": {"N": "1"}},
+            add="attempts :one",
+        )
+
+    def _update(
+        self,
+        job_id: str,
+        changes: dict[str, Any],
+        *,
+        condition: str | None = None,
+        values: dict[str, Any] | None = None,
+        add: str | None = None,
+    ) -> dict[str, Any] | None:
+        """One UpdateItem on an existing job; None when it or `condition` does not hold."""
         from botocore.exceptions import ClientError
 
-        changes = {**check_update(fields), "updated_at": now_iso()}
+        changes = {**changes, "updated_at": now_iso()}
         names: dict[str, str] = {}
-        values: dict[str, Any] = {}
+        values = dict(values or {})
         assignments: list[str] = []
         for i, (name, value) in enumerate(changes.items()):
             names[f"#f{i}"] = name
@@ -421,19 +517,23 @@ class DynamoJobStore:
                 values[f":v{i}"] = {"S": json.dumps(value, sort_keys=True)}
                 names["#extra"] = "extra"
                 assignments.append(f"#extra.#f{i} = :v{i}")
+        expression = "SET " + ", ".join(assignments) + (f" ADD {add}" if add else "")
+        if condition is not None:
+            names["#status"] = "status"
         try:
             response = self.client.update_item(
                 TableName=self.table_name,
                 Key={"job_id": {"S": job_id}},
-                UpdateExpression="SET " + ", ".join(assignments),
-                ConditionExpression="attribute_exists(job_id)",
+                UpdateExpression=expression,
+                ConditionExpression="attribute_exists(job_id)"
+                + (f" AND {condition}" if condition else ""),
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
                 ReturnValues="ALL_NEW",
             )
         except ClientError as exc:
             if _error_code(exc) == "ConditionalCheckFailedException":
-                raise NotFoundError(f"job {job_id!r} not found") from exc
+                return None
             raise
         return self._from_item(response["Attributes"])
 

@@ -15,6 +15,7 @@ from modules.errors import BadInputError, NotFoundError
 from modules.storage.artifacts import S3Store
 from modules.storage.jobs import DynamoJobStore, JobStatus
 from modules.storage.steplog import DYNAMO_INLINE_LIMIT, DynamoStepLog
+from tests.unit.storage.jobstore_guards import check_begin_step, check_update_unless
 
 pytestmark = pytest.mark.integration
 
@@ -255,3 +256,11 @@ def test_dynamo_jobstore_lists_newest_first_with_cursor(job_store: DynamoJobStor
     assert cursor is None
     assert [j["job_id"] for j in job_store.list("bob")[0]] == ["b0"]
     assert job_store.list("carol") == ([], None)
+
+
+def test_dynamo_jobstore_begin_step_is_one_guarded_write(job_store: DynamoJobStore) -> None:
+    check_begin_step(job_store)
+
+
+def test_dynamo_jobstore_update_unless(job_store: DynamoJobStore) -> None:
+    check_update_unless(job_store)

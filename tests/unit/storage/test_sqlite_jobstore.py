@@ -10,6 +10,7 @@ import pytest
 
 from modules.errors import BadInputError, NotFoundError
 from modules.storage.jobs import TERMINAL, JobStatus, JobStore, SqliteJobStore
+from tests.unit.storage.jobstore_guards import check_begin_step, check_update_unless
 
 
 @pytest.fixture
@@ -180,3 +181,11 @@ def test_reopening_sees_the_same_data(store: SqliteJobStore) -> None:
     store.create(make_job())
     again = SqliteJobStore(store.path)
     assert again.get("job1") == store.get("job1")
+
+
+def test_begin_step_is_one_guarded_write(store: SqliteJobStore) -> None:
+    check_begin_step(store)
+
+
+def test_update_unless_leaves_a_refused_status_alone(store: SqliteJobStore) -> None:
+    check_update_unless(store)
