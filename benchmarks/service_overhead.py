@@ -55,15 +55,16 @@ POLL_S = 0.25
 TARGET_RATIO = 1.15
 
 
-def in_process_run(workspace: LocalWorkspace, job_id: str) -> float:
-    """Wall time of validating the job spec and running it through run_pipeline locally."""
-    start = time.perf_counter()
+def in_process_run(workspace: LocalWorkspace, job_id: str) -> tuple[float, dict[str, float]]:
+    """Wall time of validating the job spec and running it through run_pipeline locally,
+    and its phases."""
+    start, clock = time.perf_counter(), time.time()
     spec = parse_job_spec({"job_id": job_id, "user_id": "alice", "steps": PIPELINE})
     result = workspace.run(spec)
     elapsed = time.perf_counter() - start
     if result.status != "COMPLETED":
         raise RuntimeError(f"in-process run {job_id} ended {result.status}: {result.reason}")
-    return elapsed
+    return elapsed, phases(workspace.log.records(job_id), start=clock, end=clock + elapsed)
 
 
 def submit(http: httpx.Client, headers: dict[str, str]) -> str:
@@ -98,12 +99,43 @@ def wait_all(
     return done
 
 
-def service_run(http: httpx.Client, headers: dict[str, str]) -> float:
-    """Wall time from POST /v1/jobs to the worker recording COMPLETED."""
+def service_run(http: httpx.Client, headers: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """Wall time from POST /v1/jobs to the worker recording COMPLETED, and its phases."""
     start = time.time()
     job_id = submit(http, headers)
     finished = wait_all(http, headers, [job_id], timeout_s=600)[job_id][1]
-    return finished - start
+    records = http.get(f"/v1/jobs/{job_id}", headers=headers).json()["records"]
+    return finished - start, phases(records, start=start, end=finished)
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def phases(records: list[dict[str, Any]], *, start: float, end: float) -> dict[str, float]:
+    """Where a run's time went, in ms, from its step records' own timestamps.
+
+    * before the first step: from the start to step 0's body starting;
+    * between steps (summed): from one step's outputs saved to the next step's body
+      starting (record write, hand-off, job record, step-log read, input download);
+    * saving outputs (summed): from a body's end to its outputs saved;
+    * after the last step: from the last outputs saved to the job's end (report.json,
+      status).
+    The step bodies themselves are the rest.
+    """
+    records = sorted(records, key=lambda r: r["index"])
+    started = [_epoch(r["started_at"]) for r in records]
+    finished = [_epoch(r["finished_at"]) for r in records]
+    bodies = [r["duration_s"] for r in records]
+    gaps = [s - f for s, f in zip(started[1:], finished[:-1], strict=True)]
+    saves = [f - s - b for s, f, b in zip(started, finished, bodies, strict=True)]
+    return {
+        "before the first step": 1000 * (started[0] - start),
+        "between steps (sum)": 1000 * sum(gaps),
+        "saving outputs (sum)": 1000 * sum(saves),
+        "after the last step": 1000 * (end - finished[-1]),
+        "step bodies (sum)": 1000 * sum(bodies),
+    }
 
 
 def step_record_counts(stack: DevStack, job_ids: list[str]) -> dict[str, Counter[int]]:
@@ -192,13 +224,24 @@ def write_report(path: Path, results: dict[str, Any]) -> None:
         f"reaches {TARGET_RATIO} once the in-process pipeline takes about "
         f"{overhead['break_even_s']:.1f} s.",
         "",
-        "Where it goes, per step: about 8 S3/DynamoDB round trips to the moto server: 3 for "
-        "the job record (read it; mark the step running and count the attempt; note the "
-        "hand-off) and 5 inside `run_step` (the step-log query that serves the idempotency "
-        "check, the input and the history; model download; a HEAD for the input size; model "
-        "upload; the conditional put), plus the per-step process work of a Celery task "
-        "(re-reading the job, loading the dataset in the worker). The Celery hand-off itself "
-        "(publish, ack, BRPOP) is a few milliseconds.",
+        "Where the time goes, from the step records' own timestamps (median over the timed "
+        "runs, ms; sums over the steps):",
+        "",
+        "| phase | in-process | service | service - in-process |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {a:.0f} | {b:.0f} | {b - a:+.0f} |"
+            for name, (a, b) in overhead["phases"].items()
+        ),
+        "",
+        "Per step the service makes six S3/DynamoDB round trips to the moto server where the "
+        "in-process run touches local files and SQLite: one guarded UpdateItem that reads the "
+        "job, marks the step running and counts the attempt; one step-log query (the "
+        "idempotency check, the input key and the history); the input download (its size "
+        "comes from the bytes); the output upload (plus one per extra file); the conditional "
+        "put of the step record; and the hand-off note on the job. Each costs a few "
+        "milliseconds against moto. The Celery hand-off itself (publish, ack, BRPOP) is a few "
+        "milliseconds.",
         "",
         "## 2. Concurrency: jobs submitted at once to two workers",
         "",
@@ -269,9 +312,15 @@ def main(argv: list[str] | None = None) -> int:
             in_process_run(workspace, "warmup")
             service_run(http, headers)
             local_times, service_times = [], []
+            local_phases: list[dict[str, float]] = []
+            service_phases: list[dict[str, float]] = []
             for i in range(args.runs):
-                local_times.append(in_process_run(workspace, f"run-{i}"))
-                service_times.append(service_run(http, headers))
+                elapsed, parts = in_process_run(workspace, f"run-{i}")
+                local_times.append(elapsed)
+                local_phases.append(parts)
+                elapsed, parts = service_run(http, headers)
+                service_times.append(elapsed)
+                service_phases.append(parts)
                 print(
                     f"run {i}: in-process {local_times[-1]:.2f} s, "
                     f"service {service_times[-1]:.2f} s",
@@ -311,6 +360,13 @@ def main(argv: list[str] | None = None) -> int:
             "service_runs": service_times,
             "per_step_ms": 1000 * (median_service - statistics.median(local_times)) / len(PIPELINE),
             "break_even_s": (median_service - statistics.median(local_times)) / (TARGET_RATIO - 1),
+            "phases": {
+                name: (
+                    statistics.median(p[name] for p in local_phases),
+                    statistics.median(p[name] for p in service_phases),
+                )
+                for name in local_phases[0]
+            },
         },
         "batch": {
             "jobs": len(job_ids),
