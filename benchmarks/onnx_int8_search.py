@@ -52,7 +52,7 @@ from modules.storage.zoo import (  # noqa: E402
     text_encoder_onnx,
 )
 
-ENCODER = {
+ENCODER: dict[str, Any] = {
     "vocab_size": 8000,
     "max_len": 64,
     "dim": 256,
@@ -70,7 +70,8 @@ TARGET_RATIO, TARGET_COSINE = 3.5, 0.99
 
 def _npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    named: dict[str, Any] = dict(arrays)  # names only; no name collides with savez's options
+    np.savez(buf, **named)
     path.write_bytes(buf.getvalue())
     return path
 

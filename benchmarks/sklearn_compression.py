@@ -264,11 +264,11 @@ def feature_section(datasets: list[Dataset], *, runs: int) -> list[Row]:
         "logreg": lambda s: LogisticRegression(max_iter=2000),
     }
     configs: list[tuple[str, str, str | None, float]] = [("KNN", "KNN, 64 features", None, 1.0)]
-    for method in ("variance", "importance", "mutual_info"):
-        configs += [("KNN", f"KNN, {method}, keep {r:.0%}", method, r) for r in (0.5, 0.25)]
+    for criterion in ("variance", "importance", "mutual_info"):
+        configs += [("KNN", f"KNN, {criterion}, keep {r:.0%}", criterion, r) for r in (0.5, 0.25)]
     configs.append(("RF", "RF, 64 features", None, 1.0))
-    for method in ("variance", "importance", "mutual_info"):
-        configs.append(("RF", f"RF, {method}, keep 50%", method, 0.5))
+    for criterion in ("variance", "importance", "mutual_info"):
+        configs.append(("RF", f"RF, {criterion}, keep 50%", criterion, 0.5))
     configs.append(("logreg", "logreg, dense coef_", None, 1.0))
     configs += [
         ("logreg", f"logreg, coef_ magnitude, keep {r:.0%}", "coef_magnitude", r)

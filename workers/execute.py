@@ -187,9 +187,9 @@ def execute_step(
             reason = f"step {index} ({name}) failed: {exc}"
             finish_job(services, job_id, JobStatus.FAILED, reason, job=job)
             return None
-        reason = rejection_reason(record)
-        if reason is not None:
-            finish_job(services, job_id, JobStatus.REJECTED, reason, job=job)
+        rejected = rejection_reason(record)
+        if rejected is not None:
+            finish_job(services, job_id, JobStatus.REJECTED, rejected, job=job)
             return None
         if index + 1 >= len(spec.steps):
             finish_job(services, job_id, JobStatus.COMPLETED, None, job=job)

@@ -17,7 +17,7 @@ import argparse
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -109,13 +109,17 @@ def factorize_conv(conv: nn.Conv2d, rank: int) -> nn.Sequential:
     out_c, in_c, kh, kw = conv.weight.shape
     u, s, vh = _svd(conv.weight.reshape(out_c, in_c * kh * kw))
     first_w, second_w = _split(u, s, vh, rank)
+    # A Conv2d's stride, padding and dilation are 2-tuples (or a padding mode string).
+    stride = cast(tuple[int, int], conv.stride)
+    padding = cast(str | tuple[int, int], conv.padding)
+    dilation = cast(tuple[int, int], conv.dilation)
     first = nn.Conv2d(
         in_c,
         rank,
         (kh, kw),
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
         bias=False,
         padding_mode=conv.padding_mode,
     )
@@ -123,7 +127,7 @@ def factorize_conv(conv: nn.Conv2d, rank: int) -> nn.Sequential:
     with torch.no_grad():
         first.weight.copy_(first_w.reshape(rank, in_c, kh, kw))
         second.weight.copy_(second_w.reshape(out_c, rank, 1, 1))
-        if conv.bias is not None:
+        if conv.bias is not None and second.bias is not None:
             second.bias.copy_(conv.bias.detach())
     return nn.Sequential(first, second)
 

@@ -56,7 +56,7 @@ def quantize_linear_int8(linear: nn.Linear) -> Int8Linear:
     with torch.no_grad():
         out.weight.copy_(q)
         out.scale.copy_(scale)
-        if linear.bias is not None:
+        if linear.bias is not None and out.bias is not None:
             out.bias.copy_(linear.bias.detach().float())
     return out
 
@@ -66,7 +66,7 @@ def linear_to_float16(linear: nn.Linear) -> Float16Linear:
     out = Float16Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
     with torch.no_grad():
         out.weight.copy_(linear.weight.detach().half())
-        if linear.bias is not None:
+        if linear.bias is not None and out.bias is not None:
             out.bias.copy_(linear.bias.detach().half())
     return out
 
