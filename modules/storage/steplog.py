@@ -132,7 +132,14 @@ def csv_row(record: dict[str, Any], record_json: str) -> dict[str, str]:
 
 
 class CsvStepLog:
-    """Step records as rows of one CSV file; safe across processes through an fcntl lock."""
+    """Step records as rows of one CSV file; safe across processes through an fcntl lock.
+
+    Each instance keeps an index of where every (job_id, index) row starts and ends in the
+    file, and brings it up to date by reading only the bytes appended since it last looked
+    (another process may have appended). So append, get and records cost the new rows plus
+    the rows they return, not a scan of the whole file. A file that shrank or was replaced
+    is indexed again from the start.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -140,6 +147,11 @@ class CsvStepLog:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         # record_json cells can exceed csv's default 128 KiB field limit.
         csv.field_size_limit(2**31 - 1)
+        self._rows_at: dict[tuple[str, int], tuple[int, int]] = {}  # -> (offset, length)
+        self._by_job: dict[str, set[int]] = {}
+        self._header: list[str] | None = None
+        self._indexed = 0  # bytes of the file indexed so far (always a row boundary)
+        self._inode: int | None = None
 
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[None]:
@@ -150,20 +162,79 @@ class CsvStepLog:
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
-    def _rows(self) -> list[dict[str, str]]:
+    def _forget(self) -> None:
+        self._rows_at.clear()
+        self._by_job.clear()
+        self._header = None
+        self._indexed = 0
+
+    def _catch_up(self) -> None:
+        """Index the rows appended since the last call; call with the lock held."""
         try:
-            with open(self.path, newline="", encoding="utf-8") as handle:
-                return list(csv.DictReader(handle))
+            stat = os.stat(self.path)
         except FileNotFoundError:
-            return []
+            self._forget()
+            self._inode = None
+            return
+        if stat.st_ino != self._inode or stat.st_size < self._indexed:
+            self._forget()
+            self._inode = stat.st_ino
+        if stat.st_size == self._indexed:
+            return
+        with open(self.path, "rb") as handle:
+            handle.seek(self._indexed)
+            tail = handle.read(stat.st_size - self._indexed)
+        position = self._indexed
+
+        def lines() -> Iterator[str]:
+            # The csv reader pulls exactly the lines of one row per step, so `position`
+            # after each row is where that row ends (quoted cells may span lines).
+            nonlocal position
+            for line in tail.splitlines(keepends=True):
+                position += len(line)
+                yield line.decode("utf-8")
+
+        base = row_start = position
+        reader = csv.reader(lines())
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                break  # a torn last row (a writer died inside a quoted cell)
+            if tail[position - base - 1 : position - base] not in (b"\n", b"\r"):
+                break  # a torn last row (a writer died mid-row): not a record
+            if self._header is None:
+                self._header = row
+            elif row:
+                fields = dict(zip(self._header, row, strict=False))
+                key = (fields["job_id"], int(fields["index"]))
+                self._rows_at.setdefault(key, (row_start, position - row_start))
+                self._by_job.setdefault(key[0], set()).add(key[1])
+            self._indexed = row_start = position
+
+    def _read_record(self, offset: int, length: int) -> dict[str, Any]:
+        with open(self.path, "rb") as handle:
+            handle.seek(offset)
+            raw = handle.read(length).decode("utf-8")
+        assert self._header is not None  # a row was indexed, so the header was read
+        row = next(csv.reader(raw.splitlines(keepends=True)))
+        record: dict[str, Any] = json.loads(row[self._header.index("record_json")])
+        return record
 
     def append(self, record: dict[str, Any]) -> bool:
         """Append one row unless (job_id, index) is already present; flush and fsync."""
         record_json = check_record(record)
-        job_id, index = record["job_id"], str(record["index"])
+        key = (record["job_id"], int(record["index"]))
         with self._locked(fcntl.LOCK_EX):
-            if any(r["job_id"] == job_id and r["index"] == index for r in self._rows()):
+            self._catch_up()
+            if key in self._rows_at:
                 return False
+            if self.path.exists() and os.path.getsize(self.path) > self._indexed:
+                # Bytes past the last whole row are a row a writer died writing (it never
+                # returned True): cut them, or this row would be glued onto them.
+                os.truncate(self.path, self._indexed)
             with open(self.path, "a", newline="", encoding="utf-8") as handle:
                 writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
                 if handle.tell() == 0:
@@ -171,24 +242,22 @@ class CsvStepLog:
                 writer.writerow(csv_row(record, record_json))
                 handle.flush()
                 os.fsync(handle.fileno())
+            self._catch_up()
         return True
 
     def get(self, job_id: str, index: int) -> dict[str, Any] | None:
         """Return the record for (job_id, index), parsed from record_json, or None."""
         with self._locked(fcntl.LOCK_SH):
-            rows = self._rows()
-        for row in rows:
-            if row["job_id"] == job_id and row["index"] == str(index):
-                record: dict[str, Any] = json.loads(row["record_json"])
-                return record
-        return None
+            self._catch_up()
+            where = self._rows_at.get((job_id, int(index)))
+            return None if where is None else self._read_record(*where)
 
     def records(self, job_id: str) -> list[dict[str, Any]]:
         """Return the job's records ordered by index."""
         with self._locked(fcntl.LOCK_SH):
-            rows = self._rows()
-        found = [json.loads(row["record_json"]) for row in rows if row["job_id"] == job_id]
-        return sorted(found, key=lambda record: int(record["index"]))
+            self._catch_up()
+            indexes = sorted(self._by_job.get(job_id, ()))
+            return [self._read_record(*self._rows_at[(job_id, i)]) for i in indexes]
 
 
 def _error_code(exc: Exception) -> str:

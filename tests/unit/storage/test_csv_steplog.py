@@ -168,3 +168,90 @@ def test_measure_latency_fills_the_latency_column(tmp_path):
     with open(tmp_path / "steps.csv", newline="") as fh:
         row = next(csv.DictReader(fh))
     assert float(row["latency_b1_ms"]) == 1.5
+
+
+def test_another_instance_sees_new_rows_and_cannot_duplicate_them(tmp_path: Path) -> None:
+    path = tmp_path / "steps.csv"
+    first, second = CsvStepLog(path), CsvStepLog(path)
+    assert first.append(make_record("job1", 0))
+    assert second.get("job1", 0) == make_record("job1", 0)  # second indexes what first wrote
+    assert second.append(make_record("job1", 1))
+    # first only reads the bytes appended since it last looked, and sees second's row.
+    assert first.append(make_record("job1", 1)) is False
+    assert [r["index"] for r in first.records("job1")] == [0, 1]
+    assert len(list(csv.DictReader(path.open(newline="")))) == 2
+
+
+def test_cells_with_newlines_and_unicode_keep_rows_apart(log: CsvStepLog) -> None:
+    odd = make_record("job1", 0, step='multi\nline, "quoted"', note="naïve ✓\r\nsecond line")
+    assert log.append(odd)
+    assert log.append(make_record("job1", 1))
+    assert log.get("job1", 0) == odd
+    assert log.records("job1") == [odd, make_record("job1", 1)]
+    assert CsvStepLog(log.path).records("job1") == [odd, make_record("job1", 1)]
+
+
+def test_a_torn_last_row_is_not_a_record_and_is_cut_before_the_next_append(
+    log: CsvStepLog,
+) -> None:
+    assert log.append(make_record("job1", 0))
+    whole = log.path.read_bytes()
+    with log.path.open("ab") as handle:  # a writer that died in the middle of its row
+        handle.write(b'job1,1,prune_structured,alice,mcu-8mb,ok,"{""unterminated')
+    fresh = CsvStepLog(log.path)
+    assert fresh.get("job1", 1) is None
+    assert [r["index"] for r in fresh.records("job1")] == [0]
+    assert fresh.append(make_record("job1", 1))
+    assert log.path.read_bytes().startswith(whole)
+    rows = list(csv.DictReader(log.path.open(newline="")))
+    assert [(r["job_id"], r["index"]) for r in rows] == [("job1", "0"), ("job1", "1")]
+    assert log.records("job1") == [make_record("job1", 0), make_record("job1", 1)]
+
+
+def test_a_replaced_or_truncated_file_is_indexed_again(log: CsvStepLog) -> None:
+    assert log.append(make_record("job1", 0))
+    assert log.append(make_record("job1", 1))
+    log.path.unlink()
+    assert log.get("job1", 0) is None
+    assert log.append(make_record("job2", 0))
+    assert log.records("job1") == []
+    assert [r["job_id"] for r in log.records("job2")] == ["job2"]
+
+
+def test_append_reads_only_what_was_appended_since(
+    log: CsvStepLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for index in range(50):
+        assert log.append(make_record("job1", index))
+    size = log.path.stat().st_size
+    read_sizes: list[int] = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, handle: Any) -> None:
+            self.handle = handle
+
+        def __enter__(self) -> Spy:
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.handle.__exit__(*exc)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.handle, name)
+
+        def read(self, n: int = -1) -> bytes:
+            data = self.handle.read(n)
+            read_sizes.append(len(data))
+            return bytes(data)
+
+    def spying_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        handle = real_open(file, mode, *args, **kwargs)
+        return Spy(handle) if Path(file) == log.path and "b" in mode else handle
+
+    monkeypatch.setattr("builtins.open", spying_open)
+    assert log.append(make_record("job1", 50))
+    assert log.get("job1", 3) == make_record("job1", 3)
+    # The new row and the one record asked for, never the whole file again.
+    assert read_sizes and max(read_sizes) < size / 10, (read_sizes, size)
