@@ -390,8 +390,8 @@ def environment(load_start: tuple[float, ...]) -> list[str]:
         f"{platform.system()} {platform.release()}",
         f"- Python {platform.python_version()}; {versions}",
         f"- Load average (1/5/15 min) at start: {', '.join(f'{v:.1f}' for v in load_start)}, "
-        f"at end: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (a shared machine: other "
-        "jobs ran alongside, so absolute latencies are noisy; compare rows of one table)",
+        f"at end: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (on a shared "
+        "machine absolute latencies are noisy; compare rows of one table)",
     ]
 
 
