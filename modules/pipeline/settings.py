@@ -62,6 +62,16 @@ class Settings(BaseSettings):
     step_log: Literal["dynamodb", "csv", "dynamodb+csv"] = _env(
         "MCAAS_STEP_LOG", default="csv", description="Where step records go."
     )
+    record_ttl_days: int = _env(
+        "MCAAS_RECORD_TTL_DAYS",
+        default=0,
+        ge=0,
+        le=3650,
+        description=(
+            "Job and step records in DynamoDB expire this many days after they are written "
+            "(the tables' TTL on expires_at); 0 keeps them."
+        ),
+    )
     csv_log: Path | None = _env(
         "MCAAS_CSV_LOG", default=None, description="CSV file of step records."
     )
@@ -308,7 +318,12 @@ def build_step_log(settings: Settings, *, store: ArtifactStore | None) -> StepLo
         if settings.steps_table is None:
             raise SettingsError(f"set MCAAS_STEPS_TABLE (MCAAS_STEP_LOG={settings.step_log})")
         logs.append(
-            DynamoStepLog(settings.steps_table, overflow_store=store, region=settings.aws_region)
+            DynamoStepLog(
+                settings.steps_table,
+                overflow_store=store,
+                region=settings.aws_region,
+                ttl_days=settings.record_ttl_days,
+            )
         )
     if "csv" in settings.step_log:
         if settings.csv_log is None:
@@ -320,7 +335,9 @@ def build_step_log(settings: Settings, *, store: ArtifactStore | None) -> StepLo
 def build_job_store(settings: Settings) -> JobStore:
     """DynamoDB when MCAAS_JOBS_TABLE is set, else SQLite at MCAAS_JOBS_DB."""
     if settings.jobs_table:
-        return DynamoJobStore(settings.jobs_table, region=settings.aws_region)
+        return DynamoJobStore(
+            settings.jobs_table, region=settings.aws_region, ttl_days=settings.record_ttl_days
+        )
     if settings.jobs_db is not None:
         return SqliteJobStore(settings.jobs_db)
     raise SettingsError("set MCAAS_JOBS_TABLE (or MCAAS_JOBS_DB)")

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from modules.errors import BadInputError, NotFoundError
 from modules.storage.keys import validate_user_id
+from modules.storage.ttl import check_ttl_days, ttl_attribute
 
 
 class JobStatus(StrEnum):
@@ -347,10 +348,19 @@ def _status_not_in(statuses: list[str]) -> tuple[str, dict[str, Any]]:
 class DynamoJobStore:
     """Job records in DynamoDB: PK job_id, GSI user_id-created_at for listing a user's jobs."""
 
-    def __init__(self, table_name: str, *, client: Any = None, region: str = "us-east-1") -> None:
+    def __init__(
+        self,
+        table_name: str,
+        *,
+        client: Any = None,
+        region: str = "us-east-1",
+        ttl_days: int = 0,
+    ) -> None:
         self.table_name = table_name
         self.region = region
         self._client = client
+        # With ttl_days > 0 each job gets expires_at = creation + ttl_days (the table's TTL).
+        self.ttl_days = check_ttl_days(ttl_days)
 
     @property
     def client(self) -> Any:
@@ -442,7 +452,7 @@ class DynamoJobStore:
         """Put the job with attribute_not_exists(job_id); False if it already exists."""
         from botocore.exceptions import ClientError
 
-        item = self._to_item(new_job_record(job))
+        item = {**self._to_item(new_job_record(job)), **ttl_attribute(self.ttl_days)}
         try:
             self.client.put_item(
                 TableName=self.table_name,

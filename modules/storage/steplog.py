@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 from modules.errors import BadInputError
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.keys import validate_user_id
+from modules.storage.ttl import check_ttl_days, ttl_attribute
 
 MAX_INDEX = 9999  # the sort key is f"{index:04d}"; a fifth digit would break its ordering
 # Bytes of record JSON kept inline; DynamoDB caps a whole item at 400 KB.
@@ -283,11 +284,14 @@ class DynamoStepLog:
         client: Any = None,
         overflow_store: ArtifactStore | None = None,
         region: str = "us-east-1",
+        ttl_days: int = 0,
     ) -> None:
         self.table_name = table_name
         self.overflow_store = overflow_store
         self.region = region
         self._client = client
+        # With ttl_days > 0 each record gets expires_at = write time + ttl_days.
+        self.ttl_days = check_ttl_days(ttl_days)
 
     @property
     def client(self) -> Any:
@@ -350,6 +354,7 @@ class DynamoStepLog:
             "index": {"N": str(index)},
             "step_name": {"S": record["step"]},
             "created_at": {"S": _now()},
+            **ttl_attribute(self.ttl_days),
         }
         for name in ("user_id", "profile"):
             if isinstance(record.get(name), str) and record[name]:

@@ -264,3 +264,34 @@ def test_dynamo_jobstore_begin_step_is_one_guarded_write(job_store: DynamoJobSto
 
 def test_dynamo_jobstore_update_unless(job_store: DynamoJobStore) -> None:
     check_update_unless(job_store)
+
+
+def test_records_carry_expires_at_when_a_ttl_is_set(moto_endpoint: str) -> None:
+    import time
+
+    jobs = DynamoJobStore(unique("jobs"), ttl_days=7)
+    jobs.ensure_table()
+    steps = DynamoStepLog(unique("steps"), ttl_days=7)
+    steps.ensure_table()
+    before = int(time.time())
+    job = {"job_id": "t1", "user_id": "alice", "spec": {"steps": []}, "n_steps": 1}
+    assert jobs.create(job)
+    assert steps.append(step_record(0, job_id="t1"))
+    client = boto3.client("dynamodb")
+    job_item = client.get_item(TableName=jobs.table_name, Key={"job_id": {"S": "t1"}})["Item"]
+    step_item = client.query(
+        TableName=steps.table_name,
+        KeyConditionExpression="job_id = :j",
+        ExpressionAttributeValues={":j": {"S": "t1"}},
+    )["Items"][0]
+    for item in (job_item, step_item):
+        expires = int(item["expires_at"]["N"])
+        assert before + 7 * 86_400 <= expires <= int(time.time()) + 7 * 86_400
+    # The record reads back unchanged: expires_at is the table's, not the record's.
+    assert "expires_at" not in (jobs.get("t1") or {})
+    assert steps.get("t1", 0) == step_record(0, job_id="t1")
+    # Without a TTL nothing expires.
+    plain = DynamoJobStore(jobs.table_name)
+    assert plain.create({**job, "job_id": "t2"})
+    item = client.get_item(TableName=jobs.table_name, Key={"job_id": {"S": "t2"}})["Item"]
+    assert "expires_at" not in item

@@ -12,6 +12,7 @@ from cfnlint.decode import cfn_yaml
 
 from modules.pipeline.settings import ENV_NAMES
 from modules.storage.jobs import USER_INDEX
+from modules.storage.ttl import TTL_ATTRIBUTE
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "infra" / "mcaas.yaml"
 
@@ -214,8 +215,12 @@ def test_tables_match_the_stores_and_are_on_demand_recoverable_with_ttl(template
         props = table["Properties"]
         assert props["BillingMode"] == "PAY_PER_REQUEST", name
         assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
-        assert props["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
+        assert props["TimeToLiveSpecification"] == {"AttributeName": TTL_ATTRIBUTE, "Enabled": True}
         assert table["DeletionPolicy"] == "Retain", name
+    # Every container that writes records writes expires_at, with the artifacts' lifetime.
+    for task_definition in TASK_DEFINITIONS:
+        env = container_env(template, task_definition)
+        assert env["MCAAS_RECORD_TTL_DAYS"] == {"Ref": "ArtifactExpirationDays"}, task_definition
 
 
 def test_bucket_is_versioned_encrypted_private_with_lifecycle(template) -> None:

@@ -127,3 +127,16 @@ def test_aws_services(clean_env, tmp_path: Path) -> None:
     assert log.primary.overflow_store is store
     assert [type(o) for o in log.others] == [CsvStepLog]
     assert isinstance(jobs, DynamoJobStore) and jobs.table_name == "jobs-t"
+
+
+def test_record_ttl_days_reaches_the_dynamodb_stores(clean_env, tmp_path: Path) -> None:
+    clean_env.setenv("MCAAS_RECORD_TTL_DAYS", "30")
+    settings = load_settings(model_bucket="models", jobs_table="j", steps_table="s")
+    assert settings.record_ttl_days == 30
+    _, log, jobs = build_services(settings.model_copy(update={"step_log": "dynamodb"}))
+    assert isinstance(log, DynamoStepLog) and log.ttl_days == 30
+    assert isinstance(jobs, DynamoJobStore) and jobs.ttl_days == 30
+    assert load_settings().record_ttl_days == 30
+    clean_env.setenv("MCAAS_RECORD_TTL_DAYS", "-1")
+    with pytest.raises(SettingsError, match="MCAAS_RECORD_TTL_DAYS"):
+        load_settings()
