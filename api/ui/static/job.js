@@ -13,11 +13,21 @@
   var reason = document.getElementById("job-reason");
   var lastDone = Number(root.dataset.done);
   var received = 0;
+  var asked = 0;
+  var shown = 0;
 
-  function refreshResults() {
+  // Refreshes can answer out of order: an older answer that arrives late is dropped, so the
+  // table never goes back to fewer steps. data-results-for says what the table shows.
+  function refreshResults(state) {
+    var seq = ++asked;
     fetch("/ui/jobs/" + encodeURIComponent(jobId) + "/results", { credentials: "same-origin" })
       .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
-      .then(function (html) { document.getElementById("results").innerHTML = html; })
+      .then(function (html) {
+        if (seq < shown) { return; }
+        shown = seq;
+        document.getElementById("results").innerHTML = html;
+        root.dataset.resultsFor = state;
+      })
       .catch(function () { /* the next event retries */ });
   }
 
@@ -44,7 +54,7 @@
     });
     if (ev.done !== lastDone || terminal[ev.status]) {
       lastDone = ev.done;
-      refreshResults();
+      refreshResults(ev.status + ":" + ev.done);
     }
   }
 

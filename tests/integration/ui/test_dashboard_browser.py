@@ -78,13 +78,15 @@ def test_log_in_upload_watch_progress_and_open_the_report(
     ]
     assert states == ["done"] * len(PRESET_STEPS)
 
-    # The results fragment is refreshed at the end: one row per step, every plot drawn.
-    rows_css = "#steps tbody tr"
-    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, rows_css)) == len(PRESET_STEPS))
-    steps = [
-        r.find_elements(By.TAG_NAME, "td")[1].text
-        for r in driver.find_elements(By.CSS_SELECTOR, rows_css)
-    ]
+    # The results fragment is refreshed at the end: one row per step, every plot drawn. The
+    # page says which state its table shows; read the rows in one script, never element by
+    # element across a refresh.
+    final = f"COMPLETED:{len(PRESET_STEPS)}"
+    wait(driver, lambda d: root.get_attribute("data-results-for") == final, message="results")
+    steps = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#steps tbody tr'))"
+        ".map(r => r.querySelectorAll('td')[1].innerText);"
+    )
     assert steps == PRESET_STEPS
     widths = loaded_images(driver, "img.plot")
     assert len(widths) == 3
