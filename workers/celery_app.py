@@ -92,7 +92,9 @@ def _check_and_warm(**_: Any) -> None:
 
 @worker_process_init.connect
 def _fresh_clients(**_: Any) -> None:
-    # boto3 clients and SQLite connections must not be shared across a fork.
-    from workers.tasks import worker_services
+    # boto3 clients and SQLite connections must not be shared across a fork; nor what one
+    # pool process has cached.
+    from workers.tasks import worker_services, worker_step_cache
 
     worker_services.cache_clear()
+    worker_step_cache.cache_clear()

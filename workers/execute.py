@@ -17,6 +17,7 @@ from typing import Any
 
 from modules.errors import McaasError
 from modules.pipeline.settings import Services, Settings
+from modules.pipeline.step_cache import StepCache
 from modules.storage.jobs import TERMINAL, JobStatus, JobStore
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,12 @@ def write_job_report(services: Services, job: dict[str, Any]) -> str | None:
 
 
 def execute_step(
-    job_id: str, index: int, *, services: Services, trust_pickle: bool = False
+    job_id: str,
+    index: int,
+    *,
+    services: Services,
+    trust_pickle: bool = False,
+    cache: StepCache | None = None,
 ) -> int | None:
     """Run step `index` of the stored job and record the outcome; return the next index or None.
 
@@ -181,7 +187,12 @@ def execute_step(
         try:
             spec = parse_job_spec(job["spec"])
             record = run_step(
-                spec, index, store=services.store, log=services.log, trust_pickle=trust_pickle
+                spec,
+                index,
+                store=services.store,
+                log=services.log,
+                trust_pickle=trust_pickle,
+                cache=cache,
             )
         except McaasError as exc:
             reason = f"step {index} ({name}) failed: {exc}"

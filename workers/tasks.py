@@ -15,6 +15,7 @@ from celery import Task
 from celery.exceptions import Reject, TimeLimitExceeded
 
 from modules.pipeline.settings import Services, build_services, get_settings
+from modules.pipeline.step_cache import StepCache
 from workers.celery_app import celery_app
 from workers.dispatch import TASK_NAME, CeleryDispatcher
 from workers.execute import TransientInfraError, execute_step, fail_job, hand_off, is_transient
@@ -28,6 +29,12 @@ MAX_BACKOFF_S = 60.0
 def worker_services() -> Services:
     """This worker process's store, step log and job store (rebuilt after each fork)."""
     return build_services(get_settings().require("worker"))
+
+
+@functools.lru_cache(maxsize=1)
+def worker_step_cache() -> StepCache:
+    """The records and model bytes this pool process has seen (empty after each fork)."""
+    return StepCache()
 
 
 def broker_failed(exc: BaseException) -> bool:
@@ -70,7 +77,11 @@ def run_step_task(self: Any, job_id: str, index: int) -> None:
     services = worker_services()
     try:
         next_index = execute_step(
-            job_id, index, services=services, trust_pickle=settings.trust_pickle
+            job_id,
+            index,
+            services=services,
+            trust_pickle=settings.trust_pickle,
+            cache=worker_step_cache(),
         )
         if next_index is not None:
             dispatcher = CeleryDispatcher(self.app, queue=settings.queue)

@@ -25,6 +25,7 @@ from modules.errors import BadInputError, IncompatibleError, McaasError
 from modules.pipeline.jobspec import JobSpec
 from modules.pipeline.registry import get_step
 from modules.pipeline.step import StepContext, StepOutput
+from modules.pipeline.step_cache import StepCache
 from modules.storage.artifact import ModelArtifact
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.datasets import load_dataset
@@ -122,13 +123,22 @@ def run_step(
     store: ArtifactStore,
     log: StepLog,
     trust_pickle: bool = False,
+    cache: StepCache | None = None,
 ) -> dict[str, Any]:
-    """Run step `index` of `job` once; a second call returns the first call's record."""
+    """Run step `index` of `job` once; a second call returns the first call's record.
+
+    `cache` (a long-lived worker's) supplies records and model bytes this process already
+    has, instead of a step-log query and a download (see modules/pipeline/step_cache.py).
+    """
     if not 0 <= index < len(job.steps):
         raise BadInputError(f"job {job.job_id} has {len(job.steps)} steps; no step {index}")
     # One query serves the idempotency check, the input and the history: each log read
     # is a DynamoDB round trip in the service.
-    earlier = {r["index"]: r for r in log.records(job.job_id)}
+    earlier = cache.known_records(job.job_id, index) if cache is not None else None
+    if earlier is None:
+        earlier = {r["index"]: r for r in log.records(job.job_id)}
+        if cache is not None:
+            cache.remember(job.job_id, list(earlier.values()))
     if index in earlier:
         return earlier[index]
 
@@ -139,7 +149,13 @@ def run_step(
     model, input_size = None, None
     if input_key:
         # One download gives both the model and its size (no second round trip to ask).
-        blob = store.get_bytes(input_key)
+        previous = earlier.get(index - 1)
+        expected = previous.get("output_size") if previous is not None else None
+        blob = cache.blob(input_key, size=expected) if cache is not None else None
+        if blob is None:
+            blob = store.get_bytes(input_key)
+            if cache is not None:
+                cache.keep_blob(input_key, blob)
         model, input_size = _load_model_bytes(blob, input_key, trust_pickle=trust_pickle), len(blob)
     kind = model.framework if model is not None else "none"
     if kind not in step.accepts:
@@ -174,6 +190,8 @@ def run_step(
         blob = save_model(output.model)
         output_key = f"{prefix}model{output.model.suffix}"
         store.put_bytes(output_key, blob)
+        if cache is not None:
+            cache.keep_blob(output_key, blob)
         output_size: int | None = len(blob)
         output_framework: str | None = output.model.framework
     else:
@@ -215,6 +233,15 @@ def run_step(
         }
     )
     if log.append(record):
-        return record
-    # Whatever was stored first is the truth (a redelivered duplicate may have raced us).
-    return log.get(job.job_id, index) or record
+        stored = record
+    else:
+        # Whatever was stored first is the truth (a redelivered duplicate may have raced us).
+        found = log.get(job.job_id, index)
+        if found is None:
+            return record
+        stored = found
+        if cache is not None and output_key is not None and output_key != input_key:
+            cache.drop_blob(output_key)  # the stored record may describe other bytes
+    if cache is not None:
+        cache.remember(job.job_id, [stored])
+    return stored

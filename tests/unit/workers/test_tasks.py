@@ -15,7 +15,7 @@ from celery.exceptions import TimeLimitExceeded
 from modules.pipeline.settings import get_settings
 from workers.celery_app import celery_app, celery_config
 from workers.dispatch import TASK_NAME
-from workers.tasks import backoff_s, run_step_task, worker_services
+from workers.tasks import backoff_s, run_step_task, worker_services, worker_step_cache
 
 
 def test_celery_config_is_made_for_long_idempotent_steps(settings_for) -> None:
@@ -68,12 +68,14 @@ def worker_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("MCAAS_TASK_MAX_RETRIES", "2")
     get_settings.cache_clear()
     worker_services.cache_clear()
+    worker_step_cache.cache_clear()  # job ids repeat across tests; a worker's never do
     previous = celery_app.conf.broker_url
     celery_app.conf.broker_url = "memory://"  # hand-offs land in an in-process queue
     yield
     celery_app.conf.broker_url = previous
     get_settings.cache_clear()
     worker_services.cache_clear()
+    worker_step_cache.cache_clear()
 
 
 def _queued(queue: str) -> list[list[object]]:
