@@ -90,11 +90,13 @@ def finish_job(
     reason: str | None,
     *,
     job: dict[str, Any] | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """Set a terminal status unless the user stopped the job meanwhile; write report.json.
 
     `job` is the record the caller already holds (its spec is all the report needs from it);
-    without one it is read first.
+    without one it is read first. `records` are the job's step records when the caller has
+    them all; without them the step log is queried.
     """
     current = job if job is not None else services.jobs.get(job_id)
     if current is None:
@@ -104,7 +106,9 @@ def finish_job(
     # The report goes first: whoever sees the terminal status can fetch the report. When the
     # store refuses it (e.g. the bucket is gone), the status must still be recorded, or the
     # job would stay INPROGRESS with its reason lost.
-    _write_report_quietly(services, {**current, "status": status.value, "reason": reason})
+    _write_report_quietly(
+        services, {**current, "status": status.value, "reason": reason}, records=records
+    )
     finished = services.jobs.update_unless(
         job_id, {JobStatus.STOPPED}, status=status.value, reason=reason
     )
@@ -117,9 +121,11 @@ def finish_job(
     return stopped
 
 
-def _write_report_quietly(services: Services, job: dict[str, Any]) -> None:
+def _write_report_quietly(
+    services: Services, job: dict[str, Any], *, records: list[dict[str, Any]] | None = None
+) -> None:
     try:
-        write_job_report(services, job)
+        write_job_report(services, job, records=records)
     except Exception:
         logger.exception(
             "job %s: could not write report.json; recording %s anyway", job["job_id"], job["status"]
@@ -134,11 +140,14 @@ def report_key(job: dict[str, Any]) -> str:
     return f"users/{job['user_id']}/{name}/{job['job_id']}/report.json"
 
 
-def write_job_report(services: Services, job: dict[str, Any]) -> str | None:
-    """Store the job report built from its step records; None when it cannot be built."""
+def write_job_report(
+    services: Services, job: dict[str, Any], *, records: list[dict[str, Any]] | None = None
+) -> str | None:
+    """Store the job report built from its step records (read when not given)."""
     from modules.pipeline.report import job_report
 
-    records = services.log.records(job["job_id"])
+    if records is None:
+        records = services.log.records(job["job_id"])
     report = job_report(
         spec=job["spec"], status=job["status"], reason=job.get("reason"), records=records
     )
@@ -199,11 +208,14 @@ def execute_step(
             finish_job(services, job_id, JobStatus.FAILED, reason, job=job)
             return None
         rejected = rejection_reason(record)
-        if rejected is not None:
-            finish_job(services, job_id, JobStatus.REJECTED, rejected, job=job)
-            return None
-        if index + 1 >= len(spec.steps):
-            finish_job(services, job_id, JobStatus.COMPLETED, None, job=job)
+        last = index + 1 >= len(spec.steps)
+        if rejected is not None or last:
+            known = cache.known_records(job_id, index + 1) if cache is not None else None
+            records = [known[i] for i in sorted(known)] if known is not None else None
+            if rejected is not None:
+                finish_job(services, job_id, JobStatus.REJECTED, rejected, job=job, records=records)
+            else:
+                finish_job(services, job_id, JobStatus.COMPLETED, None, job=job, records=records)
             return None
         # A stop that came during this step is seen by the next task when it starts.
         return index + 1

@@ -14,6 +14,7 @@ import platform
 import re
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +33,7 @@ from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import load_model, save_model
 from modules.storage.steplog import StepLog
 
+UPLOAD_THREADS = 8
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSIONED = ("torch", "scikit-learn", "onnx", "onnxruntime", "skl2onnx", "numpy", "torch-pruning")
 
@@ -80,6 +82,19 @@ def to_jsonable(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
+
+
+def put_all(store: ArtifactStore, objects: dict[str, bytes]) -> None:
+    """Store every object, several at a time (each put is a round trip to S3); the first
+    error is raised once all have finished, so none is left half-attempted unseen."""
+    if len(objects) <= 1:
+        for key, data in objects.items():
+            store.put_bytes(key, data)
+        return
+    with ThreadPoolExecutor(max_workers=min(UPLOAD_THREADS, len(objects))) as pool:
+        futures = [pool.submit(store.put_bytes, key, data) for key, data in objects.items()]
+    for future in futures:
+        future.result()
 
 
 def load_stored_model(
@@ -185,13 +200,12 @@ def run_step(
     duration = time.perf_counter() - t0
 
     prefix = step_prefix(job, index)
+    uploads: dict[str, bytes] = {}
     output_key: str | None
     if output.model is not None:
         blob = save_model(output.model)
         output_key = f"{prefix}model{output.model.suffix}"
-        store.put_bytes(output_key, blob)
-        if cache is not None:
-            cache.keep_blob(output_key, blob)
+        uploads[output_key] = blob
         output_size: int | None = len(blob)
         output_framework: str | None = output.model.framework
     else:
@@ -203,7 +217,12 @@ def run_step(
         if not _FILE_NAME.match(name):
             raise BadInputError(f"step {call.name!r} produced a file with a bad name: {name!r}")
         file_keys[name] = f"{prefix}{name}"
-        store.put_bytes(file_keys[name], content)
+        if file_keys[name] in uploads:
+            raise BadInputError(f"step {call.name!r} produced a file named like its model: {name}")
+        uploads[file_keys[name]] = content
+    put_all(store, uploads)
+    if cache is not None and output.model is not None and output_key is not None:
+        cache.keep_blob(output_key, uploads[output_key])
 
     record = to_jsonable(
         {

@@ -133,3 +133,38 @@ def test_single_step_cli_runner_writes_only_on_success(tmp_path):
         run_single_step("train", {"model": "knn"}, input_path=None, output_path=bad)
     assert not bad.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.skops"]
+
+
+def test_a_file_named_like_the_model_is_refused(tmp_path):
+    @register_step("t_clash", params=GateParams, accepts={"sklearn"})
+    def clash(model, data, params, ctx):
+        """Return a model and a file with the model's name."""
+        return StepOutput(model=model, files={"model.skops": b"not a model"})
+
+    try:
+        ws = LocalWorkspace(tmp_path)
+        spec = job(steps=[{"name": "train", "params": {"model": "logreg"}}, {"name": "t_clash"}])
+        result = ws.run(spec)
+        assert result.status == "FAILED"
+        assert "named like its model" in (result.reason or "")
+        assert ws.store.list("users/local/edge-8mb/j1/01-t_clash/") == []
+    finally:
+        unregister_step("t_clash")
+
+
+def test_many_files_are_all_stored(tmp_path):
+    @register_step("t_files", params=GateParams, accepts={"sklearn"})
+    def files(model, data, params, ctx):
+        """Return twelve small files."""
+        return StepOutput(files={f"f{i:02d}.txt": str(i).encode() for i in range(12)})
+
+    try:
+        ws = LocalWorkspace(tmp_path)
+        spec = job(steps=[{"name": "train", "params": {"model": "logreg"}}, {"name": "t_files"}])
+        assert ws.run(spec).status == "COMPLETED"
+        record = ws.log.get("j1", 1)
+        assert len(record["files"]) == 12
+        for i in range(12):
+            assert ws.store.get_bytes(record["files"][f"f{i:02d}.txt"]) == str(i).encode()
+    finally:
+        unregister_step("t_files")

@@ -143,3 +143,31 @@ def test_fail_job_leaves_finished_jobs_alone(services, make_job) -> None:
 )
 def test_is_transient(error: BaseException, transient: bool) -> None:
     assert is_transient(error) is transient
+
+
+def test_with_a_step_cache_the_log_is_queried_once_per_job(
+    services, make_job, calls, monkeypatch
+) -> None:
+    from modules.pipeline.step_cache import StepCache
+
+    job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
+    real_records = services.log.records
+    queries: list[str] = []
+
+    def counting_records(job: str):
+        queries.append(job)
+        return real_records(job)
+
+    monkeypatch.setattr(services.log, "records", counting_records)
+    cache = StepCache()
+    assert execute_step(job_id, 0, services=services, cache=cache) == 1
+    # A redelivered step the cache knows is not run again, and asks nothing.
+    assert execute_step(job_id, 1, services=services, cache=cache) == 2
+    assert execute_step(job_id, 1, services=services, cache=cache) == 2
+    assert execute_step(job_id, 2, services=services, cache=cache) is None
+    assert queries == [job_id]  # step 0's; steps 1, 2 and the report used the cache
+    assert calls["w_refit"] == 1
+    job = services.jobs.get(job_id)
+    assert job["status"] == "COMPLETED"
+    report = json.loads(services.store.get_bytes(report_key(job)))
+    assert [row["step"] for row in report["summary"]] == ["train", "w_refit", "w_gate"]
