@@ -184,8 +184,9 @@ def write_report(path: Path, results: dict[str, Any]) -> None:
         "## Setup",
         "",
         f"- Machine: {results['cpus']} CPUs, {results['platform']}; load average "
-        f"{results['load_before']} before, {results['load_after']} after (other processes "
-        "were running: read the numbers with that in mind); benchmark processes ran at "
+        f"{results['load_before']} before, {results['load_after']} after (the benchmark's own "
+        "processes count in it; more means other work shared the cores); benchmark processes "
+        "ran at "
         f"niceness {results['niceness']} with {results['threads']} torch/OpenMP thread(s) "
         "each, on both sides.",
         f"- Versions: {results['versions']}.",
