@@ -32,9 +32,11 @@ def worker_services() -> Services:
 
 
 @functools.lru_cache(maxsize=1)
-def worker_step_cache() -> StepCache:
-    """The records and model bytes this pool process has seen (empty after each fork)."""
-    return StepCache()
+def worker_step_cache() -> StepCache | None:
+    """The records and model bytes this pool process has seen (empty after each fork);
+    None when MCAAS_WORKER_CACHE_MB is 0."""
+    megabytes = get_settings().worker_cache_mb
+    return StepCache(max_bytes=megabytes * 2**20) if megabytes else None
 
 
 def broker_failed(exc: BaseException) -> bool:

@@ -136,6 +136,16 @@ class Settings(BaseSettings):
         le=50,
         description="Retries of a step after transient S3/DynamoDB/Redis errors.",
     )
+    worker_cache_mb: int = _env(
+        "MCAAS_WORKER_CACHE_MB",
+        default=256,
+        ge=0,
+        le=65_536,
+        description=(
+            "Model bytes each worker pool process keeps for the next step of a job it ran "
+            "(modules/pipeline/step_cache.py); 0 turns the step cache off."
+        ),
+    )
     presign_expires_s: int = _env(
         "MCAAS_PRESIGN_EXPIRES_S",
         default=3600,

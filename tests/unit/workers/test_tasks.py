@@ -12,7 +12,7 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from celery.exceptions import TimeLimitExceeded
 
-from modules.pipeline.settings import get_settings
+from modules.pipeline.settings import SettingsError, get_settings
 from workers.celery_app import celery_app, celery_config
 from workers.dispatch import TASK_NAME
 from workers.tasks import backoff_s, run_step_task, worker_services, worker_step_cache
@@ -134,3 +134,17 @@ def test_hard_time_limit_fails_the_job(worker_env, services, make_job) -> None:
     job = services.jobs.get(job_id)
     assert job["status"] == "FAILED"
     assert job["reason"] == "step 1 exceeded the hard time limit and was killed"
+
+
+def test_the_step_cache_follows_its_setting(worker_env, monkeypatch) -> None:
+    cache = worker_step_cache()
+    assert cache is not None and cache.max_bytes == 256 * 2**20
+    monkeypatch.setenv("MCAAS_WORKER_CACHE_MB", "0")
+    get_settings.cache_clear()
+    worker_step_cache.cache_clear()
+    assert worker_step_cache() is None
+    monkeypatch.setenv("MCAAS_WORKER_CACHE_MB", "-1")
+    get_settings.cache_clear()
+    worker_step_cache.cache_clear()
+    with pytest.raises(SettingsError, match="MCAAS_WORKER_CACHE_MB"):
+        worker_step_cache()
