@@ -19,6 +19,7 @@ from modules.storage.artifacts import ArtifactStore, S3Store, make_store
 from modules.storage.jobs import DynamoJobStore, JobStore, SqliteJobStore
 from modules.storage.keys import validate_user_id
 from modules.storage.steplog import CsvStepLog, DynamoStepLog, StepLog, TeeStepLog
+from modules.storage.ttl import MAX_TTL_DAYS
 
 Role = Literal["api", "worker", "ecs"]
 DEV_SESSION_SECRET = b"mcaas-dev-only-session-secret-not-for-production"
@@ -66,7 +67,7 @@ class Settings(BaseSettings):
         "MCAAS_RECORD_TTL_DAYS",
         default=0,
         ge=0,
-        le=3650,
+        le=MAX_TTL_DAYS,
         description=(
             "Job and step records in DynamoDB expire this many days after they are written "
             "(the tables' TTL on expires_at); 0 keeps them."
