@@ -79,12 +79,20 @@ def _configure(sender: Celery, **_: Any) -> None:
 
 @worker_init.connect
 def _check_and_warm(**_: Any) -> None:
-    """Fail start-up with a message naming a missing setting; load the steps before forking."""
+    """Fail start-up with a message naming a missing setting; load the steps before forking.
+
+    Celery logs and swallows an Exception from a signal handler (the app's on_configure
+    handler included, which then leaves Celery's defaults: a RabbitMQ broker on localhost),
+    so a bad setting ends the worker here with SystemExit, before it connects anywhere.
+    """
     from modules.pipeline.registry import load_builtin_steps
-    from modules.pipeline.settings import create_dev_resources
+    from modules.pipeline.settings import SettingsError, create_dev_resources
     from workers.tasks import worker_services
 
-    settings = get_settings().require("worker")
+    try:
+        settings = get_settings().require("worker")
+    except SettingsError as exc:
+        raise SystemExit(f"mcaas worker: {exc}") from None
     if settings.dev_mode:
         create_dev_resources(worker_services())
     load_builtin_steps()
