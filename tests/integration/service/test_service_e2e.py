@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import urllib.parse
@@ -202,8 +203,24 @@ def _chunked_upload_until_answered(url: str, *, part: bytes, total: int) -> tupl
             except (BrokenPipeError, ConnectionResetError):
                 break
             sent += len(part)
-        answer = sock.recv(65536)
+        answer = _read_answer(sock)
     return sent, answer
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """The whole HTTP answer: its head and Content-Length bytes of body, which may come in
+    more than one recv (or until the server closes the connection)."""
+    answer = b""
+    while True:
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        if sep:
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if length is not None and len(body) >= int(length.group(1)):
+                return answer
+        chunk = sock.recv(65536)
+        if not chunk:
+            return answer
+        answer += chunk
 
 
 def test_upload_cap_is_enforced_while_streaming(service) -> None:
