@@ -4,7 +4,12 @@ The job store is the truth. Each call re-reads the job by id, runs one step thro
 `modules.pipeline.run.run_step` (which writes each record once), then records the outcome
 on the job. `hand_off` queues the next step and notes it on the job, so a redelivered
 task for a step whose successor is already queued does nothing; one that died before
-queueing it queues it again (a duplicate successor is harmless: run_step is idempotent).
+queueing it queues it again (a duplicate successor is harmless: run_step is idempotent,
+and with an owner, JobStore.begin_step lets only one of the two run the step).
+
+A Celery task may run several steps of its job in a row (workers/tasks.py); it passes
+its message id as `owner`, so its message, delivered again after its worker died,
+resumes the job where it stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 from modules.errors import McaasError
 from modules.pipeline.settings import Services, Settings
 from modules.pipeline.step_cache import StepCache
-from modules.storage.jobs import TERMINAL, JobStatus, JobStore
+from modules.storage.jobs import OWNER_FIELD, TERMINAL, JobStatus, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +168,14 @@ def execute_step(
     services: Services,
     trust_pickle: bool = False,
     cache: StepCache | None = None,
+    owner: str | None = None,
 ) -> int | None:
     """Run step `index` of the stored job and record the outcome; return the next index or None.
+
+    `owner` is the id of the broker message that runs the job's steps from `index` on (see
+    JobStore.begin_step): a duplicate message of a step another owner began is dropped, and
+    the owner's own message, delivered again after its worker died, resumes at the step the
+    job was on (which may be past `index` when the task ran several steps).
 
     Our errors (bad params, wrong framework, unsafe model) fail the job with their message;
     a transient infrastructure error is raised as TransientInfraError for a retry; any
@@ -178,17 +189,28 @@ def execute_step(
     name = "?"
     try:
         # One atomic write reads the job, marks the step running and counts the attempt.
-        job = jobs.begin_step(job_id, index)
+        job = jobs.begin_step(job_id, index, owner=owner)
         if job is None:
-            # Refused: the job is gone, has ended, or a later step has begun (a duplicate).
+            # Refused: the job is gone, has ended, a later step has begun, or another owner
+            # began this one.
             current = jobs.get(job_id)
             if current is None:
                 logger.warning("job %s not found; dropping its step %d", job_id, index)
                 return None
-            if current["status"] in TERMINAL or services.log.get(job_id, index) is not None:
-                logger.info("job %s step %d: job ended or step done; dropped", job_id, index)
+            if current["status"] in TERMINAL:
+                logger.info("job %s step %d: job ended; dropped", job_id, index)
                 return None
-            job = current
+            if _resumes(current, index, owner):
+                index = int(current["step_index"])
+                logger.info("job %s: owner %s resumes at step %d", job_id, owner, index)
+                job = jobs.begin_step(job_id, index, owner=owner)
+                if job is None:
+                    return None  # it ended (or was stopped) meanwhile
+            elif owner is not None or services.log.get(job_id, index) is not None:
+                logger.info("job %s step %d: another task has it or it is done", job_id, index)
+                return None
+            else:
+                job = current
         name = _step_name(job, index)
         if job.get("handed_off", 0) > index and services.log.get(job_id, index) is not None:
             logger.info("job %s step %d ran and was handed off; duplicate dropped", job_id, index)
@@ -225,6 +247,17 @@ def execute_step(
         reason = f"step {index} ({name}) crashed: {type(exc).__name__}: {exc}"
         _fail_quietly(services, job_id, reason)
         raise
+
+
+def _resumes(current: dict[str, Any], index: int, owner: str | None) -> bool:
+    """Whether `owner`'s message for step `index` is its own chain delivered again: the job
+    still names it as owner, is on a later step, and was not handed on to another message."""
+    return (
+        owner is not None
+        and current.get(OWNER_FIELD) == owner
+        and int(current["step_index"]) > index
+        and int(current.get("handed_off", 0)) <= index
+    )
 
 
 def _fail_quietly(services: Services, job_id: str, reason: str) -> None:

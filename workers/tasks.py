@@ -2,6 +2,13 @@
 
 A thin adapter over `workers.execute.execute_step` (which calls the foundation's
 run_step). Never `.get()` here: a task waiting on another task can deadlock the pool.
+
+While the task has run for less than MCAAS_CONTINUE_INLINE_S, it runs the job's next
+step itself instead of queueing it: the step is the same run_step with the same records,
+only the broker round trip and the hand-off note are saved. Each step still begins with
+JobStore.begin_step (so a stop is seen between steps), and the task's message id is the
+job's owner there, so a redelivery resumes the job at the step its worker died in.
+Past the budget the next step is queued as its own task, which gets the full time limits.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import time
 from typing import Any
 
 from celery import Task
@@ -63,7 +71,10 @@ class StepTask(Task):
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
-        job_id, index = args[0], args[1]
+        job_id = args[0]
+        # The step the job was on: the task may have run several after the one it was sent for.
+        job = worker_services().jobs.get(job_id)
+        index = int(job["step_index"]) if job is not None else args[1]
         if isinstance(exc, TimeLimitExceeded):
             reason = f"step {index} exceeded the hard time limit and was killed"
         else:
@@ -74,17 +85,24 @@ class StepTask(Task):
 # max_retries=None: the cap is MCAAS_TASK_MAX_RETRIES, checked in the body.
 @celery_app.task(bind=True, base=StepTask, name=TASK_NAME, acks_late=True, max_retries=None)
 def run_step_task(self: Any, job_id: str, index: int) -> None:
-    """Run one step through run_step; queue the next one unless the job ended."""
+    """Run step `index` through run_step, and the next ones while within
+    MCAAS_CONTINUE_INLINE_S; then queue the next one unless the job ended."""
     settings = get_settings()
     services = worker_services()
+    started = time.monotonic()
     try:
-        next_index = execute_step(
-            job_id,
-            index,
-            services=services,
-            trust_pickle=settings.trust_pickle,
-            cache=worker_step_cache(),
-        )
+        next_index: int | None = index
+        while next_index is not None:
+            next_index = execute_step(
+                job_id,
+                next_index,
+                services=services,
+                trust_pickle=settings.trust_pickle,
+                cache=worker_step_cache(),
+                owner=self.request.id,
+            )
+            if time.monotonic() - started >= settings.continue_inline_s:
+                break
         if next_index is not None:
             dispatcher = CeleryDispatcher(self.app, queue=settings.queue)
             hand_off(job_id, next_index, jobs=services.jobs, enqueue=dispatcher.enqueue)

@@ -137,6 +137,16 @@ class Settings(BaseSettings):
         le=50,
         description="Retries of a step after transient S3/DynamoDB/Redis errors.",
     )
+    continue_inline_s: float = _env(
+        "MCAAS_CONTINUE_INLINE_S",
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description=(
+            "A Celery task runs its job's next step itself, without a broker hand-off, while "
+            "it has run for less than this many seconds; 0 queues every step as its own task."
+        ),
+    )
     worker_cache_mb: int = _env(
         "MCAAS_WORKER_CACHE_MB",
         default=256,
@@ -248,6 +258,9 @@ class Settings(BaseSettings):
                     out.append(f"{name} (MCAAS_DISPATCHER=ecs)")
         if self.task_soft_time_limit_s >= self.task_time_limit_s:
             out.append("MCAAS_TASK_SOFT_TIME_LIMIT_S below MCAAS_TASK_TIME_LIMIT_S")
+        if self.continue_inline_s >= self.task_soft_time_limit_s:
+            # A step begun late in a task has only the rest of the task's time limits.
+            out.append("MCAAS_CONTINUE_INLINE_S below MCAAS_TASK_SOFT_TIME_LIMIT_S")
         if self.visibility_timeout_s <= self.task_time_limit_s:
             # Otherwise Redis hands a still-running long step to a second worker.
             out.append("MCAAS_VISIBILITY_TIMEOUT_S above MCAAS_TASK_TIME_LIMIT_S")

@@ -44,6 +44,8 @@ CORE_FIELDS = (
     "created_at",
     "updated_at",
 )
+# Extra field naming the task that runs the job's steps (JobStore.begin_step's owner).
+OWNER_FIELD = "owner"
 IMMUTABLE_FIELDS = frozenset({"job_id", "user_id", "created_at", "updated_at"})
 MAX_LIST_LIMIT = 1000
 
@@ -75,10 +77,16 @@ class JobStore(Protocol):
         decided atomically with the write; NotFoundError if absent."""
         ...
 
-    def begin_step(self, job_id: str, index: int) -> dict[str, Any] | None:
+    def begin_step(
+        self, job_id: str, index: int, *, owner: str | None = None
+    ) -> dict[str, Any] | None:
         """Mark step `index` running and count an attempt, in one atomic write; return the new
         record. None, writing nothing, when the job is absent or terminal or a later step
-        has already begun (step_index > index)."""
+        has already begun (step_index > index).
+
+        With an `owner` (the id of the task that runs the job's steps), the job records it,
+        and step `index` once begun by one owner is refused to any other: a duplicate of a
+        running step's message drops out instead of running alongside it."""
         ...
 
     def list(
@@ -265,17 +273,26 @@ class SqliteJobStore:
         refused = frozenset(str(JobStatus(s)) for s in statuses)
         return self._modify(job_id, lambda cur: None if cur["status"] in refused else changes)
 
-    def begin_step(self, job_id: str, index: int) -> dict[str, Any] | None:
-        """Step `index` running, attempts + 1; None if absent, terminal or past `index`."""
+    def begin_step(
+        self, job_id: str, index: int, *, owner: str | None = None
+    ) -> dict[str, Any] | None:
+        """Step `index` running, attempts + 1; None if absent, terminal, past `index`, or
+        (with an owner) `index` begun by another owner."""
 
         def change(current: dict[str, Any]) -> dict[str, Any] | None:
             if current["status"] in TERMINAL or current["step_index"] > index:
                 return None
-            return {
+            if owner is not None and current["step_index"] == index:
+                if current.get(OWNER_FIELD, owner) != owner:
+                    return None
+            changes: dict[str, Any] = {
                 "status": JobStatus.INPROGRESS.value,
                 "step_index": index,
                 "attempts": current["attempts"] + 1,
             }
+            if owner is not None:
+                changes[OWNER_FIELD] = owner
+            return changes
 
         try:
             return self._modify(job_id, change)
@@ -491,14 +508,31 @@ class DynamoJobStore:
             raise NotFoundError(f"job {job_id!r} not found")
         return record
 
-    def begin_step(self, job_id: str, index: int) -> dict[str, Any] | None:
-        """Step `index` running, attempts + 1; None if absent, terminal or past `index`."""
+    def begin_step(
+        self, job_id: str, index: int, *, owner: str | None = None
+    ) -> dict[str, Any] | None:
+        """Step `index` running, attempts + 1; None if absent, terminal, past `index`, or
+        (with an owner) `index` begun by another owner."""
         condition, values = _status_not_in(sorted(TERMINAL))
+        values = {**values, ":index": {"N": str(index)}, ":one": {"N": "1"}}
+        changes: dict[str, Any] = {"status": JobStatus.INPROGRESS.value, "step_index": index}
+        names: dict[str, str] = {}
+        if owner is None:
+            condition += " AND step_index <= :index"
+        else:
+            changes[OWNER_FIELD] = owner
+            names.update({"#extra": "extra", "#owner": OWNER_FIELD})
+            values[":owner"] = {"S": json.dumps(owner, sort_keys=True)}
+            condition += (
+                " AND (step_index < :index OR (step_index = :index AND"
+                " (attribute_not_exists(#extra.#owner) OR #extra.#owner = :owner)))"
+            )
         return self._update(
             job_id,
-            check_update({"status": JobStatus.INPROGRESS.value, "step_index": index}),
-            condition=f"{condition} AND step_index <= :index",
-            values={**values, ":index": {"N": str(index)}, ":one": {"N": "1"}},
+            check_update(changes),
+            condition=condition,
+            values=values,
+            names=names,
             add="attempts :one",
         )
 
@@ -509,13 +543,14 @@ class DynamoJobStore:
         *,
         condition: str | None = None,
         values: dict[str, Any] | None = None,
+        names: dict[str, str] | None = None,
         add: str | None = None,
     ) -> dict[str, Any] | None:
         """One UpdateItem on an existing job; None when it or `condition` does not hold."""
         from botocore.exceptions import ClientError
 
         changes = {**changes, "updated_at": now_iso()}
-        names: dict[str, str] = {}
+        names = dict(names or {})
         values = dict(values or {})
         assignments: list[str] = []
         for i, (name, value) in enumerate(changes.items()):

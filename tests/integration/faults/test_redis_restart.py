@@ -58,6 +58,7 @@ def test_jobs_survive_a_redis_restart_with_its_append_only_file(
     stack.overrides.update(
         {
             "MCAAS_TASK_SOFT_TIME_LIMIT_S": "45",
+            "MCAAS_CONTINUE_INLINE_S": "20",
             "MCAAS_TASK_TIME_LIMIT_S": "50",
             "MCAAS_VISIBILITY_TIMEOUT_S": "60",
         }
@@ -113,6 +114,7 @@ def test_a_job_lost_with_a_non_persistent_redis_is_marked_failed(
     stack.overrides.update(
         {
             "MCAAS_TASK_SOFT_TIME_LIMIT_S": "5",
+            "MCAAS_CONTINUE_INLINE_S": "2",
             "MCAAS_TASK_TIME_LIMIT_S": "6",
             "MCAAS_VISIBILITY_TIMEOUT_S": "8",
         }

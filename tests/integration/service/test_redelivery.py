@@ -105,6 +105,7 @@ def test_a_dead_worker_host_gets_its_step_redelivered_to_another(
         {
             # Limits far above the step's few seconds, even on a busy machine.
             "MCAAS_TASK_SOFT_TIME_LIMIT_S": "60",
+            "MCAAS_CONTINUE_INLINE_S": "20",
             "MCAAS_TASK_TIME_LIMIT_S": "70",
             "MCAAS_VISIBILITY_TIMEOUT_S": "80",
         }

@@ -15,7 +15,11 @@ from modules.errors import BadInputError, NotFoundError
 from modules.storage.artifacts import S3Store
 from modules.storage.jobs import DynamoJobStore, JobStatus
 from modules.storage.steplog import DYNAMO_INLINE_LIMIT, DynamoStepLog
-from tests.unit.storage.jobstore_guards import check_begin_step, check_update_unless
+from tests.unit.storage.jobstore_guards import (
+    check_begin_step,
+    check_begin_step_with_owner,
+    check_update_unless,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -260,6 +264,10 @@ def test_dynamo_jobstore_lists_newest_first_with_cursor(job_store: DynamoJobStor
 
 def test_dynamo_jobstore_begin_step_is_one_guarded_write(job_store: DynamoJobStore) -> None:
     check_begin_step(job_store)
+
+
+def test_begin_step_with_an_owner_refuses_a_second_owner(job_store: DynamoJobStore) -> None:
+    check_begin_step_with_owner(job_store)
 
 
 def test_dynamo_jobstore_update_unless(job_store: DynamoJobStore) -> None:

@@ -1,5 +1,6 @@
-"""The guarded writes every JobStore must implement the same way: begin_step and
-update_unless. Imported by the SQLite unit tests and the DynamoDB (moto) integration tests."""
+"""The guarded writes every JobStore must implement the same way: begin_step (with and
+without an owner) and update_unless. Imported by the SQLite unit tests and the DynamoDB
+(moto) integration tests."""
 
 from __future__ import annotations
 
@@ -39,6 +40,31 @@ def check_begin_step(store: JobStore) -> None:
     assert store.get("g1")["status"] == "STOPPED"  # type: ignore[index]
     assert store.begin_step("absent", 0) is None
     assert store.get("absent") is None
+
+
+def check_begin_step_with_owner(store: JobStore) -> None:
+    assert store.create(_job("o1"))
+    first = store.begin_step("o1", 0, owner="task-a")
+    assert first is not None and first["owner"] == "task-a"
+    # Another owner may not begin the step task-a began (a duplicate message); task-a may
+    # (its own message delivered again), and the next step is open to whoever hands it on.
+    assert store.begin_step("o1", 0, owner="task-b") is None
+    assert store.get("o1") == first
+    again = store.begin_step("o1", 0, owner="task-a")
+    assert again is not None and again["attempts"] == 2
+    handed = store.begin_step("o1", 1, owner="task-b")
+    assert handed is not None and (handed["owner"], handed["step_index"]) == ("task-b", 1)
+    assert store.begin_step("o1", 1, owner="task-a") is None
+    assert store.begin_step("o1", 0, owner="task-b") is None  # never backwards
+    # Without an owner the old rule holds: the same or a later step may begin.
+    plain = store.begin_step("o1", 1)
+    assert plain is not None and plain["attempts"] == 4 and plain["owner"] == "task-b"
+    # A job nobody owns yet (step 0 not begun with an owner) is open to the first owner.
+    assert store.create(_job("o2"))
+    assert store.begin_step("o2", 0) is not None
+    assert store.begin_step("o2", 0, owner="task-c") is not None
+    store.update("o1", status=JobStatus.STOPPED, reason="stopped by the user")
+    assert store.begin_step("o1", 1, owner="task-b") is None
 
 
 def check_update_unless(store: JobStore) -> None:

@@ -10,7 +10,11 @@ import pytest
 
 from modules.errors import BadInputError, NotFoundError
 from modules.storage.jobs import TERMINAL, JobStatus, JobStore, SqliteJobStore
-from tests.unit.storage.jobstore_guards import check_begin_step, check_update_unless
+from tests.unit.storage.jobstore_guards import (
+    check_begin_step,
+    check_begin_step_with_owner,
+    check_update_unless,
+)
 
 
 @pytest.fixture
@@ -185,6 +189,10 @@ def test_reopening_sees_the_same_data(store: SqliteJobStore) -> None:
 
 def test_begin_step_is_one_guarded_write(store: SqliteJobStore) -> None:
     check_begin_step(store)
+
+
+def test_begin_step_with_an_owner_refuses_a_second_owner(store: SqliteJobStore) -> None:
+    check_begin_step_with_owner(store)
 
 
 def test_update_unless_leaves_a_refused_status_alone(store: SqliteJobStore) -> None:

@@ -76,6 +76,40 @@ def test_redelivery_before_hand_off_continues_the_chain(services, make_job, call
     assert services.jobs.get(job_id)["attempts"] == 3
 
 
+def test_an_owners_message_delivered_again_resumes_where_its_worker_died(
+    services, make_job, calls
+) -> None:
+    job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
+    # Task "t-1" (sent for step 0) ran steps 0 and 1 in a row and died during step 2.
+    assert execute_step(job_id, 0, services=services, owner="t-1") == 1
+    assert execute_step(job_id, 1, services=services, owner="t-1") == 2
+    assert services.jobs.begin_step(job_id, 2, owner="t-1") is not None
+    # The broker delivers t-1's message (step 0) again: it goes on at step 2, where it died.
+    assert execute_step(job_id, 0, services=services, owner="t-1") is None
+    job = services.jobs.get(job_id)
+    assert job["status"] == "COMPLETED"
+    assert (calls["w_refit"], calls["w_gate"]) == (1, 1)
+    assert [r["index"] for r in services.log.records(job_id)] == [0, 1, 2]
+    assert job["attempts"] == 4  # steps 0 and 1 once, step 2 twice
+
+
+def test_a_duplicate_message_of_an_owned_step_is_dropped(services, make_job, calls) -> None:
+    job_id = make_job({"name": "w_refit"})
+    assert execute_step(job_id, 0, services=services, owner="t-1") == 1
+    queued: list[tuple[str, int]] = []
+    hand_off(job_id, 1, jobs=services.jobs, enqueue=lambda j, i: queued.append((j, i)))
+    # t-2 (the queued step 1) begins it; a second message for step 1 (t-3: its sender died
+    # after queueing and queued it again) must not run it alongside.
+    assert services.jobs.begin_step(job_id, 1, owner="t-2") is not None
+    assert execute_step(job_id, 1, services=services, owner="t-3") is None
+    assert calls["w_refit"] == 0
+    # Nor may t-1's message, delivered again: it handed step 1 on.
+    assert execute_step(job_id, 0, services=services, owner="t-1") is None
+    assert execute_step(job_id, 1, services=services, owner="t-2") is None  # the last step
+    assert calls["w_refit"] == 1
+    assert services.jobs.get(job_id)["status"] == "COMPLETED"
+
+
 def test_a_stopped_job_runs_no_further_step(services, make_job, calls) -> None:
     job_id = make_job({"name": "w_refit"})
     assert execute_step(job_id, 0, services=services) == 1

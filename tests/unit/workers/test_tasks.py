@@ -12,7 +12,10 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from celery.exceptions import TimeLimitExceeded
 
+from modules.pipeline.registry import register_step, unregister_step
 from modules.pipeline.settings import SettingsError, get_settings
+from modules.pipeline.step import StepOutput
+from tests.unit.workers.conftest import ToyParams
 from workers.celery_app import celery_app, celery_config
 from workers.dispatch import TASK_NAME
 from workers.tasks import backoff_s, run_step_task, worker_services, worker_step_cache
@@ -40,6 +43,13 @@ def test_celery_config_is_made_for_long_idempotent_steps(settings_for) -> None:
     assert [q.name for q in config["task_queues"]] == ["steps-q"]
     assert config["task_routes"] == {TASK_NAME: {"queue": "steps-q"}}
     assert config["task_ignore_result"] is True
+
+
+def test_the_inline_budget_must_leave_a_step_its_soft_limit(settings_for) -> None:
+    settings = settings_for(task_soft_time_limit_s=60, continue_inline_s=60)
+    with pytest.raises(Exception, match="MCAAS_CONTINUE_INLINE_S below"):
+        settings.require("worker")
+    assert settings_for(task_soft_time_limit_s=60, continue_inline_s=0).require("worker")
 
 
 def test_unsafe_time_limits_are_refused(settings_for) -> None:
@@ -90,7 +100,41 @@ def _queued(queue: str) -> list[list[object]]:
     return bodies
 
 
-def test_task_runs_a_step_and_queues_the_next(worker_env, services, make_job) -> None:
+def test_task_runs_the_next_steps_itself_within_its_budget(
+    worker_env, services, make_job, calls
+) -> None:
+    job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
+    result = run_step_task.apply(args=[job_id, 0], task_id="task-1")
+    assert result.successful()
+    assert _queued("mcaas.steps") == []  # nothing handed to the broker
+    job = services.jobs.get(job_id)
+    assert (job["status"], job["owner"], job["attempts"]) == ("COMPLETED", "task-1", 3)
+    assert "handed_off" not in job
+    assert (calls["w_refit"], calls["w_gate"]) == (1, 1)
+    assert [r["index"] for r in services.log.records(job_id)] == [0, 1, 2]
+
+
+def test_a_stop_between_steps_ends_the_task(worker_env, services, make_job, calls) -> None:
+    @register_step("w_stop_here", params=ToyParams, accepts={"sklearn"})
+    def stop_here(model, data, params, ctx):
+        """Stand in for the user pressing stop while this step runs."""
+        services.jobs.update(ctx.job_id, status="STOPPED", reason="stopped by the user")
+        return StepOutput(metrics={})
+
+    try:
+        job_id = make_job({"name": "w_stop_here"}, {"name": "w_refit"}, job_id="job2")
+        assert run_step_task.apply(args=[job_id, 0]).successful()
+    finally:
+        unregister_step("w_stop_here")
+    job = services.jobs.get(job_id)
+    assert (job["status"], job["step_index"]) == ("STOPPED", 1)
+    assert calls["w_refit"] == 0
+    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+
+
+def test_task_runs_a_step_and_queues_the_next(worker_env, services, make_job, monkeypatch) -> None:
+    monkeypatch.setenv("MCAAS_CONTINUE_INLINE_S", "0")
+    get_settings.cache_clear()
     job_id = make_job({"name": "w_refit"})
     result = run_step_task.apply(args=[job_id, 0])
     assert result.successful()
@@ -104,9 +148,9 @@ def test_task_runs_a_step_and_queues_the_next(worker_env, services, make_job) ->
 
 def test_task_retries_transient_errors(worker_env, services, make_job, calls, flaky_errors) -> None:
     job_id = make_job({"name": "w_flaky"})
-    assert run_step_task.apply(args=[job_id, 0]).successful()
     flaky_errors.extend([EndpointConnectionError(endpoint_url="http://s3")] * 2)
-    result = run_step_task.apply(args=[job_id, 1])
+    # Step 1 runs in the task sent for step 0; each retry resumes there, not at step 0.
+    result = run_step_task.apply(args=[job_id, 0])
     assert result.successful()
     assert calls["w_flaky"] == 3
     job = services.jobs.get(job_id)
@@ -118,9 +162,8 @@ def test_task_gives_up_after_the_retry_budget(
     worker_env, services, make_job, calls, flaky_errors
 ) -> None:
     job_id = make_job({"name": "w_flaky"})
-    run_step_task.apply(args=[job_id, 0])
     flaky_errors.extend([EndpointConnectionError(endpoint_url="http://s3")] * 5)
-    result = run_step_task.apply(args=[job_id, 1])
+    result = run_step_task.apply(args=[job_id, 0])
     assert result.failed()
     assert calls["w_flaky"] == 3  # the first try and MCAAS_TASK_MAX_RETRIES=2 retries
     job = services.jobs.get(job_id)
@@ -130,7 +173,9 @@ def test_task_gives_up_after_the_retry_budget(
 
 def test_hard_time_limit_fails_the_job(worker_env, services, make_job) -> None:
     job_id = make_job({"name": "w_refit"})
-    run_step_task.on_failure(TimeLimitExceeded(120), "task-1", (job_id, 1), {}, None)
+    services.jobs.begin_step(job_id, 1, owner="task-1")
+    # The task was sent for step 0 and had gone on to step 1: the reason names step 1.
+    run_step_task.on_failure(TimeLimitExceeded(120), "task-1", (job_id, 0), {}, None)
     job = services.jobs.get(job_id)
     assert job["status"] == "FAILED"
     assert job["reason"] == "step 1 exceeded the hard time limit and was killed"
