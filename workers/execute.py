@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from modules.errors import McaasError
 from modules.pipeline.settings import Services, Settings
+from modules.pipeline.step import StepCancelled
 from modules.pipeline.step_cache import StepCache
 from modules.storage.jobs import OWNER_FIELD, TERMINAL, JobStatus, JobStore
 
@@ -181,42 +184,140 @@ def execute_step(
     a transient infrastructure error is raised as TransientInfraError for a retry; any
     other exception fails the job with its type and message, then propagates.
     """
+    return _advance(
+        job_id, index, services=services, trust_pickle=trust_pickle, cache=cache, owner=owner
+    ).next_index
+
+
+def execute_steps(
+    job_id: str,
+    index: int,
+    *,
+    services: Services,
+    owner: str,
+    continue_s: float,
+    trust_pickle: bool = False,
+    cache: StepCache | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> int | None:
+    """Run step `index`, then the job's next steps in a row while less than `continue_s`
+    has passed; return the step to queue as a new task, or None when the job is done.
+
+    A step run in a row is begun (JobStore.begin_step) in a second thread while its body
+    runs, and its outputs are stored only once that write has succeeded: a refusal (the job
+    was stopped meanwhile) discards them, and a long body stops at its next
+    `check_cancelled()` (the training loop's next epoch). Each begin still follows the
+    previous step's record, so a redelivered message resumes exactly as for one step per
+    task.
+    """
+    deadline = clock() + continue_s
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcaas-begin") as beside:
+        job: dict[str, Any] | None = None
+        begun: Future[dict[str, Any] | None] | None = None
+        while True:
+            step = _advance(
+                job_id,
+                index,
+                services=services,
+                trust_pickle=trust_pickle,
+                cache=cache,
+                owner=owner,
+                job=job,
+                begun=begun,
+            )
+            if step.next_index is None or clock() >= deadline:
+                return step.next_index
+            index, job = step.next_index, step.job
+            begun = beside.submit(services.jobs.begin_step, job_id, index, owner=owner)
+
+
+class _Step(NamedTuple):
+    next_index: int | None  # the step to run next; None when the job is done or not ours
+    job: dict[str, Any] | None  # the job record as this step began
+
+
+_DONE = _Step(None, None)
+
+
+class _NotBegun(Exception):
+    """The job store refused to begin a step that was run in a row: do not store it."""
+
+
+def _begin(
+    services: Services, job_id: str, index: int, owner: str | None
+) -> tuple[dict[str, Any], int] | None:
+    """Begin step `index` (or, for the owner's message delivered again, the step where its
+    chain stopped); return the job record and the step, or None when there is nothing to run."""
+    jobs = services.jobs
+    # One atomic write reads the job, marks the step running and counts the attempt.
+    job = jobs.begin_step(job_id, index, owner=owner)
+    if job is not None:
+        return job, index
+    # Refused: the job is gone, has ended, a later step has begun, or another owner began
+    # this one.
+    current = jobs.get(job_id)
+    if current is None:
+        logger.warning("job %s not found; dropping its step %d", job_id, index)
+        return None
+    if current["status"] in TERMINAL:
+        logger.info("job %s step %d: job ended; dropped", job_id, index)
+        return None
+    if owner is not None and _resumes(current, index, owner):
+        step = int(current["step_index"])
+        logger.info("job %s: owner %s resumes at step %d", job_id, owner, step)
+        job = jobs.begin_step(job_id, step, owner=owner)
+        return None if job is None else (job, step)  # None: it ended meanwhile
+    if owner is not None or services.log.get(job_id, index) is not None:
+        logger.info("job %s step %d: another task has it or it is done", job_id, index)
+        return None
+    return current, index
+
+
+def _advance(
+    job_id: str,
+    index: int,
+    *,
+    services: Services,
+    trust_pickle: bool,
+    cache: StepCache | None,
+    owner: str | None,
+    job: dict[str, Any] | None = None,
+    begun: Future[dict[str, Any] | None] | None = None,
+) -> _Step:
+    """execute_step's body. With `begun` (step `index` being begun in another thread, and
+    `job` the record as the previous step began), the body runs meanwhile and its outputs
+    are stored only once the begin has succeeded."""
     from modules.pipeline.jobspec import parse_job_spec
     from modules.pipeline.run import run_step
     from modules.pipeline.runner import rejection_reason
 
-    jobs = services.jobs
     name = "?"
     try:
-        # One atomic write reads the job, marks the step running and counts the attempt.
-        job = jobs.begin_step(job_id, index, owner=owner)
-        if job is None:
-            # Refused: the job is gone, has ended, a later step has begun, or another owner
-            # began this one.
-            current = jobs.get(job_id)
-            if current is None:
-                logger.warning("job %s not found; dropping its step %d", job_id, index)
-                return None
-            if current["status"] in TERMINAL:
-                logger.info("job %s step %d: job ended; dropped", job_id, index)
-                return None
-            if _resumes(current, index, owner):
-                index = int(current["step_index"])
-                logger.info("job %s: owner %s resumes at step %d", job_id, owner, index)
-                job = jobs.begin_step(job_id, index, owner=owner)
-                if job is None:
-                    return None  # it ended (or was stopped) meanwhile
-            elif owner is not None or services.log.get(job_id, index) is not None:
-                logger.info("job %s step %d: another task has it or it is done", job_id, index)
-                return None
-            else:
-                job = current
+        if begun is None or job is None:
+            started = _begin(services, job_id, index, owner)
+            if started is None:
+                return _DONE
+            job, index = started
+            if job.get("handed_off", 0) > index and services.log.get(job_id, index) is not None:
+                logger.info("job %s step %d: ran and was handed off; dropped", job_id, index)
+                return _DONE
         name = _step_name(job, index)
-        if job.get("handed_off", 0) > index and services.log.get(job_id, index) is not None:
-            logger.info("job %s step %d ran and was handed off; duplicate dropped", job_id, index)
-            return None
+        spec = parse_job_spec(job["spec"])
+        confirmed: list[dict[str, Any]] = []
+
+        def confirm() -> None:
+            assert begun is not None
+            current = begun.result()
+            if current is None:
+                raise _NotBegun
+            confirmed.append(current)
+
+        def refused() -> bool:
+            # Asked by the body between rounds (check_cancelled): the begin was refused.
+            assert begun is not None
+            return begun.done() and begun.exception() is None and begun.result() is None
+
         try:
-            spec = parse_job_spec(job["spec"])
             record = run_step(
                 spec,
                 index,
@@ -224,11 +325,21 @@ def execute_step(
                 log=services.log,
                 trust_pickle=trust_pickle,
                 cache=cache,
+                before_save=confirm if begun is not None else None,
+                cancelled=refused if begun is not None else None,
             )
+            if begun is not None and not confirmed:
+                confirm()  # the step had already run: its begin still has to hold
+        except (_NotBegun, StepCancelled):
+            # Nothing of this step is stored: its begin was refused (the job was stopped).
+            logger.info("job %s step %d: not begun (stopped meanwhile); dropped", job_id, index)
+            return _DONE
         except McaasError as exc:
             reason = f"step {index} ({name}) failed: {exc}"
             finish_job(services, job_id, JobStatus.FAILED, reason, job=job)
-            return None
+            return _DONE
+        if confirmed:
+            job = confirmed[0]
         rejected = rejection_reason(record)
         last = index + 1 >= len(spec.steps)
         if rejected is not None or last:
@@ -238,9 +349,9 @@ def execute_step(
                 finish_job(services, job_id, JobStatus.REJECTED, rejected, job=job, records=records)
             else:
                 finish_job(services, job_id, JobStatus.COMPLETED, None, job=job, records=records)
-            return None
-        # A stop that came during this step is seen by the next task when it starts.
-        return index + 1
+            return _DONE
+        # A stop that came during this step is seen when the next one begins.
+        return _Step(index + 1, job)
     except Exception as exc:
         if is_transient(exc):
             raise TransientInfraError(f"{type(exc).__name__}: {exc}") from exc
@@ -249,12 +360,11 @@ def execute_step(
         raise
 
 
-def _resumes(current: dict[str, Any], index: int, owner: str | None) -> bool:
+def _resumes(current: dict[str, Any], index: int, owner: str) -> bool:
     """Whether `owner`'s message for step `index` is its own chain delivered again: the job
     still names it as owner, is on a later step, and was not handed on to another message."""
     return (
-        owner is not None
-        and current.get(OWNER_FIELD) == owner
+        current.get(OWNER_FIELD) == owner
         and int(current["step_index"]) > index
         and int(current.get("handed_off", 0)) <= index
     )

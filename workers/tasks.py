@@ -5,9 +5,10 @@ run_step). Never `.get()` here: a task waiting on another task can deadlock the 
 
 While the task has run for less than MCAAS_CONTINUE_INLINE_S, it runs the job's next
 step itself instead of queueing it: the step is the same run_step with the same records,
-only the broker round trip and the hand-off note are saved. Each step still begins with
-JobStore.begin_step (so a stop is seen between steps), and the task's message id is the
-job's owner there, so a redelivery resumes the job at the step its worker died in.
+only the broker round trip and the hand-off note are saved, and the next step is begun
+while this one's outputs are stored. Each step still begins with JobStore.begin_step (so
+a stop is seen between steps), and the task's message id is the job's owner there, so a
+redelivery resumes the job at the step its worker died in.
 Past the budget the next step is queued as its own task, which gets the full time limits.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 import random
-import time
 from typing import Any
 
 from celery import Task
@@ -26,7 +26,7 @@ from modules.pipeline.settings import Services, build_services, get_settings
 from modules.pipeline.step_cache import StepCache
 from workers.celery_app import celery_app
 from workers.dispatch import TASK_NAME, CeleryDispatcher
-from workers.execute import TransientInfraError, execute_step, fail_job, hand_off, is_transient
+from workers.execute import TransientInfraError, execute_steps, fail_job, hand_off, is_transient
 
 logger = logging.getLogger(__name__)
 
@@ -89,20 +89,16 @@ def run_step_task(self: Any, job_id: str, index: int) -> None:
     MCAAS_CONTINUE_INLINE_S; then queue the next one unless the job ended."""
     settings = get_settings()
     services = worker_services()
-    started = time.monotonic()
     try:
-        next_index: int | None = index
-        while next_index is not None:
-            next_index = execute_step(
-                job_id,
-                next_index,
-                services=services,
-                trust_pickle=settings.trust_pickle,
-                cache=worker_step_cache(),
-                owner=self.request.id,
-            )
-            if time.monotonic() - started >= settings.continue_inline_s:
-                break
+        next_index = execute_steps(
+            job_id,
+            index,
+            services=services,
+            owner=self.request.id,
+            continue_s=settings.continue_inline_s,
+            trust_pickle=settings.trust_pickle,
+            cache=worker_step_cache(),
+        )
         if next_index is not None:
             dispatcher = CeleryDispatcher(self.app, queue=settings.queue)
             hand_off(job_id, next_index, jobs=services.jobs, enqueue=dispatcher.enqueue)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from modules.errors import BadInputError, IncompatibleError
+from modules.pipeline.step import check_cancelled
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,6 +55,7 @@ def fit(
     start = time.perf_counter()
     model.train()
     for epoch in range(epochs):
+        check_cancelled()
         if before_epoch is not None:
             before_epoch(epoch)
         order = torch.randperm(len(xt), generator=generator)

@@ -14,6 +14,7 @@ import platform
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import metadata
@@ -25,7 +26,7 @@ import numpy as np
 from modules.errors import BadInputError, IncompatibleError, McaasError
 from modules.pipeline.jobspec import JobSpec
 from modules.pipeline.registry import get_step
-from modules.pipeline.step import StepContext, StepOutput
+from modules.pipeline.step import StepContext, StepOutput, cancellable
 from modules.pipeline.step_cache import StepCache
 from modules.storage.artifact import ModelArtifact
 from modules.storage.artifacts import ArtifactStore
@@ -139,11 +140,19 @@ def run_step(
     log: StepLog,
     trust_pickle: bool = False,
     cache: StepCache | None = None,
+    before_save: Callable[[], object] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run step `index` of `job` once; a second call returns the first call's record.
 
     `cache` (a long-lived worker's) supplies records and model bytes this process already
     has, instead of a step-log query and a download (see modules/pipeline/step_cache.py).
+
+    `before_save`, when given, is called after the step's body and before anything is
+    stored; an error from it propagates and nothing is stored. (A worker that began this
+    step while its body ran waits there for the job store to confirm it.) It is not called
+    when the step had already run. `cancelled` is what the body's `check_cancelled()` asks
+    (modules/pipeline/step.py): true once the result is no longer wanted.
     """
     if not 0 <= index < len(job.steps):
         raise BadInputError(f"job {job.job_id} has {len(job.steps)} steps; no step {index}")
@@ -196,8 +205,11 @@ def run_step(
             load_model=lambda key: load_stored_model(store, key, trust_pickle=trust_pickle),
             read_bytes=store.get_bytes,
         )
-        output: StepOutput = step.fn(model, data, params, ctx)
+        with cancellable(cancelled):
+            output: StepOutput = step.fn(model, data, params, ctx)
     duration = time.perf_counter() - t0
+    if before_save is not None:
+        before_save()
 
     prefix = step_prefix(job, index)
     uploads: dict[str, bytes] = {}

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modules.pipeline.profiles import Profile
 from modules.storage.artifact import ModelArtifact
+
+
+class StepCancelled(Exception):
+    """The runner no longer wants this step's result (its job was stopped): stop early."""
+
+
+_CANCELLED: ContextVar[Callable[[], bool] | None] = ContextVar("mcaas_step_cancelled", default=None)
+
+
+@contextlib.contextmanager
+def cancellable(cancelled: Callable[[], bool] | None) -> Iterator[None]:
+    """Make `check_cancelled` ask `cancelled` while a step body runs in this context."""
+    token = _CANCELLED.set(cancelled)
+    try:
+        yield
+    finally:
+        _CANCELLED.reset(token)
+
+
+def check_cancelled() -> None:
+    """Raise StepCancelled if the runner has said it no longer wants this step's result.
+
+    Long loops call it between rounds (the shared training loop does, once per epoch); it
+    costs nothing when the step runs without a cancel check (CLI, in-process runs).
+    """
+    cancelled = _CANCELLED.get()
+    if cancelled is not None and cancelled():
+        raise StepCancelled("the step's result is no longer wanted (its job was stopped)")
 
 
 @dataclass(frozen=True)

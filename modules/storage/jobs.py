@@ -282,9 +282,12 @@ class SqliteJobStore:
         def change(current: dict[str, Any]) -> dict[str, Any] | None:
             if current["status"] in TERMINAL or current["step_index"] > index:
                 return None
-            if owner is not None and current["step_index"] == index:
-                if current.get(OWNER_FIELD, owner) != owner:
-                    return None
+            if (
+                owner is not None
+                and current["step_index"] == index
+                and current.get(OWNER_FIELD, owner) != owner
+            ):
+                return None  # begun by another owner
             changes: dict[str, Any] = {
                 "status": JobStatus.INPROGRESS.value,
                 "step_index": index,

@@ -7,7 +7,7 @@ from modules.pipeline.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace, run_single_step
 from modules.pipeline.registry import register_step, unregister_step
 from modules.pipeline.run import PipelineOrderError, run_step
-from modules.pipeline.step import StepOutput, Verdict
+from modules.pipeline.step import StepCancelled, StepOutput, Verdict, check_cancelled
 from modules.storage.artifact import ModelArtifact
 
 CALLS: list[str] = []
@@ -168,3 +168,39 @@ def test_many_files_are_all_stored(tmp_path):
             assert ws.store.get_bytes(record["files"][f"f{i:02d}.txt"]) == str(i).encode()
     finally:
         unregister_step("t_files")
+
+
+def test_before_save_runs_after_the_body_and_can_keep_the_step_unstored(tmp_path):
+    ws = LocalWorkspace(tmp_path)
+    spec = job()
+    run_step(spec, 0, store=ws.store, log=ws.log)
+
+    def refuse():
+        assert CALLS == ["t_refit"]  # after the body
+        raise RuntimeError("not begun")
+
+    with pytest.raises(RuntimeError, match="not begun"):
+        run_step(spec, 1, store=ws.store, log=ws.log, before_save=refuse)
+    assert ws.log.get("j1", 1) is None
+    assert ws.store.list("users/local/edge-8mb/j1/01-t_refit/") == []
+    seen = []
+    record = run_step(spec, 1, store=ws.store, log=ws.log, before_save=lambda: seen.append(1))
+    assert seen == [1] and ws.log.get("j1", 1) == record
+    # A step that already ran returns its record without calling it.
+    assert run_step(spec, 1, store=ws.store, log=ws.log, before_save=refuse) == record
+
+
+def test_a_cancelled_training_step_stops_at_its_next_epoch(tmp_path):
+    ws = LocalWorkspace(tmp_path)
+    spec = job(steps=[{"name": "train", "params": {"model": "mlp", "epochs": 500}}])
+    asked = []
+
+    def cancelled():
+        asked.append(1)
+        return len(asked) > 2  # wanted for two epochs, then no longer
+
+    with pytest.raises(StepCancelled):
+        run_step(spec, 0, store=ws.store, log=ws.log, cancelled=cancelled)
+    assert len(asked) == 3  # checked once per epoch; 497 epochs never ran
+    assert ws.log.get("j1", 0) is None
+    check_cancelled()  # outside a cancellable step it never raises

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from workers.dispatch import InlineDispatcher
 from workers.execute import (
     TransientInfraError,
     execute_step,
+    execute_steps,
     fail_job,
     hand_off,
     is_transient,
@@ -91,6 +93,42 @@ def test_an_owners_message_delivered_again_resumes_where_its_worker_died(
     assert (calls["w_refit"], calls["w_gate"]) == (1, 1)
     assert [r["index"] for r in services.log.records(job_id)] == [0, 1, 2]
     assert job["attempts"] == 4  # steps 0 and 1 once, step 2 twice
+
+
+def test_steps_in_a_row_begin_each_after_the_records_before_it(services, make_job, calls) -> None:
+    job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
+    order: list[str] = []
+    begin, append = services.jobs.begin_step, services.log.append
+
+    def spy_begin(job_id, index, **kwargs):
+        order.append(f"begin {index}")
+        return begin(job_id, index, **kwargs)
+
+    def spy_append(record):
+        order.append(f"record {record['index']}")
+        return append(record)
+
+    services.jobs.begin_step, services.log.append = spy_begin, spy_append
+    assert execute_steps(job_id, 0, services=services, owner="t-1", continue_s=60) is None
+    assert services.jobs.get(job_id)["status"] == "COMPLETED"
+    # Step i + 1 is begun (in a second thread, while its body runs) only after step i's
+    # record is stored, and its record only after that begin succeeded.
+    assert order == ["begin 0", "record 0", "begin 1", "record 1", "begin 2", "record 2"]
+    assert services.jobs.get(job_id)["attempts"] == 3
+    assert (calls["w_refit"], calls["w_gate"]) == (1, 1)
+
+
+def test_past_the_budget_the_next_step_is_handed_on(services, make_job, calls) -> None:
+    job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
+    ticks = itertools.chain([0.0], itertools.repeat(2.0))  # step 0 ends past the 1 s budget
+    assert (
+        execute_steps(
+            job_id, 0, services=services, owner="t-1", continue_s=1, clock=lambda: next(ticks)
+        )
+        == 1
+    )
+    job = services.jobs.get(job_id)
+    assert (job["step_index"], job["attempts"]) == (0, 1)  # step 1 not begun: it is queued
 
 
 def test_a_duplicate_message_of_an_owned_step_is_dropped(services, make_job, calls) -> None:

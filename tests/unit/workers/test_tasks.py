@@ -6,6 +6,7 @@ tests/integration/service; here the task body, its retries and its hand-off are.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,11 @@ def test_task_runs_the_next_steps_itself_within_its_budget(
 def test_a_stop_between_steps_ends_the_task(worker_env, services, make_job, calls) -> None:
     @register_step("w_stop_here", params=ToyParams, accepts={"sklearn"})
     def stop_here(model, data, params, ctx):
-        """Stand in for the user pressing stop while this step runs."""
+        """Stand in for the user pressing stop while this step runs (once it has begun)."""
+        deadline = time.monotonic() + 30
+        while services.jobs.get(ctx.job_id)["step_index"] != ctx.step_index:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         services.jobs.update(ctx.job_id, status="STOPPED", reason="stopped by the user")
         return StepOutput(metrics={})
 
@@ -128,8 +133,13 @@ def test_a_stop_between_steps_ends_the_task(worker_env, services, make_job, call
         unregister_step("w_stop_here")
     job = services.jobs.get(job_id)
     assert (job["status"], job["step_index"]) == ("STOPPED", 1)
-    assert calls["w_refit"] == 0
+    # Step 2 was run in a row: its body started while its begin was on the way, and the
+    # refused begin dropped its result. Nothing after the stop is stored.
+    assert calls["w_refit"] == 1
     assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+    prefix = f"users/alice/edge-8mb/{job_id}/"
+    assert services.store.list(prefix + "00-train/") != []  # where the steps do store
+    assert services.store.list(prefix + "02-w_refit/") == []
 
 
 def test_task_runs_a_step_and_queues_the_next(worker_env, services, make_job, monkeypatch) -> None:
@@ -156,6 +166,30 @@ def test_task_retries_transient_errors(worker_env, services, make_job, calls, fl
     job = services.jobs.get(job_id)
     assert job["status"] == "COMPLETED" and job["attempts"] == 4
     assert len(services.log.records(job_id)) == 2
+
+
+def test_a_transient_error_beginning_the_next_step_is_retried(
+    worker_env, services, make_job, calls
+) -> None:
+    job_id = make_job({"name": "w_refit"})
+    jobs = worker_services().jobs
+    begin = jobs.begin_step
+    failures = [EndpointConnectionError(endpoint_url="http://dynamodb")]
+
+    def flaky_begin(job_id, index, **kwargs):
+        if index == 1 and failures:
+            raise failures.pop()  # step 1, begun while its body runs
+        return begin(job_id, index, **kwargs)
+
+    jobs.begin_step = flaky_begin
+    assert run_step_task.apply(args=[job_id, 0], task_id="task-1").successful()
+    job = services.jobs.get(job_id)
+    assert job["status"] == "COMPLETED" and failures == []
+    # Step 1 was begun while its body ran; the error came before anything of it was stored.
+    # The retry begins step 0 again (attempt 2), finds its record, and runs step 1 again
+    # (attempt 3), which stores its one record this time.
+    assert job["attempts"] == 3 and calls["w_refit"] == 2
+    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
 
 
 def test_task_gives_up_after_the_retry_budget(
