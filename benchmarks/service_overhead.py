@@ -242,14 +242,17 @@ def write_report(path: Path, results: dict[str, Any]) -> None:
         "median extra time outside the step bodies, added to the in-process median), the "
         f"ratio is {overhead['non_body_ratio']:.3f}.",
         "",
-        "Per step the service makes four S3/DynamoDB round trips to the moto server where the "
-        "in-process run touches local files and SQLite: one guarded UpdateItem that reads the "
-        "job, marks the step running and counts the attempt; the output upload (plus one per "
-        "extra file); the conditional put of the step record; and the hand-off note on the "
-        "job. A step that follows one the same worker process ran takes the earlier records "
-        "and the input model from that process's cache (modules/pipeline/step_cache.py); "
-        "otherwise it adds a step-log query and the input download. Each round trip costs a "
-        "few milliseconds against moto; the Celery hand-off (publish, ack, BRPOP) a few more.",
+        "Per step the service makes three S3/DynamoDB round trips to the moto server where "
+        "the in-process run touches local files and SQLite: one guarded UpdateItem that reads "
+        "the job, marks the step running and counts the attempt (for a step run in a row, "
+        "sent from a second thread while the step's body runs); the output upload (plus one "
+        "per extra file); and the conditional put of the step record. A task runs the job's "
+        "next steps itself for up to MCAAS_CONTINUE_INLINE_S "
+        f"({float(read_env_file()['MCAAS_CONTINUE_INLINE_S']):g} s here), so "
+        "this short pipeline is one Celery task: no broker hand-off or hand-off note between "
+        "its steps. The next step of a job takes the earlier records and the input model "
+        "from the worker process's cache (modules/pipeline/step_cache.py). Each round trip "
+        "costs a few milliseconds against moto, most of it moto's own processing.",
         "",
         "## 2. Concurrency: jobs submitted at once to two workers",
         "",
