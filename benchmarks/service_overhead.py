@@ -222,8 +222,8 @@ def write_report(path: Path, results: dict[str, Any]) -> None:
         "",
         f"The service adds a roughly fixed cost per step: {overhead['per_step_ms']:.0f} ms "
         f"(median difference / {len(PIPELINE)} steps): the job and step records in DynamoDB, "
-        "the artifacts in S3 (moto round trips), the Celery hand-off and the HTTP "
-        "submission. The ratio therefore depends on how long the steps run: it reaches "
+        "the artifacts in S3 (moto round trips), and once per job the HTTP submission and "
+        "the Celery pick-up. The ratio therefore depends on how long the steps run: it reaches "
         f"{TARGET_RATIO} once the in-process pipeline takes about "
         f"{overhead['break_even_s']:.1f} s.",
         "",
