@@ -302,7 +302,6 @@ def _advance(
                 logger.info("job %s step %d: ran and was handed off; dropped", job_id, index)
                 return _DONE
         name = _step_name(job, index)
-        spec = parse_job_spec(job["spec"])
         confirmed: list[dict[str, Any]] = []
 
         def confirm() -> None:
@@ -318,6 +317,7 @@ def _advance(
             return begun.done() and begun.exception() is None and begun.result() is None
 
         try:
+            spec = parse_job_spec(job["spec"])
             record = run_step(
                 spec,
                 index,
