@@ -5,10 +5,10 @@ run_step). Never `.get()` here: a task waiting on another task can deadlock the 
 
 While the task has run for less than MCAAS_CONTINUE_INLINE_S, it runs the job's next
 step itself instead of queueing it: the step is the same run_step with the same records,
-only the broker round trip and the hand-off note are saved, and the next step is begun
-while this one's outputs are stored. Each step still begins with JobStore.begin_step (so
-a stop is seen between steps), and the task's message id is the job's owner there, so a
-redelivery resumes the job at the step its worker died in.
+only the broker round trip and the hand-off note are saved. Each step still begins with
+JobStore.begin_step (sent while its body runs; its outputs are stored only once that write
+holds, so a stop is still seen between steps), and the task's message id is the job's
+owner there, so a redelivery resumes the job at the step its worker died in.
 Past the budget the next step is queued as its own task, which gets the full time limits.
 """
 
