@@ -18,8 +18,8 @@ from typing import Any
 
 from api.model_registry import list_owned_metas, read_owned_meta, store_with_meta
 from api.schemas import ID_PATTERN, InputsPublic
+from modules.core.jobspec import StepCall
 from modules.errors import BadInputError, NotFoundError
-from modules.pipeline.jobspec import StepCall
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.inputs import (
     TensorSpec,

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from api.schemas import ID_PATTERN, ModelPublic
+from modules.core.artifact import ModelArtifact
 from modules.errors import NotFoundError
-from modules.storage.artifact import ModelArtifact
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.keys import user_prefix
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from modules.pipeline.jobspec import MAX_STEPS, StepCall
+from modules.core.jobspec import MAX_STEPS, StepCall
 from modules.storage.datasets import BUILTIN_DATASETS
 
 # Server-generated ids are hex; anything else cannot exist and is answered with 404.

@@ -60,7 +60,7 @@ class Phase:
 
 def model_bytes(hidden: list[int]) -> bytes:
     """A torch checkpoint of an untrained zoo MLP (size is what matters here)."""
-    from modules.storage.artifact import ModelArtifact
+    from modules.core.artifact import ModelArtifact
     from modules.storage.model_formats import save_model
     from modules.storage.zoo import build_model
 

@@ -39,10 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from modules.core.jobspec import parse_job_spec  # noqa: E402
 from modules.deployment.onnx_quantize import stage_inputs_file  # noqa: E402  (after sys.path)
 from modules.deployment.parity import OrtRunner, feed_batch  # noqa: E402
 from modules.evaluation.stats import summarize  # noqa: E402
-from modules.pipeline.jobspec import parse_job_spec  # noqa: E402
 from modules.pipeline.local import LocalWorkspace  # noqa: E402
 from modules.storage.inputs import load_stored_inputs, onnx_inputs, prepare_feeds  # noqa: E402
 from modules.storage.model_formats import load_model  # noqa: E402

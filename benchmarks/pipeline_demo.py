@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.cli import DEMO_JOBS
-from modules.pipeline.jobspec import parse_job_spec
+from modules.core.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace
 from modules.pipeline.report import summary_row
 from modules.pipeline.run import library_versions

@@ -42,8 +42,8 @@ import boto3
 import httpx
 
 from modules.cli import DEMO_JOBS
+from modules.core.jobspec import parse_job_spec
 from modules.evaluation.stats import summarize
-from modules.pipeline.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace
 from workers.devstack import ROOT, DevStack, read_env_file
 

@@ -37,9 +37,9 @@ from modules.compression.forest_prune import (
 )
 from modules.compression.knn_prototypes import KnnPrototypesParams, knn_shrink
 from modules.compression.precision import DTYPES, precision_pathway, quantized_bytes
+from modules.core.artifact import ModelArtifact
 from modules.evaluation.measure import time_batches
 from modules.evaluation.stats import summarize
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset, load_dataset
 from modules.storage.model_formats import save_model
 

@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from modules.core.jobspec import parse_job_spec  # noqa: E402
 from modules.evaluation.inference import make_predictor  # noqa: E402  (after the sys.path fix)
 from modules.evaluation.measure import batch_of, time_batches  # noqa: E402
 from modules.evaluation.stats import summarize  # noqa: E402
-from modules.pipeline.jobspec import parse_job_spec  # noqa: E402
 from modules.pipeline.local import LocalWorkspace  # noqa: E402
 from modules.pipeline.run import load_stored_model  # noqa: E402
 from modules.storage.datasets import load_dataset  # noqa: E402

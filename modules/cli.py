@@ -103,7 +103,7 @@ def steps(
     as_json: bool = typer.Option(False, "--json", help="Print JSON with params schemas."),
 ) -> None:
     """List the registered steps with their params schema."""
-    from modules.pipeline.registry import list_steps
+    from modules.core.registry import list_steps
 
     described = [s.describe() for s in list_steps()]
     if as_json:
@@ -128,7 +128,7 @@ def steps(
 @handles_errors
 def profiles(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the built-in hardware profiles."""
-    from modules.pipeline.profiles import BUILTIN_PROFILES
+    from modules.core.profiles import BUILTIN_PROFILES
 
     if as_json:
         print(json.dumps([p.model_dump() for p in BUILTIN_PROFILES.values()], indent=2))
@@ -198,7 +198,7 @@ def run(
     ),
 ) -> None:
     """Run a job spec in-process against a local workspace."""
-    from modules.pipeline.jobspec import load_job_file
+    from modules.core.jobspec import load_job_file
     from modules.pipeline.local import LocalWorkspace
 
     spec = load_job_file(job_file)
@@ -628,7 +628,7 @@ def demo(
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Run the whole pipeline in-process on digits with local storage and a CSV log."""
-    from modules.pipeline.jobspec import parse_job_spec
+    from modules.core.jobspec import parse_job_spec
     from modules.pipeline.local import LocalWorkspace, write_atomic
     from modules.pipeline.report import job_report, summary_row
 

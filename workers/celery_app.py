@@ -85,7 +85,7 @@ def _check_and_warm(**_: Any) -> None:
     handler included, which then leaves Celery's defaults: a RabbitMQ broker on localhost),
     so a bad setting ends the worker here with SystemExit, before it connects anywhere.
     """
-    from modules.pipeline.registry import load_builtin_steps
+    from modules.core.registry import load_builtin_steps
     from modules.pipeline.settings import SettingsError, create_dev_resources
     from workers.tasks import worker_services
 

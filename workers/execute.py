@@ -22,9 +22,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from modules.core.step import StepCancelled
 from modules.errors import McaasError
 from modules.pipeline.settings import Services, Settings
-from modules.pipeline.step import StepCancelled
 from modules.pipeline.step_cache import StepCache
 from modules.storage.jobs import OWNER_FIELD, TERMINAL, JobStatus, JobStore
 
@@ -287,7 +287,7 @@ def _advance(
     """execute_step's body. With `begun` (step `index` being begun in another thread, and
     `job` the record as the previous step began), the body runs meanwhile and its outputs
     are stored only once the begin has succeeded."""
-    from modules.pipeline.jobspec import parse_job_spec
+    from modules.core.jobspec import parse_job_spec
     from modules.pipeline.run import run_step
     from modules.pipeline.runner import rejection_reason
 

@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1", tags=["catalog"])
 def list_steps(_: CurrentUser) -> StepsPublic:
     """Every registered step: what it accepts, whether it is a gate, its params schema."""
     # Loading the registry imports the step modules (and torch): only on first call.
-    from modules.pipeline.registry import list_steps as registered
+    from modules.core.registry import list_steps as registered
 
     steps = [StepPublic.model_validate(step.describe()) for step in registered()]
     return StepsPublic(data=steps, count=len(steps))
@@ -23,7 +23,7 @@ def list_steps(_: CurrentUser) -> StepsPublic:
 @router.get("/profiles", response_model=ProfilesPublic)
 def list_profiles(_: CurrentUser) -> ProfilesPublic:
     """The built-in hardware profiles (a job may also give an inline budget)."""
-    from modules.pipeline.profiles import BUILTIN_PROFILES
+    from modules.core.profiles import BUILTIN_PROFILES
 
     data = [profile.model_dump(mode="json") for profile in BUILTIN_PROFILES.values()]
     return ProfilesPublic(data=data, count=len(data))

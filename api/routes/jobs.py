@@ -95,7 +95,7 @@ def create_job(
     body: JobCreate, user: CurrentUser, services: ServicesDep, dispatcher: DispatcherDep
 ) -> JobPublic:
     """Validate the job against the step registry, store it, and queue its first step."""
-    from modules.pipeline.jobspec import parse_job_spec
+    from modules.core.jobspec import parse_job_spec
     from modules.pipeline.runner import new_job_record
 
     model_key, model_meta = None, None

@@ -324,7 +324,7 @@ def job_file(
 
 
 def _profiles() -> list[dict[str, Any]]:
-    from modules.pipeline.profiles import BUILTIN_PROFILES
+    from modules.core.profiles import BUILTIN_PROFILES
 
     return [profile.model_dump(mode="json") for profile in BUILTIN_PROFILES.values()]
 
@@ -362,7 +362,7 @@ def upload_page(request: Request, services: ServicesDep) -> HTMLResponse:
 
 def _check_choices(texts: dict[str, str], *, framework: str) -> None:
     """Refuse an unknown preset, profile or dataset before anything is stored."""
-    from modules.pipeline.profiles import BUILTIN_PROFILES
+    from modules.core.profiles import BUILTIN_PROFILES
     from modules.storage.datasets import BUILTIN_DATASETS
 
     get_preset(texts.get("preset", ""), framework=framework)

@@ -28,24 +28,24 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from modules.compression.finetune import (
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
+from modules.errors import BadInputError, IncompatibleError
+from modules.evaluation.inference import make_predictor
+from modules.evaluation.measure import batch_of, count_params, time_batches
+from modules.pipeline.script import parse_json_arg, script_main
+from modules.storage.datasets import Dataset
+from modules.storage.keys import key_in_user, validate_key
+from modules.storage.model_formats import save_model, torch_io_dims
+from modules.storage.zoo import build_model, complete_arch
+from modules.training.finetune import (
     accuracy,
     check_fits_data,
     check_trainable,
     fit,
     seed_everything,
 )
-from modules.errors import BadInputError, IncompatibleError
-from modules.evaluation.inference import make_predictor
-from modules.evaluation.measure import batch_of, count_params, time_batches
-from modules.pipeline.registry import register_step
-from modules.pipeline.script import parse_json_arg, script_main
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
-from modules.storage.datasets import Dataset
-from modules.storage.keys import key_in_user, validate_key
-from modules.storage.model_formats import save_model, torch_io_dims
-from modules.storage.zoo import build_model, complete_arch
 
 DEFAULT_STUDENT: dict[str, Any] = {"name": "mlp", "hidden": [64]}
 

@@ -21,13 +21,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError, IncompatibleError
 from modules.evaluation.inference import make_predictor
 from modules.evaluation.measure import MeasureParams, measure_model
-from modules.pipeline.registry import register_step
 from modules.pipeline.script import base_parser, script_main
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 
 _LEAF = -1  # sklearn.tree._tree.TREE_LEAF

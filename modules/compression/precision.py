@@ -29,13 +29,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from modules.compression.forest_prune import tree_with_thresholds
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
 from modules.errors import IncompatibleError
 from modules.evaluation.inference import make_predictor
 from modules.evaluation.measure import MeasureParams, measure_model
-from modules.pipeline.registry import register_step
 from modules.pipeline.script import base_parser, script_main
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 
 Dtype = Literal["float32", "float16", "int8"]

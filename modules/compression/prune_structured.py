@@ -28,13 +28,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from modules.compression.finetune import (
-    accuracy,
-    check_fits_data,
-    check_trainable,
-    fit,
-    seed_everything,
-)
 from modules.compression.layer_select import (
     LayerChoice,
     check_layer_settings,
@@ -42,15 +35,22 @@ from modules.compression.layer_select import (
     number_in,
     resolve_layers,
 )
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
 from modules.evaluation.measure import count_params
-from modules.pipeline.registry import register_step
 from modules.pipeline.script import base_parser, parse_json_arg, script_main
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 from modules.storage.model_formats import save_model
 from modules.storage.zoo import ResidualBlock
+from modules.training.finetune import (
+    accuracy,
+    check_fits_data,
+    check_trainable,
+    fit,
+    seed_everything,
+)
 
 Importance = Literal["l1", "l2", "gradient"]
 Scope = Literal["layer", "global"]

@@ -24,7 +24,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from modules.compression.finetune import check_fits_data
 from modules.compression.layer_select import (
     LayerChoice,
     check_layer_settings,
@@ -32,14 +31,15 @@ from modules.compression.layer_select import (
     one_of,
     resolve_layers,
 )
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
-from modules.pipeline.registry import register_step
 from modules.pipeline.script import base_parser, parse_json_arg, script_main
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 from modules.storage.model_formats import save_model
 from modules.storage.zoo import Float16Linear, Int8Linear
+from modules.training.finetune import check_fits_data
 
 QuantDtype = Literal["int8", "float16"]
 # A layer's own setting in `layers`: its dtype, or "skip" (the layer stays float32).

@@ -27,11 +27,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput, Verdict
 from modules.errors import IncompatibleError, McaasError
 from modules.evaluation.inference import make_predictor
-from modules.pipeline.registry import register_step
-from modules.pipeline.step import StepContext, StepOutput, Verdict
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 
 META_PREFIX = "mcaas."

@@ -34,12 +34,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput, Verdict
 from modules.deployment.onnx_export import onnx_artifact
 from modules.deployment.parity import GateThresholds, evaluation_feeds, inputs_param
 from modules.errors import BadInputError
-from modules.pipeline.registry import register_step
-from modules.pipeline.step import StepContext, StepOutput, Verdict
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 from modules.storage.inputs import (
     dataset_feeds,

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from modules.core.step import Verdict
 from modules.deployment.onnx_quantize import (
     OnnxQuantizeParams,
     QuantSettings,
@@ -48,7 +49,6 @@ from modules.deployment.parity import (
     resolve_kind,
     time_feeds,
 )
-from modules.pipeline.step import Verdict
 
 # Nodes that carry weights or do the heavy arithmetic: what a probe quantizes one at a time.
 WEIGHTED_OPS = frozenset(

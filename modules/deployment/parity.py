@@ -39,12 +39,12 @@ from typing import Any, Literal, cast
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput, Verdict
 from modules.errors import BadInputError, IncompatibleError
 from modules.evaluation.inference import make_predictor
 from modules.evaluation.measure import batch_of, time_batches
-from modules.pipeline.registry import register_step
-from modules.pipeline.step import StepContext, StepOutput, Verdict
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 from modules.storage.inputs import (
     TensorSpec,
@@ -908,8 +908,8 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     from pathlib import Path
 
+    from modules.core.jobspec import parse_job_spec
     from modules.errors import McaasError
-    from modules.pipeline.jobspec import parse_job_spec
     from modules.pipeline.local import LocalWorkspace, write_atomic
     from modules.pipeline.script import base_parser
 

@@ -19,6 +19,9 @@ from typing import Any
 from jinja2 import Environment
 from pydantic import BaseModel, ConfigDict, Field
 
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
 from modules.evaluation.pareto import pareto_front
 from modules.evaluation.plots import (
     budget_figure,
@@ -30,11 +33,8 @@ from modules.evaluation.plots import (
     tradeoff_figure,
     waterfall_figure,
 )
-from modules.evaluation.sweep import PARETO_MAXIMIZE, PARETO_MINIMIZE, tradeoff_x
-from modules.pipeline.registry import register_step
 from modules.pipeline.report import job_report, summary_csv, summary_row
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
+from modules.search.sweep import PARETO_MAXIMIZE, PARETO_MINIMIZE, tradeoff_x
 from modules.storage.datasets import Dataset
 
 

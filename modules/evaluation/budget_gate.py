@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput, Verdict
 from modules.evaluation.hardware_sim import MIB, HardwareProbe, evaluate_budget
-from modules.pipeline.registry import register_step
-from modules.pipeline.step import StepContext, StepOutput, Verdict
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 
 

@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from modules.core.artifact import ModelArtifact
+from modules.core.profiles import Profile
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
 from modules.evaluation.inference import make_predictor
 from modules.evaluation.measure import batch_of, inference_memory, thread_count, time_batches
-from modules.pipeline.profiles import Profile
-from modules.pipeline.registry import register_step
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 from modules.storage.model_formats import save_model
 

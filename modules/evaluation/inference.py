@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from modules.core.artifact import ModelArtifact
 from modules.errors import IncompatibleError
-from modules.storage.artifact import ModelArtifact
 
 
 @dataclass

@@ -35,12 +35,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
+
 # The array walk `measure` counts with, so per-part numbers agree with its totals.
 from modules.evaluation.measure import _sklearn_arrays, batch_of, count_params
 from modules.evaluation.stats import summarize
-from modules.pipeline.registry import register_step
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 
 ROOT_NAME = "(model)"
@@ -448,7 +449,7 @@ def profile(
 ) -> StepOutput:
     """Per-layer table: params, FLOPs, activation memory and latency share (torch), or parts."""
     if model.framework == "torch":
-        from modules.compression.finetune import check_fits_data
+        from modules.training.finetune import check_fits_data
 
         check_fits_data(model.obj, data.X_test, num_classes=data.n_classes, what="the model")
         x = batch_of(data.X_test, params.batch_size)

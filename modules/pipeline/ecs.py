@@ -86,7 +86,7 @@ def read_ecs_env(
 
 def run_ecs_task(task: EcsTask) -> dict[str, Any]:
     """Run the task's step through run_step against S3 and the configured step log."""
-    from modules.pipeline.jobspec import parse_job_spec
+    from modules.core.jobspec import parse_job_spec
     from modules.pipeline.run import run_step
     from modules.pipeline.settings import build_step_log, create_step_log_tables, get_settings
     from modules.storage.artifacts import S3Store

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modules.core.jobspec import JobSpec, parse_job_spec
 from modules.errors import BadInputError
-from modules.pipeline.jobspec import JobSpec, parse_job_spec
 from modules.pipeline.run import run_step
 from modules.pipeline.runner import PipelineResult, ProgressFn, run_pipeline
 from modules.storage.artifacts import LocalStore

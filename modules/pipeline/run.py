@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from modules.core.artifact import ModelArtifact
+from modules.core.jobspec import JobSpec
+from modules.core.registry import get_step
+from modules.core.step import StepContext, StepOutput, cancellable
 from modules.errors import BadInputError, IncompatibleError, McaasError
-from modules.pipeline.jobspec import JobSpec
-from modules.pipeline.registry import get_step
-from modules.pipeline.step import StepContext, StepOutput, cancellable
 from modules.pipeline.step_cache import StepCache
-from modules.storage.artifact import ModelArtifact
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import load_model, save_model
@@ -152,7 +152,7 @@ def run_step(
     stored; an error from it propagates and nothing is stored. (A worker that began this
     step while its body ran waits there for the job store to confirm it.) It is not called
     when the step had already run. `cancelled` is what the body's `check_cancelled()` asks
-    (modules/pipeline/step.py): true once the result is no longer wanted.
+    (modules/core/step.py): true once the result is no longer wanted.
     """
     if not 0 <= index < len(job.steps):
         raise BadInputError(f"job {job.job_id} has {len(job.steps)} steps; no step {index}")

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from modules.core.jobspec import JobSpec
 from modules.errors import McaasError
-from modules.pipeline.jobspec import JobSpec
 from modules.pipeline.run import run_step
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.jobs import JobStatus, JobStore

@@ -23,8 +23,8 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError, ModelFormatError, UnsafeModelError
-from modules.storage.artifact import ModelArtifact
 
 if TYPE_CHECKING:
     import onnx

@@ -74,7 +74,7 @@ def payloads(marker: Path) -> dict[str, _Reduce]:
 
 def checkpoint_bytes() -> bytes:
     """A real, valid torch checkpoint of a tiny MLP (the base of the truncated file)."""
-    from modules.storage.artifact import ModelArtifact
+    from modules.core.artifact import ModelArtifact
     from modules.storage.model_formats import save_model
     from modules.storage.zoo import build_model
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import boto3
 import pytest
 
-from modules.pipeline.jobspec import parse_job_spec
+from modules.core.jobspec import parse_job_spec
 from modules.pipeline.runner import new_job_record
 from modules.pipeline.settings import Services, Settings, build_services, create_dev_resources
 from tests.integration.service.conftest import redis_url  # noqa: F401  (a fixture, by name)

@@ -21,7 +21,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from modules.pipeline.jobspec import parse_job_spec
+from modules.core.jobspec import parse_job_spec
 from modules.pipeline.runner import new_job_record
 from modules.pipeline.settings import ENV_NAMES, Settings, build_services, load_settings
 from modules.storage.artifacts import S3Store
@@ -118,9 +118,9 @@ def stack(network: dict[str, str]) -> Stack:
 @pytest.fixture(scope="module")
 def model_key(stack: Stack) -> str:
     """A logistic regression on digits, uploaded to Alice's models in the stack's bucket."""
-    from modules.pipeline.train import TrainParams, train_baseline
     from modules.storage.datasets import load_dataset
     from modules.storage.model_formats import save_model
+    from modules.training.train import TrainParams, train_baseline
 
     artifact, _ = train_baseline(
         TrainParams(model="logreg", max_iter=200), load_dataset("digits"), seed=0

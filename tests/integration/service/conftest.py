@@ -120,9 +120,9 @@ def service(
 
 @pytest.fixture(scope="session")
 def torch_model_bytes() -> bytes:
-    from modules.pipeline.train import TrainParams, train_baseline
     from modules.storage.datasets import load_dataset
     from modules.storage.model_formats import save_model
+    from modules.training.train import TrainParams, train_baseline
 
     params = TrainParams(model="mlp", epochs=10, arch={"name": "mlp", "hidden": [64]})
     artifact, _ = train_baseline(params, load_dataset("digits"), seed=0)

@@ -13,8 +13,8 @@ from typing import Any
 import boto3
 import pytest
 
-from modules.pipeline.jobspec import parse_job_spec
-from modules.pipeline.registry import list_steps
+from modules.core.jobspec import parse_job_spec
+from modules.core.registry import list_steps
 from modules.pipeline.runner import new_job_record
 from modules.pipeline.settings import build_services, create_dev_resources, load_settings
 from workers.devstack import ROOT

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from modules.pipeline.jobspec import parse_job_spec
+from modules.core.jobspec import parse_job_spec
 from modules.pipeline.runner import new_job_record
 from modules.pipeline.settings import Settings, build_services
 from workers.devstack import DevStack, Process

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from api.auth import KeyResolver
-from modules.pipeline.registry import list_steps
+from modules.core.registry import list_steps
 from modules.pipeline.settings import load_settings
 
 pytestmark = pytest.mark.integration

@@ -44,9 +44,9 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="session")
 def torch_model_bytes() -> bytes:
-    from modules.pipeline.train import TrainParams, train_baseline
     from modules.storage.datasets import load_dataset
     from modules.storage.model_formats import save_model
+    from modules.training.train import TrainParams, train_baseline
 
     params = TrainParams(model="mlp", epochs=1, arch={"name": "mlp", "hidden": [16]})
     artifact, _ = train_baseline(params, load_dataset("digits"), seed=0)
@@ -55,9 +55,9 @@ def torch_model_bytes() -> bytes:
 
 @pytest.fixture(scope="session")
 def sklearn_model_bytes() -> bytes:
-    from modules.pipeline.train import TrainParams, train_baseline
     from modules.storage.datasets import load_dataset
     from modules.storage.model_formats import save_model
+    from modules.training.train import TrainParams, train_baseline
 
     artifact, _ = train_baseline(TrainParams(model="knn"), load_dataset("digits"), seed=0)
     return save_model(artifact)

@@ -11,10 +11,10 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.neighbors import KNeighborsClassifier
 
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step, unregister_step
+from modules.core.step import StepOutput, Verdict
 from modules.errors import IncompatibleError
-from modules.pipeline.registry import register_step, unregister_step
-from modules.pipeline.step import StepOutput, Verdict
-from modules.storage.artifact import ModelArtifact
 
 ALICE = {"X-API-Key": "alice-key-0001"}
 BOB = {"X-API-Key": "bob-key-00002"}

@@ -11,9 +11,9 @@ from modules.compression.distill import (
     kd_loss,
     linear_schedule,
 )
+from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError, IncompatibleError
 from modules.pipeline.local import LocalWorkspace, run_single_step
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import save_model
 from modules.storage.zoo import build_model
@@ -86,7 +86,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory, digits):
-    from modules.pipeline.train import TrainParams, train_baseline
+    from modules.training.train import TrainParams, train_baseline
 
     arch = {"name": "mlp", "hidden": [128]}
     artifact, _ = train_baseline(TrainParams(model="mlp", arch=arch, epochs=8), digits, seed=0)

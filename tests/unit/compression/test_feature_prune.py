@@ -12,9 +12,9 @@ from modules.compression.feature_prune import (
     kept_features,
     variance_selector,
 )
+from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError, IncompatibleError
 from modules.pipeline.local import run_single_step
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import load_model, load_model_file, save_model
 

@@ -17,9 +17,9 @@ from modules.compression.prune_structured import (
     unstructured_layer_amounts,
 )
 from modules.compression.quantize_dynamic import QuantizeParams
+from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError
 from modules.pipeline.local import run_single_step
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import save_model
 from modules.storage.zoo import Float16Linear, Int8Linear, build_model

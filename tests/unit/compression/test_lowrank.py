@@ -10,9 +10,9 @@ from modules.compression.lowrank import (
     lowrank_factorize,
     ratio_rank,
 )
+from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError
 from modules.pipeline.local import run_single_step
-from modules.storage.artifact import ModelArtifact
 from modules.storage.model_formats import load_model, save_model
 from modules.storage.zoo import build_model
 

@@ -16,9 +16,9 @@ from modules.compression.precision import (
     precision_report,
     quantized_bytes,
 )
+from modules.core.artifact import ModelArtifact
 from modules.errors import IncompatibleError, UnsafeModelError
 from modules.pipeline.local import run_single_step
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import load_model, load_model_file, save_model
 

@@ -16,9 +16,9 @@ from modules.compression.prune_structured import (
     weight_sparsity,
 )
 from modules.compression.quantize_dynamic import quantize_dynamic
+from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError
 from modules.pipeline.local import run_single_step
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import load_model, save_model
 from modules.storage.zoo import build_model, module_to_tree
@@ -175,7 +175,7 @@ def test_params_reject_bad_amount_method_and_combinations():
 
 @pytest.fixture(scope="module")
 def mlp_file(tmp_path_factory, digits):
-    from modules.pipeline.train import TrainParams, train_baseline
+    from modules.training.train import TrainParams, train_baseline
 
     arch = {"name": "mlp", "hidden": [64, 64]}
     artifact, _ = train_baseline(TrainParams(model="mlp", arch=arch, epochs=5), digits, seed=0)

@@ -10,9 +10,9 @@ from modules.compression.quantize_dynamic import (
     quantize_dynamic,
     quantize_linear_int8,
 )
+from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError
 from modules.pipeline.local import run_single_step
-from modules.storage.artifact import ModelArtifact
 from modules.storage.model_formats import load_model, save_model
 from modules.storage.zoo import Float16Linear, Int8Linear, build_model
 

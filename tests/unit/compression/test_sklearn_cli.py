@@ -19,7 +19,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from modules.compression import feature_prune, forest_prune, knn_prototypes, precision
-from modules.storage.artifact import ModelArtifact
+from modules.core.artifact import ModelArtifact
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import load_model_file, save_model
 

@@ -12,7 +12,7 @@ import torch
 from modules.compression import distill, lowrank, measure_inference_time, prune_structured
 from modules.compression import quantize_dynamic as quantize_script
 from modules.compression.quantize_dynamic import quantize_dynamic
-from modules.storage.artifact import ModelArtifact
+from modules.core.artifact import ModelArtifact
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import save_model
 from modules.storage.zoo import build_model
@@ -24,7 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    from modules.pipeline.train import TrainParams, train_baseline
+    from modules.training.train import TrainParams, train_baseline
 
     params = TrainParams(model="mlp", arch={"name": "mlp", "hidden": [64]}, epochs=5)
     artifact, _ = train_baseline(params, load_dataset("digits"), seed=0)

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from modules.pipeline.profiles import get_profile
-from modules.pipeline.step import StepContext
-from modules.pipeline.train import TrainParams, train_baseline
+from modules.core.profiles import get_profile
+from modules.core.step import StepContext
 from modules.storage.datasets import load_dataset
+from modules.training.train import TrainParams, train_baseline
 
 # A small MLP keeps every export, ONNX session and pipeline in these tests fast.
 SMALL_MLP = {"model": "mlp", "arch": {"name": "mlp", "hidden": [32]}, "epochs": 8}

@@ -4,15 +4,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from modules.core.artifact import ModelArtifact
+from modules.core.jobspec import parse_job_spec
 from modules.deployment.onnx_export import (
     OnnxExportParams,
     export_model,
     onnx_export,
 )
 from modules.evaluation.inference import make_predictor
-from modules.pipeline.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace
-from modules.storage.artifact import ModelArtifact
 from modules.storage.model_formats import load_model, save_model
 
 
@@ -75,8 +75,8 @@ def label_spreading_step():
     """A throwaway first step producing an estimator skl2onnx has no converter for."""
     from sklearn.semi_supervised import LabelSpreading
 
-    from modules.pipeline.registry import register_step, unregister_step
-    from modules.pipeline.step import StepOutput
+    from modules.core.registry import register_step, unregister_step
+    from modules.core.step import StepOutput
 
     @register_step("t_label_spreading", params=OnnxExportParams, accepts={"none"})
     def fit_label_spreading(model, data, params, ctx):

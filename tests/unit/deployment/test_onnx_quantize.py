@@ -39,7 +39,7 @@ def test_int8_is_smaller_agrees_and_reloads(mode, mlp_onnx, small_mlp, digits, c
 def test_graph_without_matmul_passes_through_with_a_note(digits, ctx_factory):
     from sklearn.ensemble import RandomForestClassifier
 
-    from modules.storage.artifact import ModelArtifact
+    from modules.core.artifact import ModelArtifact
 
     forest = RandomForestClassifier(n_estimators=3, random_state=0).fit(
         digits.X_train, digits.y_train

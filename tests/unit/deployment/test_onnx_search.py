@@ -10,12 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from modules.core.artifact import ModelArtifact
 from modules.deployment.onnx_export import OnnxExportParams, export_model
 from modules.deployment.onnx_quantize import OnnxQuantizeParams, onnx_quantize
 from modules.deployment.onnx_search import SearchBudget, grid_settings, search_int8
 from modules.deployment.parity import OrtRunner, cosine_rows
 from modules.errors import IncompatibleError
-from modules.storage.artifact import ModelArtifact
 from modules.storage.artifacts import LocalStore
 from modules.storage.inputs import inputs_key
 from modules.storage.model_formats import load_model, save_model

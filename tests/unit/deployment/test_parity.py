@@ -5,6 +5,10 @@ import pytest
 from onnx import numpy_helper
 from pydantic import ValidationError
 
+from modules.core.artifact import ModelArtifact
+from modules.core.jobspec import parse_job_spec
+from modules.core.registry import register_step, unregister_step
+from modules.core.step import StepOutput
 from modules.deployment.onnx_export import OnnxExportParams, export_model
 from modules.deployment.parity import (
     ParityParams,
@@ -13,11 +17,7 @@ from modules.deployment.parity import (
     parity_verdict,
 )
 from modules.errors import BadInputError, IncompatibleError
-from modules.pipeline.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace
-from modules.pipeline.registry import register_step, unregister_step
-from modules.pipeline.step import StepOutput
-from modules.storage.artifact import ModelArtifact
 
 FAST = {"runs": 3, "warmup": 1}
 SMALL_MLP = {"model": "mlp", "arch": {"name": "mlp", "hidden": [32]}, "epochs": 8}

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.metrics import r2_score
 
+from modules.core.artifact import ModelArtifact
 from modules.deployment.parity import (
     GateThresholds,
     ParityParams,
@@ -23,7 +24,6 @@ from modules.deployment.parity import (
     regression_metrics,
 )
 from modules.errors import BadInputError, IncompatibleError
-from modules.storage.artifact import ModelArtifact
 from modules.storage.artifacts import LocalStore
 from modules.storage.inputs import inputs_key
 from modules.storage.zoo import text_encoder, text_encoder_inputs, text_encoder_onnx

@@ -4,7 +4,7 @@ import io
 import json
 import re
 
-from modules.pipeline.jobspec import parse_job_spec
+from modules.core.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace
 
 FAST = {"runs": 3, "warmup": 1}

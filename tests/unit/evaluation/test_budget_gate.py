@@ -1,8 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
+from modules.core.jobspec import parse_job_spec
 from modules.evaluation.budget_gate import BudgetGateParams, budget_gate
-from modules.pipeline.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace
 
 FAST = {"runs": 3, "warmup": 1}

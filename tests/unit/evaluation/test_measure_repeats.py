@@ -34,7 +34,7 @@ def test_knn_counts_its_stored_samples(small_knn, digits):
 def test_kd_tree_arrays_count_too(digits):
     from sklearn.neighbors import KNeighborsClassifier
 
-    from modules.storage.artifact import ModelArtifact
+    from modules.core.artifact import ModelArtifact
 
     tree = KNeighborsClassifier(algorithm="kd_tree").fit(digits.X_train, digits.y_train)
     brute = KNeighborsClassifier(algorithm="brute").fit(digits.X_train, digits.y_train)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from modules.cli import app
 from modules.compression.quantize_dynamic import quantize_dynamic
+from modules.core.artifact import ModelArtifact
 from modules.deployment.report import report_figures
 from modules.evaluation.measure import count_params
 from modules.evaluation.profile import (
@@ -22,7 +23,6 @@ from modules.evaluation.profile import (
     time_layers,
 )
 from modules.pipeline.local import LocalWorkspace, run_single_step
-from modules.storage.artifact import ModelArtifact
 from modules.storage.model_formats import save_model
 from modules.storage.zoo import build_model
 
@@ -134,7 +134,7 @@ def test_knn_rows_are_the_stored_samples_per_class(small_knn, digits):
 
 
 def test_forest_rows_are_one_per_tree(digits):
-    from modules.pipeline.train import TrainParams, train_baseline
+    from modules.training.train import TrainParams, train_baseline
 
     forest, _ = train_baseline(TrainParams(model="rf", n_estimators=3), digits, seed=0)
     rows, totals = profile_sklearn(forest)

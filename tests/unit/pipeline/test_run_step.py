@@ -2,13 +2,13 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.linear_model import LogisticRegression
 
+from modules.core.artifact import ModelArtifact
+from modules.core.jobspec import parse_job_spec
+from modules.core.registry import register_step, unregister_step
+from modules.core.step import StepCancelled, StepOutput, Verdict, check_cancelled
 from modules.errors import IncompatibleError
-from modules.pipeline.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace, run_single_step
-from modules.pipeline.registry import register_step, unregister_step
 from modules.pipeline.run import PipelineOrderError, run_step
-from modules.pipeline.step import StepCancelled, StepOutput, Verdict, check_cancelled
-from modules.storage.artifact import ModelArtifact
 
 CALLS: list[str] = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules.pipeline.jobspec import parse_job_spec
+from modules.core.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace
 from modules.pipeline.run import run_step
 from modules.pipeline.step_cache import StepCache

@@ -35,9 +35,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 from torch import nn
 
+from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError, ModelFormatError, UnsafeModelError
 from modules.storage import model_formats
-from modules.storage.artifact import ModelArtifact
 from modules.storage.model_formats import (
     TRUSTED_SKLEARN_TYPES,
     load_model,

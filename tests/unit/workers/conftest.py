@@ -10,12 +10,12 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.neighbors import KNeighborsClassifier
 
-from modules.pipeline.jobspec import parse_job_spec
-from modules.pipeline.registry import register_step, unregister_step
+from modules.core.artifact import ModelArtifact
+from modules.core.jobspec import parse_job_spec
+from modules.core.registry import register_step, unregister_step
+from modules.core.step import StepOutput, Verdict
 from modules.pipeline.runner import new_job_record
 from modules.pipeline.settings import Services, Settings, build_services
-from modules.pipeline.step import StepOutput, Verdict
-from modules.storage.artifact import ModelArtifact
 
 CALLS: Counter[str] = Counter()
 # Errors the toy `t_flaky` step raises, one per call, before it succeeds.

@@ -13,9 +13,9 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from celery.exceptions import TimeLimitExceeded
 
-from modules.pipeline.registry import register_step, unregister_step
+from modules.core.registry import register_step, unregister_step
+from modules.core.step import StepOutput
 from modules.pipeline.settings import SettingsError, get_settings
-from modules.pipeline.step import StepOutput
 from tests.unit.workers.conftest import ToyParams
 from workers.celery_app import celery_app, celery_config
 from workers.dispatch import TASK_NAME

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from modules.core.step import check_cancelled
 from modules.errors import BadInputError, IncompatibleError
-from modules.pipeline.step import check_cancelled
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

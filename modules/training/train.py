@@ -6,10 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
-from modules.pipeline.registry import register_step
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 
 TORCH_KINDS = ("mlp", "cnn", "resnet")
@@ -48,8 +48,8 @@ def train_torch(
     params: TrainParams, data: Dataset, *, seed: int
 ) -> tuple[ModelArtifact, dict[str, Any]]:
     """Build a zoo model for the dataset's shape and fit it."""
-    from modules.compression.finetune import accuracy, fit, seed_everything
     from modules.storage.zoo import build_model, complete_arch
+    from modules.training.finetune import accuracy, fit, seed_everything
 
     arch = dict(params.arch or DEFAULT_ARCH[params.model])
     if arch.get("name") not in {params.model, "sequential"}:

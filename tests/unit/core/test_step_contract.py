@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from modules.pipeline.registry import KNOWN_INPUTS, list_steps
+from modules.core.registry import KNOWN_INPUTS, list_steps
 
 STEPS = list_steps()
 

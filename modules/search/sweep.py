@@ -26,6 +26,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from modules.core.artifact import ModelArtifact
+from modules.core.profiles import Profile
+from modules.core.registry import get_step, register_step
+from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError, IncompatibleError, McaasError
 from modules.evaluation.hardware_sim import HardwareProbe, evaluate_budget
 from modules.evaluation.measure import MeasureParams, measure_model
@@ -33,10 +37,6 @@ from modules.evaluation.pareto import pareto_front
 from modules.evaluation.plots import pareto_figure, render, resource_figure, tradeoff_figure
 from modules.evaluation.repeat import repeat_runs
 from modules.evaluation.stats import summarize
-from modules.pipeline.profiles import Profile
-from modules.pipeline.registry import get_step, register_step
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 
 # Steps that run other steps, or only read the job's records: sweeping them means nothing.
@@ -73,7 +73,7 @@ class CandidateRejected(McaasError):
 
 
 def _format_error(exc: ValidationError) -> str:
-    from modules.pipeline.jobspec import format_validation_error
+    from modules.core.jobspec import format_validation_error
 
     return format_validation_error(exc)
 
@@ -496,7 +496,7 @@ def budget_sweep(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m modules.evaluation.sweep --input-model m.pt --step S --param P --values JSON`."""
+    """`python -m modules.search.sweep --input-model m.pt --step S --param P --values JSON`."""
     from modules.pipeline.script import base_parser, parse_json_arg, script_main
 
     parser = base_parser("Sweep one param of a step; write the trade-off table and Pareto front.")

@@ -10,9 +10,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from modules.core.profiles import Profile, get_profile
+from modules.core.registry import get_step
 from modules.errors import BadInputError
-from modules.pipeline.profiles import Profile, get_profile
-from modules.pipeline.registry import get_step
 
 MAX_STEPS = 50
 

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from modules.core.jobspec import load_job_file, parse_job_spec
+from modules.core.profiles import BUILTIN_PROFILES, get_profile
 from modules.errors import BadInputError, NotFoundError
-from modules.pipeline.jobspec import load_job_file, parse_job_spec
-from modules.pipeline.profiles import BUILTIN_PROFILES, get_profile
 
 
 def spec(**over):

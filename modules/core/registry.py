@@ -53,10 +53,11 @@ _REGISTRY: dict[str, RegisteredStep] = {}
 # worker, ECS entry) calls load_builtin_steps(), so all see the same registry; a new
 # technique file is picked up without editing a list here.
 STEP_PACKAGES: tuple[str, ...] = (
-    "modules.pipeline",
-    "modules.compression",
+    "modules.training",
     "modules.evaluation",
+    "modules.compression",
     "modules.deployment",
+    "modules.search",
 )
 _loaded = False
 

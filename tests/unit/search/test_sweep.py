@@ -6,9 +6,9 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from modules.cli import app
+from modules.core.jobspec import parse_job_spec
 from modules.errors import BadInputError
-from modules.evaluation.sweep import BudgetSweepParams, SweepParams, budget_sweep, sweep
-from modules.pipeline.jobspec import parse_job_spec
+from modules.search.sweep import BudgetSweepParams, SweepParams, budget_sweep, sweep
 from modules.storage.model_formats import save_model
 
 FAST = {"runs": 3, "warmup": 1}

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from modules.pipeline.profiles import Profile, get_profile
-from modules.pipeline.step import StepContext
-from modules.pipeline.train import TrainParams, train_baseline
+from modules.core.profiles import Profile, get_profile
+from modules.core.step import StepContext
 from modules.storage.datasets import load_dataset
+from modules.training.train import TrainParams, train_baseline
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +62,8 @@ def zero_step():
     import torch
     from pydantic import BaseModel, ConfigDict, Field
 
-    from modules.pipeline.registry import register_step, unregister_step
-    from modules.pipeline.step import StepOutput
+    from modules.core.registry import register_step, unregister_step
+    from modules.core.step import StepOutput
 
     class ZeroParams(BaseModel):
         model_config = ConfigDict(frozen=True, extra="forbid")
@@ -93,9 +93,9 @@ def slim_step():
     import torch
     from pydantic import BaseModel, ConfigDict, Field
 
-    from modules.pipeline.registry import register_step, unregister_step
-    from modules.pipeline.step import StepOutput
-    from modules.storage.artifact import ModelArtifact
+    from modules.core.artifact import ModelArtifact
+    from modules.core.registry import register_step, unregister_step
+    from modules.core.step import StepOutput
 
     class SlimParams(BaseModel):
         model_config = ConfigDict(frozen=True, extra="forbid")

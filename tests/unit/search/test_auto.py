@@ -1,8 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from modules.evaluation.auto import AutoParams, accuracy_floor, auto, trial_plan
 from modules.evaluation.measure import count_params
+from modules.search.auto import AutoParams, accuracy_floor, auto, trial_plan
 
 FAST = {"runs": 3, "warmup": 1}
 ROOMY = {"memory_budget_mb": 64, "compute_scale": 1, "power_w": 1}
@@ -71,7 +71,7 @@ def test_max_trials_and_max_time_bound_the_search(small_mlp, digits, ctx_factory
 
 
 def test_trial_plan_interleaves_spaces():
-    from modules.evaluation.auto import SearchSpace
+    from modules.search.auto import SearchSpace
 
     class Fake(SearchSpace):
         @classmethod

@@ -6,15 +6,15 @@ import pytest
 from pydantic import ValidationError
 
 from modules.errors import BadInputError
-from modules.evaluation.auto import AutoParams, auto, sensitivity_guide
-from modules.evaluation.sensitivity import (
+from modules.search.auto import AutoParams, auto, sensitivity_guide
+from modules.search.sensitivity import (
     SensitivityParams,
     candidate_layers,
     recommended_layers,
     safe_levels,
     sensitivity,
 )
-from modules.pipeline.train import TrainParams, train_baseline
+from modules.training.train import TrainParams, train_baseline
 
 FAST = {"runs": 3, "warmup": 1}
 ROOMY = {"memory_budget_mb": 64, "compute_scale": 1, "power_w": 1}
@@ -100,7 +100,7 @@ def test_recommendation_takes_the_strongest_level_within_the_drop():
 
 
 def test_recommended_params_are_valid_for_the_target_step(deep_mlp, digits, ctx_factory):
-    from modules.pipeline.registry import get_step
+    from modules.core.registry import get_step
 
     params = SensitivityParams(technique="lowrank", levels=[0.5, 0.25], max_drop=100)
     m = sensitivity(deep_mlp, digits, params, ctx_factory()).metrics

@@ -28,7 +28,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from modules.compression.finetune import accuracy, check_fits_data
 from modules.compression.layer_select import select_layers
 from modules.compression.lowrank import lowrank_factorize
 from modules.compression.prune_structured import (
@@ -37,10 +36,11 @@ from modules.compression.prune_structured import (
     prune_structured,
     prune_unstructured,
 )
-from modules.pipeline.registry import register_step
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
+from modules.core.artifact import ModelArtifact
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
 from modules.storage.datasets import Dataset
+from modules.training.finetune import accuracy, check_fits_data
 
 Technique = Literal["prune", "unstructured", "lowrank"]
 DEFAULT_LEVELS: dict[str, list[float]] = {
@@ -271,7 +271,7 @@ def sensitivity(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m modules.evaluation.sensitivity --input-model m.pt [--technique prune]`."""
+    """`python -m modules.search.sensitivity --input-model m.pt [--technique prune]`."""
     from modules.pipeline.script import base_parser, parse_json_arg, script_main
 
     parser = base_parser("Per-layer sensitivity: accuracy drop of compressing one layer.")

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modules.pipeline.profiles import Profile
-from modules.storage.artifact import ModelArtifact
+from modules.core.artifact import ModelArtifact
+from modules.core.profiles import Profile
 
 
 class StepCancelled(Exception):

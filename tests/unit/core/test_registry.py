@@ -1,14 +1,14 @@
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from modules.errors import NotFoundError
-from modules.pipeline.registry import (
+from modules.core.registry import (
     DuplicateStepError,
     get_step,
     list_steps,
     register_step,
     unregister_step,
 )
+from modules.errors import NotFoundError
 
 
 class _Params(BaseModel):

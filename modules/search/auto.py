@@ -37,12 +37,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from modules.core.artifact import ModelArtifact
+from modules.core.profiles import Profile
+from modules.core.registry import register_step
+from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
 from modules.evaluation.hardware_sim import MIB
 from modules.evaluation.measure import MeasureParams
 from modules.evaluation.plots import pareto_figure, resource_figure
-from modules.evaluation.sensitivity import TARGET_STEP, candidate_layers, safe_levels
-from modules.evaluation.sweep import (
+from modules.search.sensitivity import TARGET_STEP, candidate_layers, safe_levels
+from modules.search.sweep import (
     check_sweepable,
     mark_pareto,
     measured_candidate,
@@ -50,10 +54,6 @@ from modules.evaluation.sweep import (
     rows_csv,
     step_params,
 )
-from modules.pipeline.profiles import Profile
-from modules.pipeline.registry import register_step
-from modules.pipeline.step import StepContext, StepOutput
-from modules.storage.artifact import ModelArtifact
 from modules.storage.datasets import Dataset
 
 OBJECTIVE_KEYS = {
@@ -154,7 +154,7 @@ class AutoParams(BaseModel):
 
 def default_search(model: ModelArtifact) -> list[SearchSpace]:
     """A sensible search for the model's kind, from the steps that are registered."""
-    from modules.pipeline.registry import list_steps
+    from modules.core.registry import list_steps
 
     known = {s.name: s for s in list_steps()}
     if model.framework == "torch":
@@ -456,7 +456,7 @@ def auto(model: ModelArtifact, data: Dataset, params: AutoParams, ctx: StepConte
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m modules.evaluation.auto --input-model m.pt --output-model b.pt --max-drop 1`."""
+    """`python -m modules.search.auto --input-model m.pt --output-model b.pt --max-drop 1`."""
     from modules.pipeline.script import base_parser, parse_json_arg, script_main
 
     parser = base_parser("Search compression params for the best model within a budget.")

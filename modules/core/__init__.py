@@ -1,0 +1,1 @@
+"""The step contract: model artifacts, steps, the registry, profiles, the job spec."""

@@ -1,0 +1,1 @@
+"""Meta-steps that drive techniques: sensitivity scans, sweeps, the auto search."""
