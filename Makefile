@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-all lint format
+.PHONY: setup browser demo test test-all lint format
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,10 +16,15 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/mcaas demo
 
-test: setup
+# The dashboard's browser test drives Debian's chromium through its chromedriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+test: setup browser
 	$(BIN)/pytest
 
-test-all: setup
+test-all: setup browser
 	$(BIN)/pytest -m "slow or not slow"
 
 lint: setup

@@ -10,8 +10,8 @@ from fastapi.security import APIKeyHeader
 
 from api.auth import API_KEY_HEADER, KeyResolver
 from api.errors import UnauthorizedError, UnavailableError
+from modules.pipeline.engine import Dispatcher
 from modules.pipeline.settings import Services, Settings, get_settings
-from workers.dispatch import Dispatcher
 
 logger = logging.getLogger("api")
 

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from modules.core.jobspec import MAX_STEPS, StepCall
+from modules.core.jobspec import DEFAULT_PROFILE, MAX_STEPS, StepCall
+from modules.core.records import JobStatus
 from modules.storage.datasets import BUILTIN_DATASETS
 
 # Server-generated ids are hex; anything else cannot exist and is answered with 404.
@@ -75,7 +76,7 @@ class JobCreate(BaseModel):
     )
     dataset: str = Field(default="digits", description="A built-in dataset name.")
     profile: str | dict[str, Any] = Field(
-        default="edge-8mb", description="Profile name (GET /v1/profiles) or an inline budget."
+        default=DEFAULT_PROFILE, description="Profile name (GET /v1/profiles) or an inline budget."
     )
     steps: list[StepCall] = Field(
         min_length=1, max_length=MAX_STEPS, description="Steps in order (GET /v1/steps)."
@@ -105,7 +106,7 @@ class JobPublic(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     id: str
-    status: Literal["QUEUED", "INPROGRESS", "COMPLETED", "FAILED", "REJECTED", "STOPPED"]
+    status: JobStatus
     reason: str | None
     progress: Progress
     model_id: str | None

@@ -1,7 +1,7 @@
 """A bounded load test of the API on loopback; writes benchmarks/results/load.md.
 
 `python -m benchmarks.load_test` starts the compose topology as processes (moto, Redis,
-one worker, uvicorn; see workers/devstack.py), then:
+one worker, uvicorn; see tests/devstack.py), then:
 
 1. `--uploads` (20) concurrent uploads of a ~5 MB torch checkpoint;
 2. `--jobs` (20) jobs submitted at once (measure on a small model), run by the worker;
@@ -61,8 +61,8 @@ class Phase:
 def model_bytes(hidden: list[int]) -> bytes:
     """A torch checkpoint of an untrained zoo MLP (size is what matters here)."""
     from modules.core.artifact import ModelArtifact
+    from modules.storage.architectures import build_model
     from modules.storage.model_formats import save_model
-    from modules.storage.zoo import build_model
 
     arch = {"name": "mlp", "in_features": 64, "hidden": hidden, "num_classes": 10}
     return save_model(ModelArtifact("torch", build_model(arch), {}))
@@ -163,7 +163,7 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
         "# API load test",
         "",
         "`python -m benchmarks.load_test` (moto + Redis + 1 Celery worker + uvicorn on loopback,",
-        "started by workers/devstack.py from docker-compose.yml and .env.example). Client-side",
+        "started by tests/devstack.py from docker-compose.yml and .env.example). Client-side",
         f"latency per request; host: {platform.machine()}, {os.cpu_count()} CPUs, Python",
         f"{platform.python_version()}; client and server share the host. Upload size:",
         f"{result['upload_bytes'] / 1e6:.2f} MB. Run at "
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="Where to write the table.")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from workers.devstack import DevStack
+    from tests.devstack import DevStack
 
     with DevStack(Path(tempfile.mkdtemp(prefix="mcaas-load-"))) as stack:
         stack.start_moto()

@@ -3,7 +3,7 @@
 Two models, each a real job run in-process through run_pipeline (so through run_step, the
 safe loaders and the parity gate):
 
-* the zoo transformer (modules.storage.zoo.text_encoder: 4 pre-norm encoder blocks, width
+* the test transformer (tests.text_encoder.text_encoder: 4 pre-norm encoder blocks, width
   256, 8000-token vocabulary, masked mean pooling) exported to ONNX and uploaded as a
   bring-your-own graph with token-id inputs; evaluated on an inputs file of 256 seeded
   sentences (32 tokens, padded) and calibrated on a second file. Its attention projections
@@ -40,13 +40,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modules.core.jobspec import parse_job_spec  # noqa: E402
-from modules.deployment.onnx_quantize import stage_inputs_file  # noqa: E402  (after sys.path)
-from modules.deployment.parity import OrtRunner, feed_batch  # noqa: E402
+from modules.evaluation.inference import OrtRunner, feed_batch  # noqa: E402
 from modules.evaluation.stats import summarize  # noqa: E402
 from modules.pipeline.local import LocalWorkspace  # noqa: E402
-from modules.storage.inputs import load_stored_inputs, onnx_inputs, prepare_feeds  # noqa: E402
+from modules.storage.inputs import (  # noqa: E402  (after sys.path)
+    load_stored_inputs,
+    onnx_inputs,
+    prepare_feeds,
+    stage_inputs_file,
+)
 from modules.storage.model_formats import load_model  # noqa: E402
-from modules.storage.zoo import (  # noqa: E402
+from tests.text_encoder import (  # noqa: E402
     text_encoder,
     text_encoder_inputs,
     text_encoder_onnx,

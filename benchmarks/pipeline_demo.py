@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.cli import DEMO_JOBS
-from modules.core.jobspec import parse_job_spec
+from modules.core.jobspec import DEFAULT_PROFILE, parse_job_spec
 from modules.pipeline.local import LocalWorkspace
 from modules.pipeline.report import summary_row
 from modules.pipeline.run import library_versions
@@ -100,7 +100,7 @@ def details(records: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="edge-8mb", help="Hardware profile.")
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="Hardware profile.")
     parser.add_argument("--seed", type=int, default=0, help="Seed.")
     parser.add_argument("--out", type=Path, default=None, help="Workspace (default: a temp dir).")
     parser.add_argument(

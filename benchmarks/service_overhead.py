@@ -4,7 +4,7 @@
 
 (as a module, from the repository root, so `api`, `workers` and `modules` import.)
 
-Starts the compose topology as processes (workers/devstack.py: moto server, Redis,
+Starts the compose topology as processes (tests/devstack.py: moto server, Redis,
 Celery workers, uvicorn), then:
 
 1. Overhead: the pipeline submitted over HTTP and run by one Celery worker against S3 and
@@ -45,7 +45,7 @@ from modules.cli import DEMO_JOBS
 from modules.core.jobspec import parse_job_spec
 from modules.evaluation.stats import summarize
 from modules.pipeline.local import LocalWorkspace
-from workers.devstack import ROOT, DevStack, read_env_file
+from tests.devstack import ROOT, DevStack, read_env_file
 
 # The demo's main job, exactly as `mcaas demo` runs it.
 PIPELINE: list[dict[str, Any]] = DEMO_JOBS[0]["steps"]
@@ -190,7 +190,7 @@ def write_report(path: Path, results: dict[str, Any]) -> None:
         f"niceness {results['niceness']} with {results['threads']} torch/OpenMP thread(s) "
         "each, on both sides.",
         f"- Versions: {results['versions']}.",
-        "- Service: the docker-compose topology as processes (workers/devstack.py): uvicorn "
+        "- Service: the docker-compose topology as processes (tests/devstack.py): uvicorn "
         "(api), Celery prefork workers with concurrency 1 on Redis, S3 + DynamoDB on a moto "
         "server over HTTP, step records in DynamoDB and CSV, settings from .env.example.",
         "- In-process: `run_pipeline` on a `LocalWorkspace` (local files, CSV, SQLite).",

@@ -157,10 +157,27 @@ def profiles(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     console.print(table)
 
 
+# Options left unset take the step's own defaults: `mcaas steps --json` shows them.
+PARAMS_HELP = "JSON object of any of the step's params (its schema: `mcaas steps --json`)."
+
+
+def step_params(given: dict[str, Any], params_json: str | None) -> dict[str, Any]:
+    """`--params JSON` with the options given on top; unset options keep the step's defaults.
+
+    The defaults, bounds and descriptions live in the step's params model only.
+    """
+    from modules.pipeline.script import parse_json_arg
+
+    base = parse_json_arg(params_json, option="--params") or {}
+    if not isinstance(base, dict):
+        raise BadInputError(f"--params must be a JSON object, got {params_json!r}")
+    return {**base, **{k: v for k, v in given.items() if v is not None}}
+
+
 @app.command()
 @handles_errors
 def train(
-    model: str = typer.Option("mlp", help="mlp | cnn | resnet | knn | rf | logreg"),
+    model: str | None = typer.Option(None, help="mlp | cnn | resnet | knn | rf | logreg"),
     arch: str | None = typer.Option(
         None, help='Torch zoo arch as JSON, e.g. \'{"name":"mlp","hidden":[64]}\'.'
     ),
@@ -168,16 +185,16 @@ def train(
     output: Path = typer.Option(
         ..., help="Where to write the model (.pt for torch, .skops for sklearn)."
     ),
-    epochs: int = typer.Option(30, help="Torch training epochs."),
+    epochs: int | None = typer.Option(None, help="Torch training epochs."),
     seed: int = typer.Option(0, help="Seed for the split and training."),
+    params_json: str | None = typer.Option(None, "--params", help=PARAMS_HELP),
 ) -> None:
     """Train a baseline model and write it in the safe format."""
     from modules.pipeline.local import run_single_step
     from modules.pipeline.script import parse_json_arg
 
-    params: dict[str, Any] = {"model": model, "epochs": epochs}
-    if arch is not None:
-        params["arch"] = parse_json_arg(arch, option="--arch")
+    arch_value = None if arch is None else parse_json_arg(arch, option="--arch")
+    params = step_params({"model": model, "epochs": epochs, "arch": arch_value}, params_json)
     record = run_single_step(
         "train", params, input_path=None, output_path=output, dataset=dataset, seed=seed
     )
@@ -210,7 +227,7 @@ def run(
     elif spec.model is not None and not ws.store.exists(spec.model):
         raise NotFoundError(f"model {spec.model!r} is not in the workspace store {ws.store.root}")
     result = run_with_progress(ws, spec, label=spec.job_id, trust_pickle=trust_pickle)
-    report_path = write_job_report(ws, spec, result)
+    report_path = job_report_path(ws, result)
     from modules.pipeline.report import summary_row
 
     console.print(
@@ -240,18 +257,11 @@ def resolve_model_path(model: str | None, *, job_file: Path) -> Path | None:
     raise NotFoundError(f"model file not found: {model}")
 
 
-def write_job_report(ws: Any, spec: Any, result: Any) -> Path:
-    from modules.pipeline.local import write_atomic
-    from modules.pipeline.report import job_report
-
-    report = job_report(
-        spec=spec.model_dump(mode="json"),
-        status=result.status.value,
-        reason=result.reason,
-        records=result.records,
-    )
-    path = ws.root / "jobs" / spec.job_id / "report.json"
-    write_atomic(path, json.dumps(report, indent=2).encode())
+def job_report_path(ws: Any, result: Any) -> Path | None:
+    """Where the engine stored the job's report.json in the workspace (None: it has none)."""
+    if result.report_key is None:
+        return None
+    path: Path = ws.path_of(result.report_key)
     return path
 
 
@@ -314,7 +324,7 @@ def sweep(
     step: str | None = typer.Option(None, help="Step to sweep, e.g. prune_structured."),
     param: str | None = typer.Option(None, help="Param of that step to vary, e.g. amount."),
     values: str | None = typer.Option(None, help="Values: '0,0.2,0.5' or a JSON list."),
-    base_params: str = typer.Option("{}", help="JSON object of the step's fixed params."),
+    base_params: str | None = typer.Option(None, help="JSON object of the step's fixed params."),
     memory_budgets: str | None = typer.Option(
         None, help="Hardware-budget sweep: memory budgets in MB, e.g. '0.25,1,8'."
     ),
@@ -329,6 +339,9 @@ def sweep(
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Allow full pickled torch modules (unsafe)."
     ),
+    params_json: str | None = typer.Option(
+        None, "--params", help="JSON object of the sweep (or budget_sweep) step's other params."
+    ),
 ) -> None:
     """Sweep one step param (trade-off table + Pareto front), or memory budgets x scales."""
     from modules.errors import BadInputError
@@ -342,25 +355,29 @@ def sweep(
         if memory_budgets is not None or compute_scales is not None:
             raise BadInputError("give a step sweep or a budget sweep, not both")
         name = "sweep"
-        params = {
+        given = {
             "step": step,
             "param": param,
             "values": parse_values(values, option="--values"),
-            "base_params": parse_json_arg(base_params, option="--base-params"),
+            "base_params": parse_json_arg(base_params, option="--base-params"),  # None if unset
+            "repeats": repeats,
         }
-        if repeats is not None:
-            params["repeats"] = repeats
     elif memory_budgets is not None or compute_scales is not None:
-        name, params = "budget_sweep", {}
-        if memory_budgets is not None:
-            params["memory_budgets_mb"] = parse_values(memory_budgets, option="--memory-budgets")
-        if compute_scales is not None:
-            params["compute_scales"] = parse_values(compute_scales, option="--compute-scales")
+        name = "budget_sweep"
+        given = {
+            "memory_budgets_mb": None
+            if memory_budgets is None
+            else parse_values(memory_budgets, option="--memory-budgets"),
+            "compute_scales": None
+            if compute_scales is None
+            else parse_values(compute_scales, option="--compute-scales"),
+        }
     else:
         raise BadInputError(
             "nothing to sweep: give --step/--param/--values, or --memory-budgets and/or "
             "--compute-scales"
         )
+    params = step_params(given, params_json)
     ws = LocalWorkspace(out)
     record = run_single_step(
         name,
@@ -401,16 +418,20 @@ def sweep(
 def auto(
     model: Path = typer.Option(..., "--model", help="Model file (.pt or .skops)."),
     profile: str = typer.Option("edge-8mb", help="Hardware profile the result must fit."),
-    max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points, or % if relative)."),
-    drop_kind: str = typer.Option("absolute", help="absolute (points) | relative (percent)."),
-    objective: str = typer.Option("size", help="Minimize: size | latency | energy."),
+    max_drop: float | None = typer.Option(
+        None, help="Largest accuracy drop (points, or % if relative)."
+    ),
+    drop_kind: str | None = typer.Option(None, help="absolute (points) | relative (%)."),
+    objective: str | None = typer.Option(None, help="Minimize: size | latency | energy."),
     search: str | None = typer.Option(
         None,
         help='JSON list of search spaces, e.g. \'[{"step":"prune_structured",'
         '"grid":{"amount":[0.3,0.6]}}]\'; default: one for the model kind.',
     ),
-    max_trials: int = typer.Option(12, help="Most candidates tried."),
-    max_time: float = typer.Option(300.0, help="No new trial starts after this many seconds."),
+    max_trials: int | None = typer.Option(None, help="Most candidates tried."),
+    max_time: float | None = typer.Option(
+        None, help="No new trial starts after this many seconds."
+    ),
     dataset: str = typer.Option("digits", help="Built-in name, a .npz file or an IDX directory."),
     seed: int = typer.Option(0, help="Seed."),
     output: Path | None = typer.Option(None, help="Where to write the best model."),
@@ -418,20 +439,21 @@ def auto(
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Allow full pickled torch modules (unsafe)."
     ),
+    params_json: str | None = typer.Option(None, "--params", help=PARAMS_HELP),
 ) -> None:
     """Accuracy-aware search: the best compression within the profile and the accuracy drop."""
     from modules.pipeline.local import LocalWorkspace, run_single_step
     from modules.pipeline.script import parse_json_arg
 
-    params: dict[str, Any] = {
+    given = {
         "max_drop": max_drop,
         "drop_kind": drop_kind,
         "objective": objective,
         "max_trials": max_trials,
         "max_time_s": max_time,
+        "search": None if search is None else parse_json_arg(search, option="--search"),
     }
-    if search is not None:
-        params["search"] = parse_json_arg(search, option="--search")
+    params = step_params(given, params_json)
     ws = LocalWorkspace(out)
     record = run_single_step(
         "auto",
@@ -445,7 +467,10 @@ def auto(
         workspace=out,
     )
     metrics = record["metrics"]
-    console.print(tradeoff_table(f"auto on {profile} (objective: {objective})", metrics["rows"]))
+    objective_used = params.get("objective", "size")
+    console.print(
+        tradeoff_table(f"auto on {profile} (objective: {objective_used})", metrics["rows"])
+    )
     verdict = "met the budget: " if metrics["met_budget"] else "budget NOT met: "
     console.print(verdict + metrics["reason"])
     console.print(f"stopped by: {metrics['stopped_by']} after {metrics['n_trials']} trials")
@@ -511,15 +536,18 @@ def profile_table(title: str, rows: list[dict[str, Any]], totals: dict[str, Any]
 def profile_cmd(
     input_model: Path = typer.Option(..., "--input-model", help="Model file (.pt or .skops)."),
     dataset: str = typer.Option("digits", help="Built-in name, a .npz file or an IDX directory."),
-    batch_size: int = typer.Option(1, help="Rows per forward (FLOPs, activations, latency)."),
-    warmup: int = typer.Option(5, help="Untimed forwards before timing."),
-    runs: int = typer.Option(30, help="Timed forwards."),
+    batch_size: int | None = typer.Option(
+        None, help="Rows per forward (FLOPs, activations, latency)."
+    ),
+    warmup: int | None = typer.Option(None, help="Untimed forwards before timing."),
+    runs: int | None = typer.Option(None, help="Timed forwards."),
     seed: int = typer.Option(0, help="Seed (dataset split)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table and totals as JSON."),
     out: Path = typer.Option(Path("artifacts/profile"), help="Workspace for profile.csv."),
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Allow full pickled torch modules (unsafe)."
     ),
+    params_json: str | None = typer.Option(None, "--params", help=PARAMS_HELP),
 ) -> None:
     """Per-layer profile: params, FLOPs, activation memory and latency share, with totals."""
     from modules.pipeline.local import LocalWorkspace, run_single_step
@@ -527,7 +555,7 @@ def profile_cmd(
     ws = LocalWorkspace(out)
     record = run_single_step(
         "profile",
-        {"batch_size": batch_size, "warmup": warmup, "runs": runs},
+        step_params({"batch_size": batch_size, "warmup": warmup, "runs": runs}, params_json),
         input_path=input_model,
         output_path=None,
         dataset=dataset,
@@ -630,7 +658,7 @@ def demo(
     """Run the whole pipeline in-process on digits with local storage and a CSV log."""
     from modules.core.jobspec import parse_job_spec
     from modules.pipeline.local import LocalWorkspace, write_atomic
-    from modules.pipeline.report import job_report, summary_row
+    from modules.pipeline.report import summary_row
 
     start = time.perf_counter()
     ws = LocalWorkspace(out)
@@ -642,14 +670,9 @@ def demo(
             # A rerun of the demo starts clean: step records are idempotent per job id.
             spec = spec.model_copy(update={"job_id": f"{spec.job_id}-{int(time.time())}"})
         result = run_with_progress(ws, spec, label=spec.job_id)
-        reports.append(
-            job_report(
-                spec=spec.model_dump(mode="json"),
-                status=result.status.value,
-                reason=result.reason,
-                records=result.records,
-            )
-        )
+        job_report = job_report_path(ws, result)
+        if job_report is not None:
+            reports.append(json.loads(job_report.read_bytes()))
         console.print(
             summary_table(
                 f"{spec.job_id}: {result.status.value}", [summary_row(r) for r in result.records]

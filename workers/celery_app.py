@@ -21,13 +21,11 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init
 from kombu import Queue
 
-from modules.pipeline.settings import Settings, get_settings
-from workers.dispatch import TASK_NAME
+from modules.pipeline.settings import Settings, get_settings, restore_interval_s
+from workers.names import TASK_NAME
+from workers.services import worker_services, worker_step_cache
 
-
-def restore_interval_s(settings: Settings) -> int:
-    """How often a worker looks for steps whose worker died (past the visibility timeout)."""
-    return max(1, min(60, settings.visibility_timeout_s // 10))
+__all__ = ["celery_app", "celery_config", "make_celery", "restore_interval_s"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -87,7 +85,6 @@ def _check_and_warm(**_: Any) -> None:
     """
     from modules.core.registry import load_builtin_steps
     from modules.pipeline.settings import SettingsError, create_dev_resources
-    from workers.tasks import worker_services
 
     try:
         settings = get_settings().require("worker")
@@ -102,7 +99,5 @@ def _check_and_warm(**_: Any) -> None:
 def _fresh_clients(**_: Any) -> None:
     # boto3 clients and SQLite connections must not be shared across a fork; nor what one
     # pool process has cached.
-    from workers.tasks import worker_services, worker_step_cache
-
     worker_services.cache_clear()
     worker_step_cache.cache_clear()

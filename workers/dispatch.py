@@ -16,34 +16,32 @@ import json
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
+from modules.core.jobspec import DEFAULT_PROFILE
 from modules.errors import McaasError, NotFoundError
+from modules.pipeline.engine import Dispatcher, advance_to_end
 from modules.pipeline.settings import Services, Settings
 from modules.storage.artifacts import S3Store
+from workers.names import TASK_NAME
 
 logger = logging.getLogger(__name__)
 
-TASK_NAME = "mcaas.run_step"
+__all__ = [
+    "TASK_NAME",
+    "CeleryDispatcher",
+    "DispatchError",
+    "Dispatcher",
+    "EcsDispatcher",
+    "InlineDispatcher",
+    "make_dispatcher",
+]
 
 
 class DispatchError(McaasError):
     """The job could not be handed to its runner (broker or ECS refused it)."""
 
     code = "dispatch"
-
-
-@runtime_checkable
-class Dispatcher(Protocol):
-    """Starts a job's first step and queues each later one."""
-
-    def submit(self, job_id: str) -> None:
-        """Start the stored job at step 0."""
-        ...
-
-    def enqueue(self, job_id: str, index: int) -> None:
-        """Queue step `index` of the stored job."""
-        ...
 
 
 # Redis serves priority 0 first. A job's next step goes ahead of jobs not yet started, so
@@ -113,7 +111,7 @@ class EcsDispatcher:
             if previous is None:
                 raise DispatchError(f"job {job_id}: step {index - 1} has no record yet")
             model_key = previous.get("output_key") or ""
-        profile = spec.get("profile", "edge-8mb")
+        profile = spec.get("profile", DEFAULT_PROFILE)
         bucket = self.services.store.bucket  # type: ignore[attr-defined]
         return {
             "MODEL_BUCKET": bucket,
@@ -189,13 +187,7 @@ class InlineDispatcher:
         future.add_done_callback(_log_crash)
 
     def _run(self, job_id: str, index: int) -> None:
-        from workers.execute import execute_step
-
-        next_index: int | None = index
-        while next_index is not None:
-            next_index = execute_step(
-                job_id, next_index, services=self.services, trust_pickle=self.trust_pickle
-            )
+        advance_to_end(job_id, index, self.services, trust_pickle=self.trust_pickle)
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Stop the background thread (after the running jobs when `wait`)."""
@@ -208,7 +200,7 @@ class InlineDispatcher:
 def _log_crash(future: Future[None]) -> None:
     exc = future.exception()
     if exc is not None:
-        # execute_step already marked the job FAILED; the trace belongs in the server log.
+        # the engine already marked the job FAILED; the trace belongs in the server log.
         logger.error("inline job crashed", exc_info=exc)
 
 

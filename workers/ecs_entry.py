@@ -1,7 +1,7 @@
 """`python -m workers.ecs_entry`: the ECS container's command, configured only by env vars.
 
 With STEP_INDEX set (the EcsDispatcher sets it) the step belongs to a stored job: it runs
-like the Celery task, through execute_step, and queues the next step as another ECS task.
+like the Celery task, through the job engine, and queues the next step as another ECS task.
 Without it, it is the seed service's standalone contract (modules/pipeline/ecs.py).
 """
 
@@ -16,9 +16,9 @@ from modules.pipeline.ecs import ecs_main, read_ecs_env
 
 def run_job_step(env: dict[str, str]) -> int:
     """Run step STEP_INDEX of the stored job JOB_ID; queue the next through ECS."""
+    from modules.pipeline.engine import advance, hand_off
     from modules.pipeline.settings import build_services, get_settings
     from workers.dispatch import EcsDispatcher
-    from workers.execute import execute_step, hand_off
 
     task = read_ecs_env(env, model_required=False)
     try:
@@ -33,9 +33,9 @@ def run_job_step(env: dict[str, str]) -> int:
     steps = job["spec"]["steps"]
     if not 0 <= index < len(steps) or steps[index]["name"] != task.step:
         raise BadInputError(f"job {task.job_id} has no step {index} named {task.step!r}")
-    next_index = execute_step(
-        task.job_id, index, services=services, trust_pickle=settings.trust_pickle
-    )
+    next_index = advance(
+        task.job_id, index, services, trust_pickle=settings.trust_pickle
+    ).next_index
     if next_index is not None:
         dispatcher = EcsDispatcher(settings, services)
         hand_off(task.job_id, next_index, jobs=services.jobs, enqueue=dispatcher.enqueue)

@@ -1,7 +1,8 @@
 """The one Celery task: run step `index` of job `job_id`, then queue the next step.
 
-A thin adapter over `workers.execute.execute_step` (which calls the foundation's
-run_step). Never `.get()` here: a task waiting on another task can deadlock the pool.
+A thin adapter over the job engine (`modules.pipeline.engine.advance_in_a_row`, which
+calls the foundation's run_step). Never `.get()` here: a task waiting on another task
+can deadlock the pool.
 
 While the task has run for less than MCAAS_CONTINUE_INLINE_S, it runs the job's next
 step itself instead of queueing it: the step is the same run_step with the same records,
@@ -14,7 +15,6 @@ Past the budget the next step is queued as its own task, which gets the full tim
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 from typing import Any
@@ -22,29 +22,24 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject, TimeLimitExceeded
 
-from modules.pipeline.settings import Services, build_services, get_settings
-from modules.pipeline.step_cache import StepCache
+from modules.pipeline.engine import (
+    TransientInfraError,
+    advance_in_a_row,
+    fail_job,
+    hand_off,
+    is_transient,
+)
+from modules.pipeline.settings import get_settings
 from workers.celery_app import celery_app
-from workers.dispatch import TASK_NAME, CeleryDispatcher
-from workers.execute import TransientInfraError, execute_steps, fail_job, hand_off, is_transient
+from workers.dispatch import CeleryDispatcher
+from workers.names import TASK_NAME
+from workers.services import worker_services, worker_step_cache
+
+__all__ = ["backoff_s", "broker_failed", "run_step_task", "worker_services", "worker_step_cache"]
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
-
-
-@functools.lru_cache(maxsize=1)
-def worker_services() -> Services:
-    """This worker process's store, step log and job store (rebuilt after each fork)."""
-    return build_services(get_settings().require("worker"))
-
-
-@functools.lru_cache(maxsize=1)
-def worker_step_cache() -> StepCache | None:
-    """The records and model bytes this pool process has seen (empty after each fork);
-    None when MCAAS_WORKER_CACHE_MB is 0."""
-    megabytes = get_settings().worker_cache_mb
-    return StepCache(max_bytes=megabytes * 2**20) if megabytes else None
 
 
 def broker_failed(exc: BaseException) -> bool:
@@ -90,10 +85,10 @@ def run_step_task(self: Any, job_id: str, index: int) -> None:
     settings = get_settings()
     services = worker_services()
     try:
-        next_index = execute_steps(
+        next_index = advance_in_a_row(
             job_id,
             index,
-            services=services,
+            services,
             owner=self.request.id,
             continue_s=settings.continue_inline_s,
             trust_pickle=settings.trust_pickle,

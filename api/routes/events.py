@@ -24,8 +24,8 @@ from api.deps import ServicesDep, current_user
 from api.errors import UnauthorizedError
 from api.routes.jobs import owned_job, progress_of
 from api.ui.session import read_session
+from modules.core.records import TERMINAL, JobStatus
 from modules.pipeline.settings import Services
-from modules.storage.jobs import TERMINAL, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

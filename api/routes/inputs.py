@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentUser, ServicesDep, SettingsDep
-from api.inputs_registry import (
-    get_inputs_meta,
-    list_inputs_metas,
-    save_inputs,
-    to_public,
-    validate_inputs_bytes,
-)
 from api.routes.models import UPLOAD_BODY
 from api.schemas import InputsListPublic, InputsPublic
 from api.uploads import INPUTS_SUFFIXES, receive_upload
+from modules.storage.inputs_catalog import (
+    get_inputs_meta,
+    list_inputs_metas,
+    save_inputs,
+    validate_inputs_bytes,
+)
 
 router = APIRouter(prefix="/v1/inputs", tags=["inputs"])
+
+
+def to_public(meta: dict[str, Any]) -> InputsPublic:
+    """The response body for one inputs file."""
+    return InputsPublic.model_validate(
+        {k: v for k, v in meta.items() if k in InputsPublic.model_fields}
+    )
 
 
 @router.post("", status_code=201, response_model=InputsPublic, openapi_extra=UPLOAD_BODY)

@@ -14,8 +14,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from api.deps import CurrentUser, DispatcherDep, ServicesDep, SettingsDep
 from api.errors import ConflictError, UnavailableError
-from api.inputs_registry import check_job_inputs
-from api.model_registry import get_model_meta
 from api.schemas import (
     ID_PATTERN,
     ArtifactPublic,
@@ -25,11 +23,14 @@ from api.schemas import (
     JobsPublic,
     Progress,
 )
+from modules.core.jobspec import DEFAULT_PROFILE
+from modules.core.records import TERMINAL, JobRecord, JobStatus
 from modules.errors import NotFoundError
-from modules.pipeline.settings import Services
-from modules.storage.jobs import TERMINAL, JobStatus
+from modules.pipeline.engine import fail_if_stale, finish, report_key, stop
+from modules.pipeline.settings import Services, stale_after_s
+from modules.storage.inputs_catalog import check_job_inputs
 from modules.storage.keys import key_in_user
-from workers.execute import fail_if_stale, report_key, stale_after_s
+from modules.storage.model_catalog import get_model_meta
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 logger = logging.getLogger("api")
@@ -79,7 +80,7 @@ def job_public(job: dict[str, Any], records: list[dict[str, Any]] | None = None)
         progress=progress_of(job, records),
         model_id=job.get("model_id"),
         dataset=spec.get("dataset", "digits"),
-        profile=spec.get("profile", "edge-8mb"),
+        profile=spec.get("profile", DEFAULT_PROFILE),
         steps=spec["steps"],
         seed=spec.get("seed", 0),
         repeats=spec.get("repeats", 1),
@@ -96,7 +97,6 @@ def create_job(
 ) -> JobPublic:
     """Validate the job against the step registry, store it, and queue its first step."""
     from modules.core.jobspec import parse_job_spec
-    from modules.pipeline.runner import new_job_record
 
     model_key, model_meta = None, None
     if body.model_id is not None:
@@ -115,15 +115,13 @@ def create_job(
             "repeats": body.repeats,
         }
     )
-    if not services.jobs.create({**new_job_record(spec), "model_id": body.model_id}):
+    if not services.jobs.create(JobRecord.new(spec, model_id=body.model_id)):
         raise ConflictError(f"job id {spec.job_id} already exists; submit again")
     try:
         dispatcher.submit(spec.job_id)
     except Exception as exc:
         logger.error("could not dispatch job %s", spec.job_id, exc_info=exc)
-        services.jobs.update(
-            spec.job_id, status=JobStatus.FAILED.value, reason="the job could not be queued"
-        )
+        finish(services, spec.job_id, JobStatus.FAILED, "the job could not be queued")
         raise UnavailableError("the job could not be queued; try again later") from None
     job = services.jobs.get(spec.job_id)
     if job is None:  # only if the store lost a write it acknowledged
@@ -163,10 +161,7 @@ def stop_job(job_id: str, user: CurrentUser, services: ServicesDep) -> JobPublic
     job = owned_job(services, job_id, user)
     if job["status"] in TERMINAL:
         raise ConflictError(f"job {job_id} is already {job['status']}")
-    updated = services.jobs.update(
-        job_id, status=JobStatus.STOPPED.value, reason="stopped by the user"
-    )
-    return job_public(updated)
+    return job_public(stop(services, job_id))
 
 
 def job_artifacts(
@@ -217,6 +212,7 @@ def list_artifacts(
 
 
 def _report_file(records: list[dict[str, Any]], name: str) -> str | None:
+    """The key of the last `report` step's file `name` (its self-contained HTML page)."""
     for record in reversed(records):
         key = (record.get("files") or {}).get(name)
         if key:
@@ -261,22 +257,17 @@ def get_report(
     services: ServicesDep,
     format: Annotated[Literal["json", "html"], Query(description="json or html.")] = "json",
 ) -> Response:
-    """The job report: the `report` step's files when it ran, else built from the records."""
-    from modules.pipeline.report import job_report
-
+    """The job's report.json as the engine stored it when the job ended; as html, the
+    `report` step's page when that step ran, else the report's summary table."""
     job = owned_job(services, job_id, user)
-    records = services.log.records(job_id)
-    stored = _report_file(records, f"report.{format}")
-    if stored is not None and key_in_user(stored, user):
-        content = services.store.get_bytes(stored)
-        if format == "html":
-            return HTMLResponse(content, headers={"Content-Security-Policy": REPORT_CSP})
-        return JSONResponse(json.loads(content))
-    report = job_report(
-        spec=job["spec"], status=job["status"], reason=job.get("reason"), records=records
-    )
-    if format == "html":
-        return HTMLResponse(
-            render_report_html(report), headers={"Content-Security-Policy": REPORT_CSP}
-        )
-    return JSONResponse(json.loads(json.dumps(report, default=str)))
+    key = report_key(job)
+    if not services.store.exists(key):
+        raise ConflictError(f"job {job_id} is {job['status']}: its report is written when it ends")
+    report = json.loads(services.store.get_bytes(key))
+    if format == "json":
+        return JSONResponse(report)
+    page = _report_file(report.get("steps", []), "report.html")
+    if page is not None and key_in_user(page, user):
+        content = services.store.get_bytes(page)
+        return HTMLResponse(content, headers={"Content-Security-Policy": REPORT_CSP})
+    return HTMLResponse(render_report_html(report), headers={"Content-Security-Policy": REPORT_CSP})

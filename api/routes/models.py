@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentUser, ServicesDep, SettingsDep
-from api.model_registry import (
+from api.schemas import ModelPublic, ModelsPublic
+from api.uploads import receive_upload
+from modules.storage.model_catalog import (
     get_model_meta,
     list_model_metas,
     save_upload,
-    to_public,
     validate_model_bytes,
 )
-from api.schemas import ModelPublic, ModelsPublic
-from api.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -32,6 +33,13 @@ UPLOAD_BODY = {
         },
     }
 }
+
+
+def to_public(meta: dict[str, Any]) -> ModelPublic:
+    """The response body for one model."""
+    return ModelPublic.model_validate(
+        {k: v for k, v in meta.items() if k in ModelPublic.model_fields}
+    )
 
 
 @router.post("", status_code=201, response_model=ModelPublic, openapi_extra=UPLOAD_BODY)

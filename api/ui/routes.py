@@ -22,7 +22,6 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import DispatcherDep, ServicesDep, SettingsDep
 from api.errors import status_for
-from api.model_registry import get_model_meta, list_model_metas, save_upload, validate_model_bytes
 from api.routes.events import job_event, step_states
 from api.routes.jobs import create_job, get_report, job_artifacts, owned_job
 from api.schemas import JobCreate
@@ -38,10 +37,17 @@ from api.ui.session import (
     set_session_cookie,
 )
 from api.ui.views import job_headline, step_rows
+from modules.core.jobspec import DEFAULT_PROFILE
+from modules.core.records import TERMINAL
 from modules.errors import BadInputError, McaasError, NotFoundError
 from modules.pipeline.presets import PRESETS, get_preset
 from modules.pipeline.settings import Services
-from modules.storage.jobs import TERMINAL
+from modules.storage.model_catalog import (
+    get_model_meta,
+    list_model_metas,
+    save_upload,
+    validate_model_bytes,
+)
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES_DIR = HERE.parent / "templates"
@@ -366,7 +372,7 @@ def _check_choices(texts: dict[str, str], *, framework: str) -> None:
     from modules.storage.datasets import BUILTIN_DATASETS
 
     get_preset(texts.get("preset", ""), framework=framework)
-    profile = texts.get("profile") or "edge-8mb"
+    profile = texts.get("profile") or DEFAULT_PROFILE
     if profile not in BUILTIN_PROFILES:
         raise BadInputError(f"unknown profile {profile!r}; one of {', '.join(BUILTIN_PROFILES)}")
     dataset = texts.get("dataset") or "digits"
@@ -390,7 +396,7 @@ def _start_job(
             {
                 "model_id": model_id,
                 "dataset": texts.get("dataset") or "digits",
-                "profile": texts.get("profile") or "edge-8mb",
+                "profile": texts.get("profile") or DEFAULT_PROFILE,
                 "steps": preset.step_calls(),
             }
         )
@@ -444,7 +450,7 @@ def start_job(
     dispatcher: DispatcherDep,
     csrf: Annotated[str, Form(max_length=256)] = "",
     model_id: Annotated[str, Form(max_length=64)] = "",
-    profile: Annotated[str, Form(max_length=64)] = "edge-8mb",
+    profile: Annotated[str, Form(max_length=64)] = DEFAULT_PROFILE,
     preset: Annotated[str, Form(max_length=64)] = "",
     dataset: Annotated[str, Form(max_length=64)] = "digits",
 ) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from modules.core.records import profile_name_of
 from modules.pipeline.report import summary_row
 
 
@@ -77,9 +78,8 @@ def job_headline(job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str
         for r in ordered
         if r.get("verdict")
     ]
-    profile = job["spec"].get("profile", "edge-8mb")
     return {
-        "profile": profile if isinstance(profile, str) else str(profile.get("name", "custom")),
+        "profile": profile_name_of(job["spec"]),
         "size_reduction": None if reduction is None else f"{reduction:.2f}x",
         "size_final": fmt_size(sizes[-1]) if sizes else "-",
         "accuracy_delta": None if delta is None else f"{delta:+.2f} pt",

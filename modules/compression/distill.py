@@ -15,9 +15,7 @@ CLI: python -m modules.compression.distill --teacher teacher.pt --student studen
 
 from __future__ import annotations
 
-import argparse
 import copy
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,20 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
+from modules.compression.scaffold import compare
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError, IncompatibleError
 from modules.evaluation.inference import make_predictor
-from modules.evaluation.measure import batch_of, count_params, time_batches
-from modules.pipeline.script import parse_json_arg, script_main
+from modules.evaluation.measure import batch_of, time_batches
+from modules.storage.architectures import build_model, complete_arch
 from modules.storage.datasets import Dataset
 from modules.storage.keys import key_in_user, validate_key
 from modules.storage.model_formats import save_model, torch_io_dims
-from modules.storage.zoo import build_model, complete_arch
+from modules.training.fields import TrainingFields
 from modules.training.finetune import (
     accuracy,
     check_fits_data,
@@ -130,7 +129,7 @@ def distill(
     return student, {**history, "schedule": used}
 
 
-class DistillParams(BaseModel):
+class DistillParams(TrainingFields):
     """Params of the `distill` step."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -161,8 +160,6 @@ class DistillParams(BaseModel):
         description="If set, alpha falls linearly to this by the last epoch (at most alpha).",
     )
     epochs: int = Field(default=20, ge=1, le=1000, description="Training epochs.")
-    lr: float = Field(default=1e-3, gt=0, le=1.0, description="Learning rate (Adam).")
-    batch_size: int = Field(default=64, ge=1, le=65536, description="Batch size.")
     timing_runs: int = Field(
         default=20, ge=2, le=10_000, description="Timed runs per batch size for the latency report."
     )
@@ -245,18 +242,13 @@ def check_student_fits(student: nn.Module, teacher: nn.Module, *, x: np.ndarray)
         )
 
 
-def _profile(artifact: ModelArtifact, data: Dataset, runs: int) -> dict[str, Any]:
+def _latency(artifact: ModelArtifact, data: Dataset, runs: int) -> dict[str, Any]:
     predictor = make_predictor(artifact)
     latency: dict[str, Any] = {}
     for size in (1, 64):
         stat, _ = time_batches(predictor.scores, batch_of(data.X_test, size), warmup=3, runs=runs)
         latency[f"b{size}"] = stat
-    return {
-        "accuracy": float((predictor.labels(data.X_test) == data.y_test).mean()),
-        "size_bytes": len(save_model(artifact)),
-        "params": count_params(artifact)[0],
-        "latency_ms": latency,
-    }
+    return latency
 
 
 @register_step("distill", params=DistillParams, accepts={"torch"})
@@ -286,17 +278,27 @@ def distill_step(
     )
     meta = {"in_features": data.n_features, "num_classes": data.n_classes}
     out = ModelArtifact("torch", trained.eval(), meta)
-    teacher_report = _profile(
-        ModelArtifact("torch", teacher, {**model.meta, **meta}), data, params.timing_runs
-    )
-    student_report = _profile(out, data, params.timing_runs)
+    source = ModelArtifact("torch", teacher, {**model.meta, **meta})
+    # Teacher and student in the scaffold's before/after names (accuracy, params, tensor bytes).
+    compared = compare(teacher, trained, data)
+    # size_bytes is each stored file's size: the distill script's users compare it with the file.
+    teacher_report = {
+        "accuracy": compared["accuracy_before"],
+        "size_bytes": len(save_model(source)),
+        "params": compared["params_before"],
+        "latency_ms": _latency(source, data, params.timing_runs),
+    }
+    student_report = {
+        "accuracy": compared["accuracy"],
+        "size_bytes": len(save_model(out)),
+        "params": compared["params_after"],
+        "latency_ms": _latency(out, data, params.timing_runs),
+    }
     metrics = {
         "teacher": teacher_report,
         "student": student_report,
         "student_accuracy_before": start_accuracy,
-        "accuracy": student_report["accuracy"],
-        "accuracy_drop_pt": 100 * (teacher_report["accuracy"] - student_report["accuracy"]),
-        "size_ratio": teacher_report["size_bytes"] / student_report["size_bytes"],
+        **compared,
         "speedup_b64": teacher_report["latency_ms"]["b64"]["median"]
         / student_report["latency_ms"]["b64"]["median"],
         "schedule": history["schedule"],
@@ -309,56 +311,27 @@ def distill_step(
 # --- CLI -------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    # Not base_parser: the issue fixes these option names (--teacher, --output).
-    parser = argparse.ArgumentParser(description="Distill a teacher model into a student.")
-    parser.add_argument(
-        "--teacher", dest="input_model", type=Path, required=True, help="Teacher model file."
-    )
-    student = parser.add_mutually_exclusive_group()
-    student.add_argument(
-        "--student", type=Path, help="Student model file (arch + initial weights)."
-    )
-    student.add_argument("--student-arch", help='Student zoo arch JSON, e.g. {"name": "mlp"}.')
-    parser.add_argument("--output", dest="output_model", type=Path, help="Where to write it.")
-    parser.add_argument("--temperature", type=float, help="Softmax temperature (default 4).")
-    parser.add_argument("--temperature-final", type=float, help="Final temperature.")
-    parser.add_argument("--alpha", type=float, help="Soft-loss weight (default 0.7).")
-    parser.add_argument("--alpha-final", type=float, help="Final alpha.")
-    parser.add_argument("--epochs", type=int, help="Training epochs (default 20).")
-    parser.add_argument("--lr", type=float, help="Learning rate.")
-    parser.add_argument("--dataset", default="digits", help="Built-in name, .npz or IDX dir.")
-    parser.add_argument("--profile", default="edge-8mb", help="Hardware profile name.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed.")
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="Allow full pickled torch modules (runs code from the file: trusted files only).",
-    )
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: distill through run_step and print one JSON line of metrics."""
     from modules.pipeline.local import LocalWorkspace
+    from modules.pipeline.script import FileOption, ScriptOptions, script_main
 
-    with tempfile.TemporaryDirectory(prefix="mcaas-distill-") as tmp:
-        workspace = Path(tmp)
+    def stage_student(workspace: Path, path: Path, trust_pickle: bool) -> str:
+        # Into the store the step reads, through the safe loaders; passed by key.
+        ws = LocalWorkspace(workspace)
+        return ws.import_model(path, user_id="local", trust_pickle=trust_pickle)
 
-        def to_params(args: argparse.Namespace) -> dict[str, Any]:
-            names = ("temperature", "temperature_final", "alpha", "alpha_final", "epochs", "lr")
-            params = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-            if args.student is not None:
-                # The student file goes into the same store the step reads from, through
-                # the safe loaders, and is passed by key like any other stored model.
-                params["student_key"] = LocalWorkspace(workspace).import_model(
-                    args.student, user_id="local", trust_pickle=args.trust_pickle
-                )
-            elif args.student_arch is not None:
-                params["student_arch"] = parse_json_arg(args.student_arch, option="--student-arch")
-            return params
-
-        return script_main("distill", _parser(), to_params, argv, workspace=workspace)
+    # The issue fixes these option names: --teacher, --student, --output.
+    student = FileOption(
+        "--student",
+        stage_student,
+        "Student model file (arch + initial weights); instead of --student-arch.",
+    )
+    options = ScriptOptions(
+        aliases={"input_model": ["--teacher"], "output_model": ["--output"]},
+        files={"student_key": student},
+    )
+    return script_main("distill", argv, options)
 
 
 if __name__ == "__main__":

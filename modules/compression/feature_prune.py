@@ -16,7 +16,6 @@ CLI: python -m modules.compression.feature_prune --input-model m.skops --output-
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -30,7 +29,6 @@ from modules.core.step import StepContext, StepOutput
 from modules.errors import IncompatibleError
 from modules.evaluation.inference import make_predictor
 from modules.evaluation.measure import MeasureParams, measure_model
-from modules.pipeline.script import base_parser, script_main
 from modules.storage.datasets import Dataset
 
 Method = Literal["variance", "importance", "mutual_info", "coef_magnitude"]
@@ -224,24 +222,10 @@ def feature_prune(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: prune features or linear weights and print one JSON line of metrics."""
-    parser = base_parser("Prune the input features (or linear weights) of a scikit-learn model.")
-    parser.add_argument(
-        "--method",
-        choices=["variance", "importance", "mutual_info", "coef_magnitude"],
-        default="variance",
-    )
-    parser.add_argument("--keep-ratio", type=float, default=0.5, help="Fraction to keep.")
-    parser.add_argument("--timing-runs", type=int, default=10, help="Timed runs per batch.")
+    """CLI: prune features or linear weights; print one JSON line."""
+    from modules.pipeline.script import script_main
 
-    def to_params(args: argparse.Namespace) -> dict[str, Any]:
-        return {
-            "method": args.method,
-            "keep_ratio": args.keep_ratio,
-            "timing_runs": args.timing_runs,
-        }
-
-    return script_main("feature_prune", parser, to_params, argv)
+    return script_main("feature_prune", argv)
 
 
 if __name__ == "__main__":

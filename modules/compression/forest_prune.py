@@ -13,7 +13,6 @@ CLI: python -m modules.compression.forest_prune --input-model rf.skops
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -27,7 +26,6 @@ from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError, IncompatibleError
 from modules.evaluation.inference import make_predictor
 from modules.evaluation.measure import MeasureParams, measure_model
-from modules.pipeline.script import base_parser, script_main
 from modules.storage.datasets import Dataset
 
 _LEAF = -1  # sklearn.tree._tree.TREE_LEAF
@@ -431,40 +429,11 @@ def forest_prune(
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-def _to_params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "ccp_alpha": args.ccp_alpha,
-        "validation": args.validation,
-        "sweep_trees": args.sweep_trees,
-        "timing_runs": args.timing_runs,
-    }
-    for name in ("n_trees", "max_depth"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
-    return params
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: prune a random / extra-trees forest and print one JSON line of metrics."""
-    parser = base_parser("Shrink a RandomForestClassifier / ExtraTreesClassifier.")
-    parser.add_argument("--n-trees", type=int, help="Trees to keep, chosen greedily.")
-    parser.add_argument("--ccp-alpha", type=float, default=0.0, help="Cost-complexity alpha.")
-    parser.add_argument("--max-depth", type=int, help="Cut every tree at this depth.")
-    parser.add_argument("--validation", choices=["auto", "oob", "holdout"], default="auto")
-    parser.add_argument(
-        "--sweep-trees", type=_int_list, default=[], help="Tree counts to report, e.g. 5,10,20."
-    )
-    parser.add_argument("--timing-runs", type=int, default=10, help="Timed runs per batch.")
-    return script_main("forest_prune", parser, _to_params, argv)
+    """CLI: prune a random / extra-trees forest; print one JSON line."""
+    from modules.pipeline.script import script_main
+
+    return script_main("forest_prune", argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ CLI: python -m modules.compression.knn_prototypes --input-model knn.skops
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -26,7 +25,6 @@ from modules.core.step import StepContext, StepOutput
 from modules.errors import IncompatibleError
 from modules.evaluation.inference import make_predictor
 from modules.evaluation.measure import MeasureParams, measure_model
-from modules.pipeline.script import base_parser, script_main
 from modules.storage.datasets import Dataset
 
 Method = Literal["condensed", "edited", "kmeans"]
@@ -455,25 +453,11 @@ def knn_prototypes(
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def _to_params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {"method": args.method, "timing_runs": args.timing_runs}
-    for name in ("ratio", "tolerance_pts", "n_neighbors"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
-    return params
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: reduce a KNN's prototypes and print one JSON line of metrics."""
-    parser = base_parser("Reduce the stored training set of a KNeighborsClassifier.")
-    parser.add_argument("--method", choices=["condensed", "edited", "kmeans"], default="condensed")
-    parser.add_argument("--ratio", type=float, help="Fraction of training points to keep.")
-    parser.add_argument(
-        "--tolerance-pts", type=float, help="Max validation-accuracy drop (points) instead."
-    )
-    parser.add_argument("--n-neighbors", type=int, help="k of the returned KNN (default 1).")
-    parser.add_argument("--timing-runs", type=int, default=10, help="Timed runs per batch.")
-    return script_main("knn_prototypes", parser, _to_params, argv)
+    """CLI: reduce a KNN's prototypes; print one JSON line."""
+    from modules.pipeline.script import script_main
+
+    return script_main("knn_prototypes", argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from modules.errors import BadInputError
 
@@ -192,3 +194,32 @@ def describe_choices(choices: Mapping[str, LayerChoice]) -> dict[str, Any]:
         name: {"setting": SKIP if c.skip else c.setting, "pattern": c.pattern}
         for name, c in choices.items()
     }
+
+
+def layers_field(setting: str, *, fallback: str, no_match: str) -> Any:
+    """The `layers` field: its rules are written here once, each technique names its setting."""
+    return Field(
+        default_factory=dict,
+        description=f"Per-layer control: fnmatch pattern over layer names -> {setting}, or "
+        '"skip" (the layer is left as it is). An exact name wins, then the first matching '
+        f"pattern; unmatched layers use {fallback}; {no_match} is an error.",
+    )
+
+
+class LayerControlFields(BaseModel):
+    """The `layers` param of a per-layer technique; LAYER_SETTINGS names its setting's keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    LAYER_SETTINGS: ClassVar[Mapping[str, SettingCheck]] = {}
+
+    layers: dict[str, Any] = layers_field(
+        "the technique's own setting",
+        fallback="the step-wide setting",
+        no_match="a pattern matching no candidate layer",
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _check_layers(cls, value: Any) -> dict[str, Any]:
+        return check_layer_settings(value, allowed=cls.LAYER_SETTINGS)

@@ -13,39 +13,32 @@ CLI: python -m modules.compression.lowrank --input-model in.pt --output-model ou
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from modules.compression.layer_select import (
     LayerChoice,
+    LayerControlFields,
     check_layer_settings,
     describe_choices,
     int_at_least,
+    layers_field,
     number_in,
     resolve_layers,
 )
+from modules.compression.scaffold import Transformed, torch_step
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
-from modules.evaluation.measure import count_params
-from modules.pipeline.script import base_parser, parse_json_arg, script_main
 from modules.storage.datasets import Dataset
-from modules.storage.model_formats import save_model
-from modules.training.finetune import (
-    accuracy,
-    check_fits_data,
-    check_trainable,
-    fit,
-    seed_everything,
-)
+from modules.training.fields import FineTuneFields, finetune_epochs_field
 
 RankRule = Literal["energy", "ratio"]
 # A layer's own setting in `layers`: one of a fixed rank, an energy or a ratio, or "skip".
@@ -266,10 +259,11 @@ def _factorize_one(
     return {"row": row, "module": factorize_conv(layer, rank)}
 
 
-class LowRankParams(BaseModel):
+class LowRankParams(FineTuneFields, LayerControlFields):
     """Params of the `lowrank` step."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    LAYER_SETTINGS = LOWRANK_LAYER_SETTINGS
 
     rank_rule: RankRule = Field(
         default="energy",
@@ -283,23 +277,13 @@ class LowRankParams(BaseModel):
     conv: bool = Field(
         default=False, description="Also decompose Conv2d layers (k x k conv then 1 x 1 conv)."
     )
-    finetune_epochs: int = Field(
-        default=3, ge=0, le=500, description="Fine-tuning epochs after factorization."
+    # SVD keeps more of the function than pruning does: fewer epochs win it back.
+    finetune_epochs: int = finetune_epochs_field(3)
+    layers: dict[str, Any] = layers_field(
+        '{"rank": r}, {"energy": e} or {"ratio": q}',
+        fallback="the global rule",
+        no_match="a pattern matching no candidate layer, or a rank above the layer's full rank,",
     )
-    lr: float = Field(default=1e-3, gt=0, le=1.0, description="Fine-tuning learning rate (Adam).")
-    batch_size: int = Field(default=64, ge=1, le=65536, description="Fine-tuning batch size.")
-    layers: dict[str, Any] = Field(
-        default_factory=dict,
-        description='Per-layer control: fnmatch pattern over layer names -> {"rank": r}, '
-        '{"energy": e} or {"ratio": q}, or "skip". An exact name wins, then the first '
-        "matching pattern; unmatched layers use the global rule; a pattern matching no "
-        "candidate layer, or a rank above the layer's full rank, is an error.",
-    )
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _check_layers(cls, value: Any) -> dict[str, Any]:
-        return check_layer_settings(value, allowed=LOWRANK_LAYER_SETTINGS)
 
 
 @register_step("lowrank", params=LowRankParams, accepts={"torch"})
@@ -307,15 +291,14 @@ def lowrank_step(
     model: ModelArtifact, data: Dataset, params: LowRankParams, ctx: StepContext
 ) -> StepOutput:
     """Factorize Linear (and optionally Conv2d) layers by truncated SVD, then fine-tune."""
-    check_trainable(model.obj, step="lowrank")
-    check_fits_data(model.obj, data.X_test, num_classes=data.n_classes, what="the input model")
-    meta = {**model.meta, "in_features": data.n_features, "num_classes": data.n_classes}
-    size_before = len(save_model(ModelArtifact("torch", model.obj, dict(meta))))
-    params_before, _ = count_params(model)
-    acc_before = accuracy(model.obj, data.X_test, data.y_test)
-    seed_everything(ctx.seed)
+    return torch_step(model, data, params, ctx, name="lowrank", transform=_factorize)
+
+
+def _factorize(
+    model: nn.Module, _data: Dataset, params: LowRankParams, _ctx: StepContext
+) -> Transformed:
     factorized, layers = lowrank_factorize(
-        model.obj,
+        model,
         rule=params.rank_rule,
         energy=params.energy,
         ratio=params.ratio,
@@ -326,66 +309,21 @@ def lowrank_step(
         "rank_rule": params.rank_rule,
         "layers": layers,
         "layers_replaced": sum(1 for row in layers if row["replaced"]),
-        "accuracy_before": acc_before,
-        "accuracy_after_factorize": accuracy(factorized, data.X_test, data.y_test),
     }
     if params.layers:
         metrics["layer_settings"] = describe_choices(
-            lowrank_layer_choices(model.obj, params.layers, conv=params.conv)
+            lowrank_layer_choices(model, params.layers, conv=params.conv)
         )
-    if params.finetune_epochs:
-        history = fit(
-            factorized,
-            data.X_train,
-            data.y_train,
-            epochs=params.finetune_epochs,
-            lr=params.lr,
-            batch_size=params.batch_size,
-            seed=ctx.seed,
-        )
-        metrics["finetune"] = {
-            "epochs": params.finetune_epochs,
-            "final_loss": history["final_loss"],
-            "train_time_s": history["train_time_s"],
-        }
-    out = ModelArtifact("torch", factorized.eval(), meta)
-    size_after = len(save_model(out))
-    metrics.update(
-        accuracy=accuracy(factorized, data.X_test, data.y_test),
-        params_before=params_before,
-        params_after=count_params(out)[0],
-        size_before_bytes=size_before,
-        size_after_bytes=size_after,
-        size_ratio=size_before / size_after,
-    )
-    return StepOutput(model=out, metrics=metrics)
-
-
-def _to_params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {"conv": args.conv}
-    if args.ratio is not None:
-        params.update(rank_rule="ratio", ratio=args.ratio)
-    else:
-        params.update(rank_rule="energy", energy=args.energy)
-    if args.finetune_epochs is not None:
-        params["finetune_epochs"] = args.finetune_epochs
-    if args.layers is not None:
-        params["layers"] = parse_json_arg(args.layers, option="--layers")
-    return params
+    return Transformed(factorized, metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: factorize one model file through run_step and print one JSON line of metrics."""
-    parser = base_parser("Low-rank (SVD) factorization of Linear and Conv2d layers.")
-    rule = parser.add_mutually_exclusive_group()
-    rule.add_argument("--energy", type=float, default=0.9, help="Energy to keep (default 0.9).")
-    rule.add_argument("--ratio", type=float, help="Fixed rank ratio instead of --energy.")
-    parser.add_argument("--conv", action="store_true", help="Also decompose Conv2d layers.")
-    parser.add_argument("--finetune-epochs", type=int, help="Fine-tuning epochs (default 3).")
-    parser.add_argument(
-        "--layers", help='Per-layer JSON, e.g. \'{"0": {"rank": 8}, "2": "skip"}\'.'
-    )
-    return script_main("lowrank", parser, _to_params, argv)
+    """CLI: factorize one model file through run_step; print one JSON line."""
+    from modules.pipeline.script import ScriptOptions, script_main
+
+    # --ratio alone picks the ratio rule, as --energy alone is the default rule.
+    options = ScriptOptions(implies={"ratio": {"rank_rule": "ratio"}})
+    return script_main("lowrank", argv, options)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ CLI: python -m modules.compression.precision --input-model m.skops --output-mode
 
 from __future__ import annotations
 
-import argparse
 import copy
 import warnings
 from collections.abc import Sequence
@@ -35,7 +34,6 @@ from modules.core.step import StepContext, StepOutput
 from modules.errors import IncompatibleError
 from modules.evaluation.inference import make_predictor
 from modules.evaluation.measure import MeasureParams, measure_model
-from modules.pipeline.script import base_parser, script_main
 from modules.storage.datasets import Dataset
 
 Dtype = Literal["float32", "float16", "int8"]
@@ -313,15 +311,10 @@ def precision(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: put a model on a precision pathway and print one JSON line of metrics."""
-    parser = base_parser("Simulate float32 / float16 / int8 storage of a scikit-learn model.")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="int8")
-    parser.add_argument("--timing-runs", type=int, default=10, help="Timed runs per batch.")
+    """CLI: put a model on a precision pathway; print one JSON line."""
+    from modules.pipeline.script import script_main
 
-    def to_params(args: argparse.Namespace) -> dict[str, Any]:
-        return {"dtype": args.dtype, "timing_runs": args.timing_runs}
-
-    return script_main("precision", parser, to_params, argv)
+    return script_main("precision", argv)
 
 
 if __name__ == "__main__":

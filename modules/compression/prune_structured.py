@@ -16,7 +16,6 @@ CLI: python -m modules.compression.prune_structured --input-model in.pt --output
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import zlib
@@ -25,32 +24,27 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from modules.compression.layer_select import (
     LayerChoice,
+    LayerControlFields,
     check_layer_settings,
     describe_choices,
+    layers_field,
     number_in,
     resolve_layers,
 )
+from modules.compression.scaffold import Transformed, torch_step
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
-from modules.evaluation.measure import count_params
-from modules.pipeline.script import base_parser, parse_json_arg, script_main
 from modules.storage.datasets import Dataset
-from modules.storage.model_formats import save_model
-from modules.storage.zoo import ResidualBlock
-from modules.training.finetune import (
-    accuracy,
-    check_fits_data,
-    check_trainable,
-    fit,
-    seed_everything,
-)
+from modules.storage.layers import ResidualBlock
+from modules.training.fields import FineTuneFields
+from modules.training.finetune import fit
 
 Importance = Literal["l1", "l2", "gradient"]
 Scope = Literal["layer", "global"]
@@ -109,10 +103,6 @@ def classifier_name(model: nn.Module) -> str:
     """The module name of the layer that emits the logits (the last Linear or Conv2d)."""
     logits = _classifier(model)
     return next(n for n, m in model.named_modules() if m is logits)
-
-
-def _size_of(model: nn.Module, meta: dict[str, Any]) -> int:
-    return len(save_model(ModelArtifact("torch", model, dict(meta))))
 
 
 # --- structured ------------------------------------------------------------------------------
@@ -355,11 +345,16 @@ def prune_unstructured(
     return pruned, masks
 
 
-def sparse_sizes(model: nn.Module, dense_file: bytes) -> dict[str, Any]:
-    """Dense file size next to two honest sparse sizes of the same weights."""
+def sparse_sizes(model: nn.Module) -> dict[str, Any]:
+    """Dense tensor bytes next to two honest sparse sizes of the same weights."""
     weights = {id(w) for w in prunable_weights(model).values()}
-    csr = 0
+    dense = csr = 0
+    deflate = zlib.compressobj(6)
+    deflated = 0
     for tensor in model.state_dict(keep_vars=True).values():
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        dense += raw.nbytes
+        deflated += len(deflate.compress(raw.tobytes()))
         if id(tensor) in weights:
             rows = tensor.shape[0]
             nnz = int((tensor != 0).sum())
@@ -368,14 +363,16 @@ def sparse_sizes(model: nn.Module, dense_file: bytes) -> dict[str, Any]:
         else:
             csr += tensor.numel() * tensor.element_size()
     return {
-        "size_dense_bytes": len(dense_file),
+        "size_dense_bytes": dense,
         "size_csr_estimate_bytes": csr,
-        "size_deflate_bytes": len(zlib.compress(dense_file, 6)),
+        "size_deflate_bytes": deflated + len(deflate.flush()),
         "size_note": (
-            "the saved .pt file is dense (size_dense_bytes). size_csr_estimate_bytes: tensor "
-            "bytes if pruned weights were stored as CSR (fp32 values, int32 indices), not a "
-            "file we write; size_deflate_bytes: the dense file DEFLATE-compressed (zlib level "
-            "6), i.e. what a zip or gzip of it takes on disk"
+            "the saved .pt file is dense: size_dense_bytes is its tensor bytes (the file adds a "
+            "small header; its size is the step record's output_size). "
+            "size_csr_estimate_bytes: tensor bytes if pruned weights were stored as CSR (fp32 "
+            "values, int32 indices), not a file we write; size_deflate_bytes: those dense "
+            "tensor bytes DEFLATE-compressed (zlib level 6), about what a zip or gzip of the "
+            "file takes on disk"
         ),
     }
 
@@ -501,10 +498,11 @@ def prune_gradual(
 # --- the step --------------------------------------------------------------------------------
 
 
-class PruneParams(BaseModel):
+class PruneParams(FineTuneFields, LayerControlFields):
     """Params of the `prune_structured` step."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    LAYER_SETTINGS = PRUNE_LAYER_SETTINGS
 
     method: Literal["structured", "unstructured", "gradual"] = Field(
         default="structured",
@@ -533,12 +531,6 @@ class PruneParams(BaseModel):
         le=256,
         description="Structured: keep channel counts a multiple of this (8 suits SIMD kernels).",
     )
-    finetune_epochs: int = Field(
-        default=5,
-        ge=0,
-        le=500,
-        description="Fine-tuning epochs after pruning (gradual: with the final mask fixed).",
-    )
     prune_epochs: int = Field(
         default=5,
         ge=1,
@@ -557,19 +549,11 @@ class PruneParams(BaseModel):
     start_step: int = Field(
         default=0, ge=0, le=10_000_000, description="Gradual: optimizer step where the ramp starts."
     )
-    lr: float = Field(default=1e-3, gt=0, le=1.0, description="Fine-tuning learning rate (Adam).")
-    batch_size: int = Field(default=64, ge=1, le=65536, description="Fine-tuning batch size.")
-    layers: dict[str, Any] = Field(
-        default_factory=dict,
-        description='Per-layer control: fnmatch pattern over layer names -> {"amount": a} '
-        'with a in [0, 1), or "skip". An exact name wins, then the first matching pattern; '
-        "unmatched layers use `amount`; a pattern matching no Linear/Conv2d layer is an error.",
+    layers: dict[str, Any] = layers_field(
+        '{"amount": a} with a in [0, 1)',
+        fallback="`amount`",
+        no_match="a pattern matching no Linear/Conv2d layer",
     )
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _check_layers(cls, value: Any) -> dict[str, Any]:
-        return check_layer_settings(value, allowed=PRUNE_LAYER_SETTINGS)
 
     @model_validator(mode="after")
     def _check_combination(self) -> PruneParams:
@@ -595,21 +579,22 @@ def prune_step(
     model: ModelArtifact, data: Dataset, params: PruneParams, ctx: StepContext
 ) -> StepOutput:
     """Prune a torch model (structured, unstructured or gradual), then fine-tune it."""
-    check_trainable(model.obj, step="prune_structured")
-    check_fits_data(model.obj, data.X_test, num_classes=data.n_classes, what="the input model")
-    meta = {**model.meta, "in_features": data.n_features, "num_classes": data.n_classes}
-    before_params, _ = count_params(model)
-    size_before = _size_of(model.obj, meta)
-    acc_before = accuracy(model.obj, data.X_test, data.y_test)
-    seed_everything(ctx.seed)
+    out = torch_step(model, data, params, ctx, name="prune_structured", transform=_prune)
+    if params.method != "structured" and out.model is not None:
+        pruned = out.model.obj
+        out.metrics["weight_sparsity"] = weight_sparsity(pruned)
+        out.metrics["layer_sparsity"] = _layer_sparsity(pruned)
+        out.metrics.update(sparse_sizes(pruned))
+    return out
+
+
+def _prune(model: nn.Module, data: Dataset, params: PruneParams, ctx: StepContext) -> Transformed:
     metrics: dict[str, Any] = {"method": params.method, "amount": params.amount}
     if params.layers:
-        metrics["layer_settings"] = describe_choices(layer_choices(model.obj, params.layers))
-    masks: dict[str, torch.Tensor] | None = None
-
+        metrics["layer_settings"] = describe_choices(layer_choices(model, params.layers))
     if params.method == "gradual":
         pruned, report = prune_gradual(
-            model.obj,
+            model,
             data,
             final=params.amount,
             initial=params.initial_sparsity,
@@ -622,116 +607,47 @@ def prune_step(
             lr=params.lr,
             batch_size=params.batch_size,
             seed=ctx.seed,
-            layer_amounts=unstructured_layer_amounts(model.obj, params.layers),
+            layer_amounts=unstructured_layer_amounts(model, params.layers),
         )
-        metrics["gradual"] = report
-    else:
-        if params.method == "structured":
-            pruned = prune_structured(
-                model.obj,
-                amount=params.amount,
-                in_features=data.n_features,
-                importance="l2" if params.importance == "l2" else "l1",
-                scope=params.scope,
-                round_to=params.round_to,
-                layers=params.layers,
-            )
-            before, after = _widths(model.obj), _widths(pruned)
-            metrics["widths"] = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
-        else:
-            scores = (
-                gradient_scores(model.obj, data.X_train, data.y_train)
-                if params.importance == "gradient"
-                else None
-            )
-            pruned, masks = prune_unstructured(
-                model.obj,
-                amount=params.amount,
-                scope=params.scope,
-                scores=scores,
-                layer_amounts=unstructured_layer_amounts(model.obj, params.layers),
-            )
-        check_fits_data(pruned, data.X_test, num_classes=data.n_classes, what="the pruned model")
-        metrics["accuracy_after_prune"] = accuracy(pruned, data.X_test, data.y_test)
-        if params.finetune_epochs:
-            fixed = masks
-            history = fit(
-                pruned,
-                data.X_train,
-                data.y_train,
-                epochs=params.finetune_epochs,
-                lr=params.lr,
-                batch_size=params.batch_size,
-                seed=ctx.seed,
-                after_step=(lambda _s: apply_masks(pruned, fixed)) if fixed else None,
-            )
-            metrics["finetune"] = {
-                "epochs": params.finetune_epochs,
-                "final_loss": history["final_loss"],
-                "train_time_s": history["train_time_s"],
-            }
-
-    out = ModelArtifact("torch", pruned.eval(), meta)
-    blob = save_model(out)
-    after_params, nonzero = count_params(out)
-    metrics.update(
-        accuracy_before=acc_before,
-        accuracy=accuracy(pruned, data.X_test, data.y_test),
-        params_before=before_params,
-        params_after=after_params,
-        nonzero_params_after=nonzero,
-        size_before_bytes=size_before,
-        size_after_bytes=len(blob),
-        size_ratio=size_before / len(blob),
+        # prune_gradual fine-tunes with the final mask fixed itself.
+        return Transformed(pruned, {**metrics, "gradual": report}, trained=True)
+    if params.method == "structured":
+        pruned = prune_structured(
+            model,
+            amount=params.amount,
+            in_features=data.n_features,
+            importance="l2" if params.importance == "l2" else "l1",
+            scope=params.scope,
+            round_to=params.round_to,
+            layers=params.layers,
+        )
+        before, after = _widths(model), _widths(pruned)
+        metrics["widths"] = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+        return Transformed(pruned, metrics)
+    scores = (
+        gradient_scores(model, data.X_train, data.y_train)
+        if params.importance == "gradient"
+        else None
     )
-    if params.method != "structured":
-        metrics["weight_sparsity"] = weight_sparsity(pruned)
-        metrics["layer_sparsity"] = _layer_sparsity(pruned)
-        metrics.update(sparse_sizes(pruned, blob))
-    return StepOutput(model=out, metrics=metrics)
+    pruned, masks = prune_unstructured(
+        model,
+        amount=params.amount,
+        scope=params.scope,
+        scores=scores,
+        layer_amounts=unstructured_layer_amounts(model, params.layers),
+    )
+    # Adam moves pruned weights off zero while fine-tuning; the masks put them back.
+    return Transformed(pruned, metrics, after_step=lambda _s: apply_masks(pruned, masks))
 
 
 # --- CLI -------------------------------------------------------------------------------------
 
 
-def _to_params(args: argparse.Namespace) -> dict[str, Any]:
-    names = (
-        "method",
-        "amount",
-        "scope",
-        "importance",
-        "round_to",
-        "finetune_epochs",
-        "prune_epochs",
-        "frequency",
-        "initial_sparsity",
-        "start_step",
-        "lr",
-    )
-    params = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.layers is not None:
-        params["layers"] = parse_json_arg(args.layers, option="--layers")
-    return params
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: prune one model file through run_step and print one JSON line of metrics."""
-    parser = base_parser("Prune a torch model (structured, unstructured or gradual).")
-    parser.add_argument("--amount", type=float, required=True, help="Fraction in [0, 1).")
-    parser.add_argument("--method", help="structured (default), unstructured or gradual.")
-    parser.add_argument("--scope", help="layer (default) or global.")
-    parser.add_argument("--importance", help="l1 (default), l2 or gradient.")
-    parser.add_argument("--round-to", type=int, help="Structured: channel multiple, e.g. 8.")
-    parser.add_argument("--finetune-epochs", type=int, help="Fine-tuning epochs (default 5).")
-    parser.add_argument("--prune-epochs", type=int, help="Gradual: ramp epochs (default 5).")
-    parser.add_argument("--frequency", type=int, help="Gradual: steps between mask updates.")
-    parser.add_argument("--initial-sparsity", type=float, help="Gradual: s_i (default 0).")
-    parser.add_argument("--start-step", type=int, help="Gradual: t0 (default 0).")
-    parser.add_argument("--lr", type=float, help="Fine-tuning learning rate.")
-    parser.add_argument(
-        "--layers", help='Per-layer JSON, e.g. \'{"0": {"amount": 0.3}, "4": "skip"}\'.'
-    )
-    return script_main("prune_structured", parser, _to_params, argv)
+    """CLI: prune one model file through run_step; print one JSON line."""
+    from modules.pipeline.script import script_main
+
+    return script_main("prune_structured", argv)
 
 
 if __name__ == "__main__":

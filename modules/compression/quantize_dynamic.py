@@ -14,32 +14,30 @@ CLI: python -m modules.compression.quantize_dynamic in.pt out.pt [--dtype int8|f
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from modules.compression.layer_select import (
     LayerChoice,
+    LayerControlFields,
     check_layer_settings,
     describe_choices,
+    layers_field,
     one_of,
     resolve_layers,
 )
+from modules.compression.scaffold import Transformed, torch_step
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
-from modules.pipeline.script import base_parser, parse_json_arg, script_main
 from modules.storage.datasets import Dataset
-from modules.storage.model_formats import save_model
-from modules.storage.zoo import Float16Linear, Int8Linear
-from modules.training.finetune import check_fits_data
+from modules.storage.layers import Float16Linear, Int8Linear
 
 QuantDtype = Literal["int8", "float16"]
 # A layer's own setting in `layers`: its dtype, or "skip" (the layer stays float32).
@@ -148,33 +146,22 @@ def int8_kernel(model: nn.Module) -> str:
     return f"torch.ops.quantized.linear_dynamic ({torch.backends.quantized.engine})"
 
 
-def _logits(model: nn.Module, x: np.ndarray) -> torch.Tensor:
-    model.eval()
-    with torch.inference_mode():
-        return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float()
-
-
-class QuantizeParams(BaseModel):
+class QuantizeParams(LayerControlFields):
     """Params of the `quantize_dynamic` step."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    LAYER_SETTINGS = QUANTIZE_LAYER_SETTINGS
 
     dtype: QuantDtype = Field(
         default="int8",
         description="int8: int8 weights with per-channel scales, int8 kernels at run time; "
         "float16: half-precision weights and compute.",
     )
-    layers: dict[str, Any] = Field(
-        default_factory=dict,
-        description='Per-layer control: fnmatch pattern over layer names -> {"dtype": "int8" '
-        '| "float16"} or "skip" (stays float32). An exact name wins, then the first matching '
-        "pattern; unmatched layers use `dtype`; a pattern matching no Linear is an error.",
+    layers: dict[str, Any] = layers_field(
+        '{"dtype": "int8" | "float16"}',
+        fallback="`dtype`",
+        no_match="a pattern matching no Linear",
     )
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _check_layers(cls, value: Any) -> dict[str, Any]:
-        return check_layer_settings(value, allowed=QUANTIZE_LAYER_SETTINGS)
 
 
 @register_step("quantize_dynamic", params=QuantizeParams, accepts={"torch"})
@@ -182,15 +169,15 @@ def quantize_step(
     model: ModelArtifact, data: Dataset, params: QuantizeParams, ctx: StepContext
 ) -> StepOutput:
     """Quantize every nn.Linear to int8 (per-channel) or float16; Conv2d stays float32."""
-    check_fits_data(model.obj, data.X_test, num_classes=data.n_classes, what="the input model")
-    meta = {**model.meta, "in_features": data.n_features, "num_classes": data.n_classes}
-    quantized, layers = quantize_dynamic(model.obj, dtype=params.dtype, layers=params.layers)
-    size_before = len(save_model(ModelArtifact("torch", model.obj, dict(meta))))
-    out = ModelArtifact("torch", quantized, {**meta, "quantized": params.dtype})
-    size_after = len(save_model(out))
-    before, after = _logits(model.obj, data.X_test), _logits(quantized, data.X_test)
-    acc_before = float((before.argmax(1).numpy() == data.y_test).mean())
-    acc_after = float((after.argmax(1).numpy() == data.y_test).mean())
+    return torch_step(
+        model, data, params, ctx, name="quantize_dynamic", transform=_quantize, fine_tune=False
+    )
+
+
+def _quantize(
+    model: nn.Module, _data: Dataset, params: QuantizeParams, _ctx: StepContext
+) -> Transformed:
+    quantized, layers = quantize_dynamic(model, dtype=params.dtype, layers=params.layers)
     metrics: dict[str, Any] = {
         "dtype": params.dtype,
         "quantized_layers": layers,
@@ -198,43 +185,23 @@ def quantize_step(
             name for name, m in quantized.named_modules() if isinstance(m, nn.Conv2d)
         ),
         "kernel": int8_kernel(quantized) if params.dtype == "int8" else "float16 F.linear",
-        "size_before_bytes": size_before,
-        "size_after_bytes": size_after,
-        "size_ratio": size_before / size_after,
-        "accuracy_before": acc_before,
-        "accuracy": acc_after,
-        "accuracy_drop_pt": 100 * (acc_before - acc_after),
-        "label_agreement": float((before.argmax(1) == after.argmax(1)).float().mean()),
-        "max_abs_logit_diff": float((before - after).abs().max()),
     }
     if params.layers:
-        choices = quantize_layer_choices(model.obj, params.layers)
+        choices = quantize_layer_choices(model, params.layers)
         metrics["layer_settings"] = describe_choices(choices)
         metrics["skipped_layers"] = [n for n, c in choices.items() if c.skip]
         kinds = {Int8Linear: "int8", Float16Linear: "float16", nn.Linear: "float32"}
         metrics["layer_dtypes"] = {
             name: kinds[type(m)] for name, m in quantized.named_modules() if type(m) in kinds
         }
-    return StepOutput(model=out, metrics=metrics)
-
-
-def _to_params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {"dtype": args.dtype}
-    if args.layers is not None:
-        params["layers"] = parse_json_arg(args.layers, option="--layers")
-    return params
+    return Transformed(quantized, metrics, meta={"quantized": params.dtype})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: quantize one model file through run_step and print one JSON line of metrics."""
-    parser = base_parser(
-        "Dynamic int8 / float16 quantization of Linear layers.", positional_io=True
-    )
-    parser.add_argument("--dtype", default="int8", help="int8 (default) or float16.")
-    parser.add_argument(
-        "--layers", help='Per-layer JSON, e.g. \'{"0": {"dtype": "float16"}, "4": "skip"}\'.'
-    )
-    return script_main("quantize_dynamic", parser, _to_params, argv)
+    """CLI: quantize one model file through run_step; print one JSON line."""
+    from modules.pipeline.script import ScriptOptions, script_main
+
+    return script_main("quantize_dynamic", argv, ScriptOptions(positional_io=True))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from modules.core.registry import get_step
 from modules.errors import BadInputError
 
 MAX_STEPS = 50
+# The profile of a job that names none (a name in modules/core/profiles.py).
+DEFAULT_PROFILE = "edge-8mb"
 
 
 class StepCall(BaseModel):
@@ -47,7 +49,9 @@ class JobSpec(BaseModel):
     dataset: str = Field(
         default="digits", max_length=1024, description="Built-in name or a .npz / IDX path."
     )
-    profile: str | Profile = Field(default="edge-8mb", description="Profile name or inline budget.")
+    profile: str | Profile = Field(
+        default=DEFAULT_PROFILE, description="Profile name or inline budget."
+    )
     steps: list[StepCall] = Field(min_length=1, max_length=MAX_STEPS, description="Steps in order.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed for splits and training.")
     repeats: int = Field(default=1, ge=1, le=20, description="Repeated runs for statistics.")

@@ -91,13 +91,3 @@ class StepContext:
     load_model: Callable[[str], ModelArtifact] | None = None
     # Raw bytes of a stored object (a user's inputs file); steps build the key from user_id.
     read_bytes: Callable[[str], bytes] | None = None
-
-    def earlier_model(self, *, framework: str | None = None) -> ModelArtifact | None:
-        """The newest model produced before this step (optionally of one framework)."""
-        if self.load_model is None:
-            return None
-        for record in reversed(self.history):
-            key = record.get("output_key")
-            if key and (framework is None or record.get("output_framework") == framework):
-                return self.load_model(key)
-        return None

@@ -243,19 +243,9 @@ def onnx_export(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m modules.deployment.onnx_export --input-model m.pt --output-model m.onnx`."""
-    from modules.pipeline.script import base_parser, script_main
+    from modules.pipeline.script import script_main
 
-    parser = base_parser("Export a torch or scikit-learn model to ONNX and check it.")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17).")
-    parser.add_argument(
-        "--precision", default="auto", help="scikit-learn: auto | float32 | float64."
-    )
-    return script_main(
-        "onnx_export",
-        parser,
-        lambda a: {"opset": a.opset, "precision": a.precision},
-        argv,
-    )
+    return script_main("onnx_export", argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The fp32 graph's outputs on the evaluation rows are the reference, and every trial is judged
 by the parity gate's rules for the output kind (labels, embedding or regression; see
-modules.deployment.parity), with the step's thresholds.
+modules.deployment.parity_metrics), with the step's thresholds.
 
 1. grid: dynamic and static (static only with calibration rows) x per-tensor and
    per-channel x reduce_range off and on x int8 and uint8 weights.
@@ -34,21 +34,16 @@ from typing import Any
 import numpy as np
 
 from modules.core.step import Verdict
-from modules.deployment.onnx_quantize import (
-    OnnxQuantizeParams,
-    QuantSettings,
-    prepare_graph,
-    quantize_prepared,
-)
-from modules.deployment.parity import (
+from modules.deployment.onnx_int8 import QuantSettings, prepare_graph, quantize_prepared
+from modules.deployment.parity import time_feeds
+from modules.deployment.parity_metrics import (
     GateThresholds,
-    OrtRunner,
     compare_outputs,
     output_verdict,
     parity_score,
     resolve_kind,
-    time_feeds,
 )
+from modules.evaluation.inference import OrtRunner
 
 # Nodes that carry weights or do the heavy arithmetic: what a probe quantizes one at a time.
 WEIGHTED_OPS = frozenset(
@@ -78,17 +73,6 @@ class SearchBudget:
     # Exclusions start from the best setting within this band of the fastest; None picks by
     # parity alone, which makes the search independent of timing (tests, noisy machines).
     speed_band: float | None = BASE_SPEED_BAND
-
-    @classmethod
-    def of(cls, params: OnnxQuantizeParams) -> SearchBudget:
-        return cls(
-            max_excluded_nodes=params.max_excluded_nodes,
-            max_sensitivity_nodes=params.max_sensitivity_nodes,
-            max_trials=params.max_trials,
-            latency_batch=params.latency_batch,
-            latency_runs=params.latency_runs,
-            threads=params.threads,
-        )
 
 
 @dataclass

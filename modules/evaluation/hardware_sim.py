@@ -382,22 +382,9 @@ def hardware_sim(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m modules.evaluation.hardware_sim --input-model m.pt --profile edge-8mb`."""
-    from modules.pipeline.script import base_parser, script_main
+    from modules.pipeline.script import script_main
 
-    parser = base_parser("Simulate a model on a hardware profile (latency, memory, energy).")
-    parser.add_argument("--memory-budget-mb", type=float, help="Override the memory budget.")
-    parser.add_argument("--compute-scale", type=float, help="Override the compute scale.")
-    parser.add_argument("--power-w", type=float, help="Override the power draw.")
-    parser.add_argument("--runs", type=int, default=20, help="Timed runs per batch size.")
-
-    def to_params(args: Any) -> dict[str, Any]:
-        params: dict[str, Any] = {"runs": args.runs}
-        for key in ("memory_budget_mb", "compute_scale", "power_w"):
-            if getattr(args, key) is not None:
-                params[key] = getattr(args, key)
-        return params
-
-    return script_main("hardware_sim", parser, to_params, argv)
+    return script_main("hardware_sim", argv)
 
 
 if __name__ == "__main__":

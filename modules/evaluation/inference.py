@@ -1,15 +1,19 @@
-"""One way to run any stored model: torch, scikit-learn or ONNX Runtime."""
+"""One way to run any stored model: torch, scikit-learn or ONNX Runtime (`OrtRunner`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from modules.core.artifact import ModelArtifact
 from modules.errors import IncompatibleError
+from modules.storage.inputs import TensorSpec, n_rows, onnx_inputs, onnx_outputs, take_rows
+
+# Rows per ONNX Runtime call when a graph's batch axis is free: bounds activation memory.
+RUN_CHUNK_ROWS = 512
 
 
 @dataclass
@@ -59,6 +63,7 @@ def _sklearn_predictor(artifact: ModelArtifact) -> Predictor:
 
 
 def ort_session(model_bytes: bytes, *, threads: int | None = None) -> Any:
+    """A CPU ONNX Runtime session with `threads` intra-op threads (None: ORT's default)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -67,10 +72,73 @@ def ort_session(model_bytes: bytes, *, threads: int | None = None) -> Any:
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
+@dataclass
+class OrtRunner:
+    """An ONNX Runtime session over any number of rows: chunked runs, outputs concatenated."""
+
+    session: Any
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    # A graph exported with a fixed batch size is fed exactly that many rows per run.
+    fixed_batch: int | None
+    # run_matrix feeds a flat (batch, n_features) matrix to this input, cast to this type.
+    matrix_input: str = ""
+    matrix_dtype: type[np.floating[Any]] = np.float32
+
+    @classmethod
+    def of(cls, proto: Any, *, threads: int | None) -> OrtRunner:
+        """A session for `proto` with `threads` intra-op threads (None: ORT's default)."""
+        specs = onnx_inputs(proto)
+        fixed = [s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)]
+        fixed_batch = min((d for d in fixed if d > 0), default=None)
+        session = ort_session(proto.SerializeToString(), threads=threads)
+        first = session.get_inputs()[0]
+        dtype = np.float64 if "double" in first.type else np.float32
+        return cls(session, specs, onnx_outputs(proto), fixed_batch, first.name, dtype)
+
+    @property
+    def chunk(self) -> int:
+        return self.fixed_batch or RUN_CHUNK_ROWS
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """name -> output over all rows (outputs without a row axis are left out)."""
+        total = n_rows(feeds)
+        try:
+            parts = [
+                self.session.run(None, take_rows(feeds, slice(start, start + self.chunk)))
+                for start in range(0, total, self.chunk)
+            ]
+        except Exception as exc:  # ORT's own error types (Fail, InvalidArgument, ...)
+            text = " ".join(str(exc).split())[:400]
+            raise IncompatibleError(
+                f"ONNX Runtime could not run the model on these inputs: {text}"
+            ) from exc
+        out = {}
+        for i, spec in enumerate(self.outputs):
+            pieces = [np.asarray(p[i]) for p in parts]
+            if all(p.ndim >= 1 for p in pieces):
+                out[spec.name] = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        return out
+
+    def run_matrix(self, x: np.ndarray) -> list[Any]:
+        """Every output for a flat matrix fed, in the input's float type, to the first input."""
+        feed = {self.matrix_input: x.astype(self.matrix_dtype, copy=False)}
+        return cast(list[Any], self.session.run(None, feed))
+
+    def batch_sizes(self, wanted: int) -> list[int]:
+        """Batch sizes to time: 1 and `wanted`, or the graph's fixed batch size."""
+        return [self.fixed_batch] if self.fixed_batch else sorted({1, wanted})
+
+
+def feed_batch(feeds: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """`size` rows of every input, cycling when there are fewer."""
+    return take_rows(feeds, np.arange(size) % n_rows(feeds))
+
+
 def _onnx_predictor(artifact: ModelArtifact) -> Predictor:
-    session = ort_session(artifact.obj.SerializeToString())
+    runner = OrtRunner.of(artifact.obj, threads=None)
+    session = runner.session
     inp = session.get_inputs()[0]
-    dtype = np.float64 if "double" in inp.type else np.float32
     width = inp.shape[1] if len(inp.shape) == 2 and isinstance(inp.shape[1], int) else None
     outputs = session.get_outputs()
     # skl2onnx classifiers emit [label, probabilities]; torch exports emit logits.
@@ -80,7 +148,7 @@ def _onnx_predictor(artifact: ModelArtifact) -> Predictor:
     is_logits = artifact.meta.get("source_framework") == "torch"
 
     def scores(x: np.ndarray) -> np.ndarray:
-        out = np.asarray(session.run(None, {inp.name: x.astype(dtype, copy=False)})[score_idx])
+        out = np.asarray(runner.run_matrix(x)[score_idx])
         if is_logits:
             out = out - out.max(axis=1, keepdims=True)
             np.exp(out, out=out)

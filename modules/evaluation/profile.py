@@ -138,7 +138,7 @@ def _layer_flops(module: Any, args: tuple[Any, ...]) -> tuple[int, str]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from modules.storage.zoo import Int8Linear
+    from modules.storage.layers import Int8Linear
 
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
@@ -465,17 +465,9 @@ def profile(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m modules.evaluation.profile --input-model m.pt`: the table as one JSON line."""
-    from modules.pipeline.script import base_parser, script_main
+    from modules.pipeline.script import script_main
 
-    parser = base_parser("Per-layer profile: params, FLOPs, activation memory, latency share.")
-    parser.add_argument("--batch-size", type=int, default=1, help="Rows per forward.")
-    parser.add_argument("--warmup", type=int, default=5, help="Untimed forwards.")
-    parser.add_argument("--runs", type=int, default=30, help="Timed forwards.")
-
-    def to_params(args: Any) -> dict[str, Any]:
-        return {"batch_size": args.batch_size, "warmup": args.warmup, "runs": args.runs}
-
-    return script_main("profile", parser, to_params, argv)
+    return script_main("profile", argv)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules.core.jobspec import JobSpec, parse_job_spec
+from modules.core.jobspec import DEFAULT_PROFILE, JobSpec, parse_job_spec
 from modules.errors import BadInputError
 from modules.pipeline.run import run_step
 from modules.pipeline.runner import PipelineResult, ProgressFn, run_pipeline
 from modules.storage.artifacts import LocalStore
 from modules.storage.jobs import SqliteJobStore
+from modules.storage.keys import model_key
 from modules.storage.model_formats import load_model_file, save_model
 from modules.storage.steplog import CsvStepLog
 
@@ -36,7 +37,7 @@ class LocalWorkspace:
         artifact = load_model_file(path, trust_pickle=trust_pickle)
         blob = save_model(artifact)  # re-serialized: the store only ever holds safe formats
         digest = hashlib.sha256(blob).hexdigest()[:16]
-        key = f"users/{user_id}/models/{digest}/model{artifact.suffix}"
+        key = model_key(user_id, digest, artifact.suffix)
         self.store.put_bytes(key, blob)
         return key
 
@@ -81,7 +82,7 @@ def run_single_step(
     input_path: Path | None,
     output_path: Path | None,
     dataset: str = "digits",
-    profile: str = "edge-8mb",
+    profile: str = DEFAULT_PROFILE,
     seed: int = 0,
     trust_pickle: bool = False,
     workspace: Path | None = None,

@@ -14,21 +14,21 @@ import platform
 import re
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from modules.core.artifact import ModelArtifact
 from modules.core.jobspec import JobSpec
+from modules.core.records import StepRecord
 from modules.core.registry import get_step
 from modules.core.step import StepContext, StepOutput, cancellable
 from modules.errors import BadInputError, IncompatibleError, McaasError
-from modules.pipeline.step_cache import StepCache
+from modules.storage import keys
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import load_model, save_model
@@ -65,7 +65,9 @@ def library_versions() -> dict[str, str]:
 def step_prefix(job: JobSpec, index: int) -> str:
     """Where step `index` of `job` writes: users/{user}/{profile}/{job}/{i}-{step}/."""
     name = job.steps[index].name
-    return f"users/{job.user_id}/{job.profile_name}/{job.job_id}/{index:02d}-{name}/"
+    return keys.step_prefix(
+        user_id=job.user_id, profile=job.profile_name, job_id=job.job_id, index=index, step=name
+    )
 
 
 def to_jsonable(value: Any) -> Any:
@@ -114,6 +116,19 @@ def _load_model_bytes(blob: bytes, key: str, *, trust_pickle: bool) -> ModelArti
         raise type(exc)(f"model {key}: {exc}") from None
 
 
+class StepGuard(Protocol):
+    """The one hook into run_step, for a caller that begins the step while its body runs
+    (the engine's steps in a row): nothing is stored unless `confirm` returns."""
+
+    def confirm(self) -> None:
+        """Called after the body, before anything is stored; raise to store nothing."""
+        ...
+
+    def cancelled(self) -> bool:
+        """What the body's check_cancelled() asks: true once the result is not wanted."""
+        ...
+
+
 def _input_key(job: JobSpec, index: int, previous: dict[str, Any] | None) -> str | None:
     if index == 0:
         return job.model
@@ -122,14 +137,45 @@ def _input_key(job: JobSpec, index: int, previous: dict[str, Any] | None) -> str
             f"job {job.job_id}: step {index} ({job.steps[index].name}) needs the record of "
             f"step {index - 1} ({job.steps[index - 1].name}), which has not run"
         )
-    verdict = previous.get("verdict")
-    if verdict is not None and not verdict.get("passed", True):
+    if StepRecord.of(previous).rejected:
         raise PipelineOrderError(
-            f"job {job.job_id}: step {index - 1} was rejected ({verdict.get('reason')}); "
-            "later steps do not run"
+            f"job {job.job_id}: step {index - 1} was rejected "
+            f"({previous['verdict'].get('reason')}); later steps do not run"
         )
     key = previous.get("output_key")
     return str(key) if key else None
+
+
+def _load_input(
+    store: ArtifactStore, key: str | None, *, trust_pickle: bool
+) -> tuple[ModelArtifact | None, int | None]:
+    """The input model and its size in bytes (one download gives both), or (None, None)."""
+    if not key:
+        return None, None
+    blob = store.get_bytes(key)
+    return _load_model_bytes(blob, key, trust_pickle=trust_pickle), len(blob)
+
+
+def _outputs(
+    job: JobSpec, index: int, output: StepOutput
+) -> tuple[dict[str, bytes], str | None, dict[str, str]]:
+    """The objects to store (key -> bytes), the output model's key, and the files' keys."""
+    name = job.steps[index].name
+    prefix = step_prefix(job, index)
+    uploads: dict[str, bytes] = {}
+    model_key: str | None = None
+    if output.model is not None:
+        model_key = f"{prefix}model{output.model.suffix}"
+        uploads[model_key] = save_model(output.model)
+    file_keys: dict[str, str] = {}
+    for file_name, content in sorted(output.files.items()):
+        if not _FILE_NAME.match(file_name):
+            raise BadInputError(f"step {name!r} produced a file with a bad name: {file_name!r}")
+        file_keys[file_name] = f"{prefix}{file_name}"
+        if file_keys[file_name] in uploads:
+            raise BadInputError(f"step {name!r} produced a file named like its model: {file_name}")
+        uploads[file_keys[file_name]] = content
+    return uploads, model_key, file_keys
 
 
 def run_step(
@@ -139,30 +185,19 @@ def run_step(
     store: ArtifactStore,
     log: StepLog,
     trust_pickle: bool = False,
-    cache: StepCache | None = None,
-    before_save: Callable[[], object] | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    guard: StepGuard | None = None,
 ) -> dict[str, Any]:
     """Run step `index` of `job` once; a second call returns the first call's record.
 
-    `cache` (a long-lived worker's) supplies records and model bytes this process already
-    has, instead of a step-log query and a download (see modules/pipeline/step_cache.py).
-
-    `before_save`, when given, is called after the step's body and before anything is
-    stored; an error from it propagates and nothing is stored. (A worker that began this
-    step while its body ran waits there for the job store to confirm it.) It is not called
-    when the step had already run. `cancelled` is what the body's `check_cancelled()` asks
-    (modules/core/step.py): true once the result is no longer wanted.
+    With a `guard`, its confirm() runs after the body and before anything is stored (it is
+    not called when the step had already run), and its cancelled() is what the body's
+    check_cancelled() asks (modules/core/step.py).
     """
     if not 0 <= index < len(job.steps):
         raise BadInputError(f"job {job.job_id} has {len(job.steps)} steps; no step {index}")
     # One query serves the idempotency check, the input and the history: each log read
     # is a DynamoDB round trip in the service.
-    earlier = cache.known_records(job.job_id, index) if cache is not None else None
-    if earlier is None:
-        earlier = {r["index"]: r for r in log.records(job.job_id)}
-        if cache is not None:
-            cache.remember(job.job_id, list(earlier.values()))
+    earlier = {r["index"]: r for r in log.records(job.job_id)}
     if index in earlier:
         return earlier[index]
 
@@ -170,24 +205,13 @@ def run_step(
     step = get_step(call.name)
     params = step.params.model_validate(call.params)
     input_key = _input_key(job, index, earlier.get(index - 1))
-    model, input_size = None, None
-    if input_key:
-        # One download gives both the model and its size (no second round trip to ask).
-        previous = earlier.get(index - 1)
-        expected = previous.get("output_size") if previous is not None else None
-        blob = cache.blob(input_key, size=expected) if cache is not None else None
-        if blob is None:
-            blob = store.get_bytes(input_key)
-            if cache is not None:
-                cache.keep_blob(input_key, blob)
-        model, input_size = _load_model_bytes(blob, input_key, trust_pickle=trust_pickle), len(blob)
+    model, input_size = _load_input(store, input_key, trust_pickle=trust_pickle)
     kind = model.framework if model is not None else "none"
     if kind not in step.accepts:
         raise IncompatibleError(
             f"step {call.name!r} accepts {sorted(step.accepts)} models, got {kind!r}"
         )
     data = load_dataset(job.dataset, seed=job.seed)
-    history = [earlier[i] for i in sorted(earlier) if i < index]
 
     started_at = datetime.now(UTC).isoformat()
     t0 = time.perf_counter()
@@ -201,41 +225,18 @@ def run_step(
             step_index=index,
             step_name=call.name,
             workdir=Path(workdir),
-            history=history,
+            history=[earlier[i] for i in sorted(earlier) if i < index],
             load_model=lambda key: load_stored_model(store, key, trust_pickle=trust_pickle),
             read_bytes=store.get_bytes,
         )
-        with cancellable(cancelled):
+        with cancellable(guard.cancelled if guard is not None else None):
             output: StepOutput = step.fn(model, data, params, ctx)
     duration = time.perf_counter() - t0
-    if before_save is not None:
-        before_save()
+    if guard is not None:
+        guard.confirm()
 
-    prefix = step_prefix(job, index)
-    uploads: dict[str, bytes] = {}
-    output_key: str | None
-    if output.model is not None:
-        blob = save_model(output.model)
-        output_key = f"{prefix}model{output.model.suffix}"
-        uploads[output_key] = blob
-        output_size: int | None = len(blob)
-        output_framework: str | None = output.model.framework
-    else:
-        output_key = input_key
-        output_size = input_size
-        output_framework = kind if model is not None else None
-    file_keys: dict[str, str] = {}
-    for name, content in sorted(output.files.items()):
-        if not _FILE_NAME.match(name):
-            raise BadInputError(f"step {call.name!r} produced a file with a bad name: {name!r}")
-        file_keys[name] = f"{prefix}{name}"
-        if file_keys[name] in uploads:
-            raise BadInputError(f"step {call.name!r} produced a file named like its model: {name}")
-        uploads[file_keys[name]] = content
+    uploads, model_key, file_keys = _outputs(job, index, output)
     put_all(store, uploads)
-    if cache is not None and output.model is not None and output_key is not None:
-        cache.keep_blob(output_key, uploads[output_key])
-
     record = to_jsonable(
         {
             "job_id": job.job_id,
@@ -248,9 +249,13 @@ def run_step(
             "input_key": input_key,
             "input_size": input_size,
             "input_framework": kind,
-            "output_key": output_key,
-            "output_size": output_size,
-            "output_framework": output_framework,
+            "output_key": model_key or input_key,
+            "output_size": len(uploads[model_key]) if model_key else input_size,
+            "output_framework": (
+                output.model.framework
+                if output.model is not None
+                else (kind if model is not None else None)
+            ),
             "files": file_keys,
             "metrics": output.metrics,
             "verdict": output.verdict.as_dict() if output.verdict else None,
@@ -264,15 +269,7 @@ def run_step(
         }
     )
     if log.append(record):
-        stored = record
-    else:
-        # Whatever was stored first is the truth (a redelivered duplicate may have raced us).
-        found = log.get(job.job_id, index)
-        if found is None:
-            return record
-        stored = found
-        if cache is not None and output_key is not None and output_key != input_key:
-            cache.drop_blob(output_key)  # the stored record may describe other bytes
-    if cache is not None:
-        cache.remember(job.job_id, [stored])
-    return stored
+        return record
+    # Whatever was stored first is the truth (a redelivered duplicate may have raced us).
+    found = log.get(job.job_id, index)
+    return record if found is None else found

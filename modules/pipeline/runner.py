@@ -1,16 +1,24 @@
-"""The in-process pipeline runner: step after step through run_step, job status kept current."""
+"""The in-process runner: a stored job advanced step after step by the engine, in this process.
+
+`mcaas run` and `mcaas demo` use it. It is the engine's loop (modules/pipeline/engine.py)
+and nothing more: the same begin, run_step, status decision and report as the worker's.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from modules.core.jobspec import JobSpec
+from modules.core.records import JobRecord, JobStatus
 from modules.errors import McaasError
-from modules.pipeline.run import run_step
+from modules.pipeline.engine import advance_to_end, report_key
+from modules.pipeline.settings import Services
 from modules.storage.artifacts import ArtifactStore
-from modules.storage.jobs import JobStatus, JobStore
+from modules.storage.jobs import JobStore, SqliteJobStore
 from modules.storage.steplog import StepLog
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
@@ -24,25 +32,28 @@ class PipelineResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     # The bad-input error that failed the job, so a CLI can exit 2 rather than 1.
     error: McaasError | None = None
+    # The store key of the job's report.json (None when the job ended without one: stopped).
+    report_key: str | None = None
 
 
-def new_job_record(spec: JobSpec) -> dict[str, Any]:
-    """The job store's record for a freshly submitted spec."""
-    return {
-        "job_id": spec.job_id,
-        "user_id": spec.user_id,
-        "status": JobStatus.QUEUED.value,
-        "spec": spec.model_dump(mode="json"),
-        "n_steps": len(spec.steps),
-    }
-
-
-def rejection_reason(record: dict[str, Any]) -> str | None:
-    """The reason when a step's gate verdict failed, else None."""
-    verdict = record.get("verdict")
-    if verdict is not None and not verdict.get("passed", True):
-        return f"step {record['index']} ({record['step']}) rejected: {verdict.get('reason')}"
-    return None
+def _store_job(jobs: JobStore, spec: JobSpec) -> None:
+    """Create the job; a rerun of an existing id that did not complete (or changed) starts over."""
+    if jobs.create(JobRecord.new(spec)):
+        return
+    current = jobs.get(spec.job_id)
+    dumped = spec.model_dump(mode="json")
+    if current is not None and (
+        current["status"] != JobStatus.COMPLETED or current["spec"] != dumped
+    ):
+        # Its stored step records stay: run_step returns those that already ran.
+        jobs.update(
+            spec.job_id,
+            status=JobStatus.QUEUED.value,
+            spec=dumped,
+            n_steps=len(spec.steps),
+            step_index=0,
+            reason=None,
+        )
 
 
 def run_pipeline(
@@ -55,44 +66,35 @@ def run_pipeline(
     progress: ProgressFn | None = None,
 ) -> PipelineResult:
     """Run every step of `spec` in order; stop at a failed gate (REJECTED) or an error (FAILED)."""
-    if jobs is not None and jobs.get(spec.job_id) is None:
-        jobs.create(new_job_record(spec))
-    records: list[dict[str, Any]] = []
-    for index in range(len(spec.steps)):
-        if jobs is not None:
-            current = jobs.get(spec.job_id)
-            if current is not None and current["status"] == JobStatus.STOPPED.value:
-                return PipelineResult(
-                    spec.job_id, JobStatus.STOPPED, current.get("reason"), records
-                )
-            jobs.update(spec.job_id, status=JobStatus.INPROGRESS.value, step_index=index)
-        try:
-            record = run_step(spec, index, store=store, log=log, trust_pickle=trust_pickle)
-        except McaasError as exc:
-            reason = f"step {index} ({spec.steps[index].name}) failed: {exc}"
-            result = _finish(spec, jobs, JobStatus.FAILED, reason, records)
-            result.error = exc
-            return result
-        except Exception as exc:  # a bug, not bad input: the job must not stay INPROGRESS
-            reason = f"step {index} ({spec.steps[index].name}) crashed: {type(exc).__name__}: {exc}"
-            _finish(spec, jobs, JobStatus.FAILED, reason, records)
-            raise
-        records.append(record)
-        if progress is not None:
+    if jobs is None:
+        with tempfile.TemporaryDirectory(prefix="mcaas-jobs-") as tmp:
+            return run_pipeline(
+                spec,
+                store=store,
+                log=log,
+                jobs=SqliteJobStore(Path(tmp) / "jobs.sqlite"),
+                trust_pickle=trust_pickle,
+                progress=progress,
+            )
+    services = Services(store, log, jobs)
+    _store_job(jobs, spec)
+
+    def after_step(index: int) -> None:
+        record = log.get(spec.job_id, index) if progress is not None else None
+        if progress is not None and record is not None:
             progress(index + 1, len(spec.steps), record)
-        rejected = rejection_reason(record)
-        if rejected is not None:
-            return _finish(spec, jobs, JobStatus.REJECTED, rejected, records)
-    return _finish(spec, jobs, JobStatus.COMPLETED, None, records)
 
-
-def _finish(
-    spec: JobSpec,
-    jobs: JobStore | None,
-    status: JobStatus,
-    reason: str | None,
-    records: list[dict[str, Any]],
-) -> PipelineResult:
-    if jobs is not None:
-        jobs.update(spec.job_id, status=status.value, reason=reason)
-    return PipelineResult(spec.job_id, status, reason, records)
+    error = advance_to_end(
+        spec.job_id, 0, services, trust_pickle=trust_pickle, after_step=after_step
+    )
+    job = jobs.get(spec.job_id)
+    assert job is not None  # created above; the job store does not lose records
+    key = report_key(job)
+    return PipelineResult(
+        spec.job_id,
+        JobStatus(job["status"]),
+        job.get("reason"),
+        log.records(spec.job_id),
+        error=error,
+        report_key=key if store.exists(key) else None,
+    )

@@ -316,6 +316,22 @@ def get_settings() -> Settings:
     return load_settings()
 
 
+def restore_interval_s(settings: Settings) -> int:
+    """How often a worker looks for steps whose worker died (past the visibility timeout)."""
+    return max(1, min(60, settings.visibility_timeout_s // 10))
+
+
+def stale_after_s(settings: Settings) -> float:
+    """How long a queued or running job may go without an update before it counts as lost.
+
+    A running step updates the job when it starts and ends within the hard time limit; a
+    step whose worker died is redelivered after the visibility timeout plus one restore
+    sweep. Past both (with a second sweep as margin) no task is coming for the job.
+    """
+    longest = max(settings.visibility_timeout_s, settings.task_time_limit_s)
+    return float(longest + 2 * restore_interval_s(settings))
+
+
 class Services(NamedTuple):
     """The three stores a job needs."""
 

@@ -3,21 +3,27 @@ skips round trips to the step log and the artifact store.
 
 * Step records: immutable once stored (the log's put is conditional), so a record this
   process read or stored stays true. `known_records` answers only when the job's records
-  0..index-1 are all here; otherwise run_step queries the log as before. A step whose
-  record another process stored meanwhile is still caught: the worker drops a task whose
-  step was handed off (workers/execute.py), and run_step's conditional append returns the
-  stored record, never a second one.
+  0..index-1 are all here; otherwise the log is queried as before. A step whose
+  record another process stored meanwhile is still caught: the engine drops a task whose
+  step was handed off (modules/pipeline/engine.py), and the log's conditional append
+  returns the stored record, never a second one.
 * Model blobs: the bytes of models this process downloaded or uploaded, by key, within a
   byte budget (least recently used out first). A blob is used only when its length matches
-  the size the previous step recorded for it.
+  the size a known record gives for that key.
 
-One instance per process; a Celery pool child runs one task at a time.
+run_step knows nothing of this: the engine hands it a CachingStore and a CachingStepLog
+(the ArtifactStore and StepLog protocols) in front of the real ones. One instance per
+process; a Celery pool child runs one task at a time.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Any
+
+from modules.pipeline.settings import Services
+from modules.storage.artifacts import ArtifactStore
+from modules.storage.steplog import StepLog
 
 MAX_JOBS = 256
 MAX_BYTES = 256 * 2**20
@@ -40,6 +46,8 @@ class StepCache:
         self._records: OrderedDict[str, dict[int, dict[str, Any]]] = OrderedDict()
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
+        # The size each known record gives its output model: a cached blob must match it.
+        self._sizes: OrderedDict[str, int] = OrderedDict()
 
     # --- step records ---------------------------------------------------------------------
     def remember(self, job_id: str, records: list[dict[str, Any]]) -> None:
@@ -48,8 +56,18 @@ class StepCache:
         self._records.move_to_end(job_id)
         for record in records:
             known[int(record["index"])] = record
+            key, size = record.get("output_key"), record.get("output_size")
+            if isinstance(key, str) and isinstance(size, int):
+                self._sizes[key] = size
+                self._sizes.move_to_end(key)
         while len(self._records) > self.max_jobs:
             self._records.popitem(last=False)
+        while len(self._sizes) > 64 * self.max_jobs:
+            self._sizes.popitem(last=False)
+
+    def recorded_size(self, key: str) -> int | None:
+        """The size a known record gives the model at `key`, or None when none names it."""
+        return self._sizes.get(key)
 
     def known_records(self, job_id: str, index: int) -> dict[int, dict[str, Any]] | None:
         """Every cached record of the job when records 0..index-1 are all cached, else None.
@@ -91,3 +109,89 @@ class StepCache:
     def blob_bytes(self) -> int:
         """Bytes of model blobs held now."""
         return self._bytes
+
+
+def _is_model_key(key: str) -> bool:
+    # Step outputs are {prefix}model{suffix} (run.py), uploads .../model{suffix}: the bytes
+    # worth keeping; a step's other files and data inputs go straight through.
+    return key.rsplit("/", 1)[-1].startswith("model.")
+
+
+class CachingStore:
+    """An ArtifactStore that serves model bytes this process already holds."""
+
+    def __init__(self, inner: ArtifactStore, cache: StepCache) -> None:
+        self.inner = inner
+        self.cache = cache
+
+    def get_bytes(self, key: str) -> bytes:
+        if not _is_model_key(key):
+            return self.inner.get_bytes(key)
+        blob = self.cache.blob(key, size=self.cache.recorded_size(key))
+        if blob is None:
+            blob = self.inner.get_bytes(key)
+            self.cache.keep_blob(key, blob)
+        return blob
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.inner.put_bytes(key, data)
+        if _is_model_key(key):
+            self.cache.keep_blob(key, data)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)
+
+    def list(self, prefix: str) -> list[str]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.cache.drop_blob(key)
+        self.inner.delete(key)
+
+    def url(self, key: str, *, expires_s: int = 3600) -> str:
+        return self.inner.url(key, expires_s=expires_s)
+
+
+class CachingStepLog:
+    """A StepLog that answers from the records this process knows, for a step `upto` of a job:
+    records() is served when records 0..upto-1 are all known (else the log is asked)."""
+
+    def __init__(self, inner: StepLog, cache: StepCache, *, upto: int) -> None:
+        self.inner = inner
+        self.cache = cache
+        self.upto = upto
+
+    def records(self, job_id: str) -> list[dict[str, Any]]:
+        known = self.cache.known_records(job_id, self.upto)
+        if known is not None:
+            return [known[i] for i in sorted(known)]
+        records = self.inner.records(job_id)
+        self.cache.remember(job_id, records)
+        return records
+
+    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+        found = self.inner.get(job_id, index)
+        if found is not None:
+            self.cache.remember(job_id, [found])
+        return found
+
+    def append(self, record: dict[str, Any]) -> bool:
+        written = self.inner.append(record)
+        if written:
+            self.cache.remember(record["job_id"], [record])
+        elif record.get("output_key") and record.get("output_key") != record.get("input_key"):
+            # Another process stored this step first: its record may describe other bytes.
+            self.cache.drop_blob(record["output_key"])
+        return written
+
+
+def caching_services(services: Services, cache: StepCache, *, upto: int) -> Services:
+    """`services` with the store and step log behind `cache`, for running step `upto`."""
+    return Services(
+        CachingStore(services.store, cache),
+        CachingStepLog(services.log, cache, upto=upto),
+        services.jobs,
+    )

@@ -457,29 +457,9 @@ def auto(model: ModelArtifact, data: Dataset, params: AutoParams, ctx: StepConte
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m modules.search.auto --input-model m.pt --output-model b.pt --max-drop 1`."""
-    from modules.pipeline.script import base_parser, parse_json_arg, script_main
+    from modules.pipeline.script import ScriptOptions, script_main
 
-    parser = base_parser("Search compression params for the best model within a budget.")
-    parser.add_argument("--max-drop", type=float, default=1.0, help="Largest accuracy drop.")
-    parser.add_argument("--drop-kind", default="absolute", help="absolute (points) | relative (%).")
-    parser.add_argument("--search", default=None, help="JSON list of search spaces.")
-    parser.add_argument("--objective", default="size", help="size | latency | energy.")
-    parser.add_argument("--max-trials", type=int, default=12, help="Most candidates tried.")
-    parser.add_argument("--max-time", type=float, default=300.0, help="Seconds for new trials.")
-
-    def to_params(args: Any) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "max_drop": args.max_drop,
-            "drop_kind": args.drop_kind,
-            "objective": args.objective,
-            "max_trials": args.max_trials,
-            "max_time_s": args.max_time,
-        }
-        if args.search is not None:
-            params["search"] = parse_json_arg(args.search, option="--search")
-        return params
-
-    return script_main("auto", parser, to_params, argv)
+    return script_main("auto", argv, ScriptOptions(aliases={"max_time_s": ["--max-time"]}))
 
 
 if __name__ == "__main__":

@@ -272,20 +272,9 @@ def sensitivity(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m modules.search.sensitivity --input-model m.pt [--technique prune]`."""
-    from modules.pipeline.script import base_parser, parse_json_arg, script_main
+    from modules.pipeline.script import script_main
 
-    parser = base_parser("Per-layer sensitivity: accuracy drop of compressing one layer.")
-    parser.add_argument("--technique", default="prune", help="prune | unstructured | lowrank.")
-    parser.add_argument("--levels", help="JSON list of levels, e.g. [0.25, 0.5].")
-    parser.add_argument("--max-drop", type=float, default=1.0, help="Points, for the advice.")
-
-    def to_params(args: Any) -> dict[str, Any]:
-        params: dict[str, Any] = {"technique": args.technique, "max_drop": args.max_drop}
-        if args.levels is not None:
-            params["levels"] = parse_json_arg(args.levels, option="--levels")
-        return params
-
-    return script_main("sensitivity", parser, to_params, argv)
+    return script_main("sensitivity", argv)
 
 
 if __name__ == "__main__":

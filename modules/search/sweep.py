@@ -497,27 +497,9 @@ def budget_sweep(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m modules.search.sweep --input-model m.pt --step S --param P --values JSON`."""
-    from modules.pipeline.script import base_parser, parse_json_arg, script_main
+    from modules.pipeline.script import script_main
 
-    parser = base_parser("Sweep one param of a step; write the trade-off table and Pareto front.")
-    parser.add_argument("--step", required=True, help="Registered step to sweep.")
-    parser.add_argument("--param", required=True, help="Param of that step to vary.")
-    parser.add_argument("--values", required=True, help="JSON list of values, e.g. [0.2,0.5].")
-    parser.add_argument("--base-params", default="{}", help="JSON object of fixed params.")
-    parser.add_argument("--repeats", type=int, default=None, help="Runs per value.")
-
-    def to_params(args: Any) -> dict[str, Any]:
-        params = {
-            "step": args.step,
-            "param": args.param,
-            "values": parse_json_arg(args.values, option="--values"),
-            "base_params": parse_json_arg(args.base_params, option="--base-params"),
-        }
-        if args.repeats is not None:
-            params["repeats"] = args.repeats
-        return params
-
-    return script_main("sweep", parser, to_params, argv)
+    return script_main("sweep", argv)
 
 
 if __name__ == "__main__":

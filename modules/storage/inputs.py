@@ -10,33 +10,31 @@ attention_mask) and dtype kind; every mismatch is an IncompatibleError naming th
 A model with the standard shape (one float input of shape (batch, n_features)) can use a
 dataset split instead of a file (`dataset_feeds`); any other model needs a file.
 
-Uploaded inputs live at `users/{user}/inputs/{inputs_id}/inputs.npz`, a key built here from
-the job's own user id, so a job can only read its owner's inputs. numpy only at import time:
-the API imports this module; onnx is imported inside the functions that read graphs.
+Uploaded inputs live at `users/{user}/inputs/{inputs_id}/inputs.npz`, a key built (by
+modules.storage.keys) from the job's own user id, so a job can only read its owner's inputs.
+numpy only at import time: the API imports this module; onnx is imported inside the functions
+that read graphs.
 """
 
 from __future__ import annotations
 
 import io
-import re
 import unicodedata
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modules.errors import BadInputError, IncompatibleError
-from modules.storage.keys import user_prefix
+from modules.storage.keys import INPUTS_FILE, inputs_key
 
 MAX_INPUTS_BYTES = 256 * 1024**2
 MAX_ARRAYS = 64
 MAX_NAME_LENGTH = 256
-INPUTS_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-INPUTS_FILE = "inputs.npz"
 
-_INPUTS_ID = re.compile(INPUTS_ID_PATTERN)
 _NUMERIC_KINDS = "biuf"
 Dim = int | str | None
 
@@ -325,25 +323,25 @@ def take_rows(feeds: Mapping[str, np.ndarray], rows: Any) -> dict[str, np.ndarra
 # --- stored inputs -------------------------------------------------------------------------------
 
 
-def check_inputs_id(inputs_id: str) -> str:
-    """Return an inputs id if it has the shape of a server-generated one."""
-    if not isinstance(inputs_id, str) or not _INPUTS_ID.fullmatch(inputs_id):
-        raise BadInputError(f"invalid inputs id {inputs_id!r}: must match {INPUTS_ID_PATTERN}")
-    return inputs_id
-
-
-def inputs_prefix(user_id: str) -> str:
-    """Where a user's inputs files live."""
-    return f"{user_prefix(user_id)}inputs/"
-
-
-def inputs_key(user_id: str, inputs_id: str) -> str:
-    """The store key of a user's inputs file."""
-    return f"{inputs_prefix(user_id)}{check_inputs_id(inputs_id)}/{INPUTS_FILE}"
-
-
 def load_stored_inputs(
     read_bytes: Callable[[str], bytes], *, user_id: str, inputs_id: str
 ) -> dict[str, np.ndarray]:
     """Read and parse one of the user's stored inputs files (NotFoundError when absent)."""
     return read_inputs(read_bytes(inputs_key(user_id, inputs_id)), name=f"inputs {inputs_id}")
+
+
+def stage_inputs_file(workspace: Path, path: Path) -> str:
+    """Validate a local .npz and put it in a LocalWorkspace's store as user `local`; its id."""
+    import hashlib
+
+    from modules.storage.artifacts import LocalStore
+
+    if not path.is_file():
+        raise BadInputError(f"inputs file {path} does not exist")
+    if path.stat().st_size > MAX_INPUTS_BYTES:
+        raise BadInputError(f"inputs file {path} is over {MAX_INPUTS_BYTES:,} bytes")
+    data = path.read_bytes()
+    read_inputs(data, name=path.name)
+    inputs_id = hashlib.sha256(data).hexdigest()[:20]
+    LocalStore(workspace / "store").put_bytes(inputs_key("local", inputs_id), data)
+    return inputs_id

@@ -10,27 +10,22 @@ import re
 import sqlite3
 from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from modules.core.records import TERMINAL, JobRecord, JobStatus
 from modules.errors import BadInputError, NotFoundError
 from modules.storage.keys import validate_user_id
 from modules.storage.ttl import check_ttl_days, ttl_attribute
 
-
-class JobStatus(StrEnum):
-    """Lifecycle of a job; values are the upper-case names."""
-
-    QUEUED = "QUEUED"
-    INPROGRESS = "INPROGRESS"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    REJECTED = "REJECTED"
-    STOPPED = "STOPPED"
-
-
-TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.STOPPED})
+# JobStatus and TERMINAL live with the records (modules/core/records.py); re-exported.
+__all__ = [
+    "TERMINAL",
+    "DynamoJobStore",
+    "JobStatus",
+    "JobStore",
+    "SqliteJobStore",
+]
 
 CORE_FIELDS = (
     "job_id",
@@ -58,7 +53,7 @@ _INT_FIELDS = ("n_steps", "step_index", "attempts")
 class JobStore(Protocol):
     """Create, read, update and page through job records."""
 
-    def create(self, job: dict[str, Any]) -> bool:
+    def create(self, job: JobRecord | dict[str, Any]) -> bool:
         """Insert a new job with defaults filled; False if job_id already exists."""
         ...
 
@@ -131,8 +126,10 @@ def _check_field(name: str, value: Any) -> Any:
     return value
 
 
-def new_job_record(job: dict[str, Any]) -> dict[str, Any]:
+def filled_record(job: JobRecord | dict[str, Any]) -> dict[str, Any]:
     """Validate a job for create() and fill the defaults."""
+    if isinstance(job, JobRecord):
+        job = job.to_store()
     if not isinstance(job, dict):
         raise BadInputError(f"a job must be a dict, not {type(job).__name__}")
     missing = [name for name in ("job_id", "user_id", "spec", "n_steps") if name not in job]
@@ -240,9 +237,9 @@ class SqliteJobStore:
         record.update(json.loads(row["extra"]))
         return record
 
-    def create(self, job: dict[str, Any]) -> bool:
+    def create(self, job: JobRecord | dict[str, Any]) -> bool:
         """Insert the job with defaults; False if job_id already exists."""
-        row = self._to_row(new_job_record(job))
+        row = self._to_row(filled_record(job))
         columns = ", ".join(row)
         marks = ", ".join(f":{name}" for name in row)
         with self._connect() as conn:
@@ -468,11 +465,11 @@ class DynamoJobStore:
             record[name] = json.loads(attr["S"])
         return record
 
-    def create(self, job: dict[str, Any]) -> bool:
+    def create(self, job: JobRecord | dict[str, Any]) -> bool:
         """Put the job with attribute_not_exists(job_id); False if it already exists."""
         from botocore.exceptions import ClientError
 
-        item = {**self._to_item(new_job_record(job)), **ttl_attribute(self.ttl_days)}
+        item = {**self._to_item(filled_record(job)), **ttl_attribute(self.ttl_days)}
         try:
             self.client.put_item(
                 TableName=self.table_name,

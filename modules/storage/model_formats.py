@@ -320,7 +320,7 @@ def _save_torch(artifact: ModelArtifact) -> bytes:
     import torch
     from torch import nn
 
-    from modules.storage.zoo import arch_of
+    from modules.storage.arch_tree import arch_of
 
     module = artifact.obj
     if not isinstance(module, nn.Module):
@@ -360,7 +360,7 @@ def _torch_load(data: bytes, *, trust_pickle: bool) -> Any:
 
 
 def _trusted_module_artifact(module: nn.Module) -> ModelArtifact:
-    from modules.storage.zoo import arch_of
+    from modules.storage.arch_tree import arch_of
 
     meta: dict[str, Any] = {"trusted_pickle": True, **torch_io_dims(module)}
     # A custom module type is usable in-process but has no tree, so it cannot be saved.
@@ -374,7 +374,7 @@ def _load_torch(data: bytes, *, trust_pickle: bool) -> ModelArtifact:
     import torch
     from torch import nn
 
-    from modules.storage.zoo import build_model
+    from modules.storage.architectures import build_model
 
     obj = _torch_load(data, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from modules.errors import BadInputError
 from modules.storage.artifacts import ArtifactStore
-from modules.storage.keys import validate_user_id
+from modules.storage.keys import record_overflow_key, validate_user_id
 from modules.storage.ttl import check_ttl_days, ttl_attribute
 
 MAX_INDEX = 9999  # the sort key is f"{index:04d}"; a fifth digit would break its ordering
@@ -310,7 +310,7 @@ class DynamoStepLog:
     @staticmethod
     def overflow_key(*, user_id: str, job_id: str, index: int) -> str:
         """Return the store key that holds an oversized record's JSON."""
-        return f"users/{user_id}/records/{job_id}/{index:04d}.json"
+        return record_overflow_key(user_id=user_id, job_id=job_id, index=index)
 
     def ensure_table(self) -> None:
         """Create the table (PAY_PER_REQUEST) if it does not exist."""

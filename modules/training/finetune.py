@@ -94,7 +94,7 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 def check_trainable(model: nn.Module, *, step: str) -> None:
     """Refuse a model that fine-tuning cannot train: quantized layers or non-float32 weights."""
-    from modules.storage.zoo import Float16Linear, Int8Linear
+    from modules.storage.layers import Float16Linear, Int8Linear
 
     for name, sub in model.named_modules():
         if isinstance(sub, Int8Linear | Float16Linear):

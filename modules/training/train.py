@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
 from modules.storage.datasets import Dataset
+from modules.training.fields import TrainingFields
 
 TORCH_KINDS = ("mlp", "cnn", "resnet")
 SKLEARN_KINDS = ("knn", "rf", "logreg")
@@ -22,7 +23,7 @@ DEFAULT_ARCH: dict[str, dict[str, Any]] = {
 }
 
 
-class TrainParams(BaseModel):
+class TrainParams(TrainingFields):
     """Params of the `train` step."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -35,8 +36,6 @@ class TrainParams(BaseModel):
         description="Torch zoo arch overriding the default, e.g. {'name': 'mlp', 'hidden': [64]}.",
     )
     epochs: int = Field(default=30, ge=1, le=1000, description="Torch training epochs.")
-    lr: float = Field(default=1e-3, gt=0, le=1.0, description="Torch learning rate (Adam).")
-    batch_size: int = Field(default=64, ge=1, le=65536, description="Torch batch size.")
     n_neighbors: int = Field(default=5, ge=1, le=1000, description="KNN neighbours.")
     n_estimators: int = Field(default=100, ge=1, le=5000, description="Random-forest trees.")
     max_iter: int = Field(
@@ -48,7 +47,7 @@ def train_torch(
     params: TrainParams, data: Dataset, *, seed: int
 ) -> tuple[ModelArtifact, dict[str, Any]]:
     """Build a zoo model for the dataset's shape and fit it."""
-    from modules.storage.zoo import build_model, complete_arch
+    from modules.storage.architectures import build_model, complete_arch
     from modules.training.finetune import accuracy, fit, seed_everything
 
     arch = dict(params.arch or DEFAULT_ARCH[params.model])

@@ -76,7 +76,7 @@ def checkpoint_bytes() -> bytes:
     """A real, valid torch checkpoint of a tiny MLP (the base of the truncated file)."""
     from modules.core.artifact import ModelArtifact
     from modules.storage.model_formats import save_model
-    from modules.storage.zoo import build_model
+    from modules.storage.architectures import build_model
 
     model = build_model({"name": "mlp", "in_features": 64, "hidden": [32], "num_classes": 10})
     return save_model(ModelArtifact("torch", model, {}))

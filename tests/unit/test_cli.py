@@ -68,7 +68,10 @@ def test_run_job_file_end_to_end(tmp_path):
     )
     res = invoke("run", str(job), "--artifacts", str(tmp_path / "ws"))
     assert res.exit_code == 0, res.output
-    report = json.loads((tmp_path / "ws" / "jobs" / "j" / "report.json").read_text())
+    # The engine's one report, beside the job's step folders in the workspace store.
+    stored = tmp_path / "ws" / "store" / "users" / "local" / "edge-8mb" / "j" / "report.json"
+    assert f"report:{stored}" in "".join(res.output.split())  # rich wraps long paths
+    report = json.loads(stored.read_text())
     assert report["status"] == "COMPLETED"
     assert [row["step"] for row in report["summary"]] == ["train", "measure"]
     assert report["summary"][1]["latency_b1_ms"] > 0
@@ -126,3 +129,28 @@ def test_missing_and_corrupt_model_files(tmp_path):
         str(tmp_path / "ws"),
     )
     assert res.exit_code == 2 and "bad.pt" in res.output
+
+
+def test_train_params_json_sets_any_field_and_options_win(tmp_path):
+    from modules.storage.model_formats import load_model_file
+
+    out = tmp_path / "knn.skops"
+    params = '{"model": "rf", "n_neighbors": 3}'
+    res = invoke("train", "--model", "knn", "--params", params, "--output", str(out))
+    assert res.exit_code == 0, res.output
+    assert load_model_file(out).obj.n_neighbors == 3
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ("[1]", "--params must be a JSON object"),
+        ("{nope", "--params is not valid JSON"),
+        ('{"n_neighbours": 3}', "n_neighbours"),
+    ],
+)
+def test_train_bad_params_json_exits_2(tmp_path, params, needle):
+    out = tmp_path / "m.skops"
+    res = invoke("train", "--model", "knn", "--params", params, "--output", str(out))
+    assert res.exit_code == 2 and needle in res.output
+    assert list(tmp_path.iterdir()) == []

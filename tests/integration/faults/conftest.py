@@ -24,10 +24,10 @@ import boto3
 import pytest
 
 from modules.core.jobspec import parse_job_spec
-from modules.pipeline.runner import new_job_record
+from modules.core.records import JobRecord
 from modules.pipeline.settings import Services, Settings, build_services, create_dev_resources
+from tests.devstack import DevStack, free_port
 from tests.integration.service.conftest import redis_url  # noqa: F401  (a fixture, by name)
-from workers.devstack import DevStack, free_port
 from workers.dispatch import make_dispatcher
 
 TERMINAL = {"COMPLETED", "FAILED", "REJECTED", "STOPPED"}
@@ -82,7 +82,7 @@ def submit_job(
     if create_resources:  # the API or worker may not have created the bucket and tables yet
         create_dev_resources(services)
     spec = parse_job_spec({"user_id": "alice", "steps": steps})
-    services.jobs.create(new_job_record(spec))
+    services.jobs.create(JobRecord.new(spec))
     make_dispatcher(settings, services).submit(spec.job_id)
     return services, spec.job_id
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.devstack import DevStack
 from tests.integration.faults.conftest import MEASURE, TRAIN, dump_result, wait_until
-from workers.devstack import DevStack
 
 # Three jobs run to the end around the restart: over a minute, so not in the default run.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 
+from tests.devstack import DevStack
 from tests.integration.faults.conftest import (
     MEASURE,
     TRAIN,
@@ -23,7 +24,6 @@ from tests.integration.faults.conftest import (
     submit_job,
     wait_until,
 )
-from workers.devstack import DevStack
 
 pytestmark = pytest.mark.integration
 

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.devstack import DevStack
 from tests.integration.faults.conftest import (
     MEASURE,
     RedisServer,
@@ -23,7 +24,6 @@ from tests.integration.faults.conftest import (
     submit_job,
     wait_until,
 )
-from workers.devstack import DevStack
 
 pytestmark = pytest.mark.integration
 

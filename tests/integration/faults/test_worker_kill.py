@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.devstack import DevStack
 from tests.integration.faults.conftest import (
     MEASURE,
     TRAIN,
@@ -26,7 +27,6 @@ from tests.integration.faults.conftest import (
     wait_until,
 )
 from workers.celery_app import restore_interval_s
-from workers.devstack import DevStack
 
 # Outwaits a 60 s visibility timeout: over a minute, so not in the default run.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

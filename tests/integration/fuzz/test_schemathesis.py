@@ -24,8 +24,8 @@ from schemathesis.checks import (
     response_schema_conformance,
 )
 
+from tests.devstack import DevStack, StackError
 from tests.integration.service.conftest import redis_url  # noqa: F401  (a fixture, by name)
-from workers.devstack import DevStack, StackError
 
 pytestmark = pytest.mark.integration
 

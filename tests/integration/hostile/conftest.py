@@ -8,9 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.devstack import DevStack, StackError
+
 # Reuse the service suite's Redis fixture (Redis at REDIS_URL, or one started; never skipped).
 from tests.integration.service.conftest import redis_url  # noqa: F401  (a fixture, by name)
-from workers.devstack import DevStack, StackError
 
 UPLOAD_CAP_MB = "5"
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.corpus.make_corpus import Specimen, payloads
-from workers.devstack import DevStack
+from tests.devstack import DevStack
 
 pytestmark = pytest.mark.integration
 

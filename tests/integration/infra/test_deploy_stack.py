@@ -22,7 +22,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from modules.core.jobspec import parse_job_spec
-from modules.pipeline.runner import new_job_record
+from modules.core.records import JobRecord
 from modules.pipeline.settings import ENV_NAMES, Settings, build_services, load_settings
 from modules.storage.artifacts import S3Store
 from workers.dispatch import EcsDispatcher
@@ -352,7 +352,7 @@ def test_ecs_job_mode_runs_a_step_and_queues_the_next_on_the_stack(
             ],
         }
     )
-    assert services.jobs.create(new_job_record(spec))
+    assert services.jobs.create(JobRecord.new(spec))
     EcsDispatcher(settings, services).submit(spec.job_id)
     (first_arn,) = services.jobs.get(spec.job_id)["ecs_tasks"]
     first, first_env = task_overrides(stack, first_arn)

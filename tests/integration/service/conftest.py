@@ -1,7 +1,7 @@
 """The service as real processes: moto server, Redis, a Celery worker and uvicorn.
 
 They start from docker-compose.yml's commands and .env.example's settings through
-workers/devstack.py, the way compose would start them, once per test session. Redis is
+tests/devstack.py, the way compose would start them, once per test session. Redis is
 the one at REDIS_URL (default redis://127.0.0.1:6379/11); if none answers a redis-server
 is started; if that fails too, the tests fail loudly rather than skip.
 """
@@ -18,7 +18,7 @@ import boto3
 import httpx
 import pytest
 
-from workers.devstack import DevStack, StackError
+from tests.devstack import DevStack, StackError
 
 ALICE = {"X-API-Key": "dev-key-alice-0001"}
 BOB = {"X-API-Key": "dev-key-bob-00002"}

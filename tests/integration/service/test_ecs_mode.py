@@ -14,10 +14,10 @@ import boto3
 import pytest
 
 from modules.core.jobspec import parse_job_spec
+from modules.core.records import JobRecord
 from modules.core.registry import list_steps
-from modules.pipeline.runner import new_job_record
 from modules.pipeline.settings import build_services, create_dev_resources, load_settings
-from workers.devstack import ROOT
+from tests.devstack import ROOT
 from workers.dispatch import EcsDispatcher
 
 pytestmark = pytest.mark.integration
@@ -241,7 +241,7 @@ def test_ecs_dispatcher_runs_a_job_as_ecs_tasks(aws, alice_model, ecs_cluster) -
             "steps": [{"name": step}, {"name": "measure", "params": {"runs": 3}}],
         }
     )
-    services.jobs.create(new_job_record(spec))
+    services.jobs.create(JobRecord.new(spec))
     EcsDispatcher(settings, services).submit(spec.job_id)
 
     ecs = boto3.client("ecs", region_name="us-east-1")

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from modules.core.jobspec import parse_job_spec
-from modules.pipeline.runner import new_job_record
+from modules.core.records import JobRecord
 from modules.pipeline.settings import Settings, build_services
-from workers.devstack import DevStack, Process
+from tests.devstack import DevStack, Process
 from workers.dispatch import make_dispatcher
 
 pytestmark = pytest.mark.integration
@@ -69,7 +69,7 @@ def submit(stack: DevStack) -> tuple[Any, str]:
     settings = settings_of(stack)
     services = build_services(settings)
     spec = parse_job_spec({"user_id": "alice", "steps": [SLOW_TRAIN, MEASURE]})
-    services.jobs.create(new_job_record(spec))
+    services.jobs.create(JobRecord.new(spec))
     make_dispatcher(settings, services).submit(spec.job_id)
     return services, spec.job_id
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.devstack import ROOT, compose_command, local_argv
+from tests.devstack import ROOT, compose_command, local_argv
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ VOCAB = 40
 
 @pytest.fixture(scope="session")
 def encoder_onnx() -> bytes:
-    from modules.storage.zoo import text_encoder, text_encoder_onnx
+    from tests.text_encoder import text_encoder, text_encoder_onnx
 
     model = text_encoder(vocab_size=VOCAB, dim=16, heads=2, layers=1, ff_dim=32, max_len=12)
     return text_encoder_onnx(model)
@@ -28,7 +28,7 @@ def npz(**arrays: np.ndarray) -> bytes:
 
 
 def token_file(rows: int = 16, seq: int = 10) -> bytes:
-    from modules.storage.zoo import text_encoder_inputs
+    from tests.text_encoder import text_encoder_inputs
 
     return npz(**text_encoder_inputs(rows=rows, seq_len=seq, vocab_size=VOCAB))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -102,11 +103,14 @@ def test_artifacts_and_report_files(api) -> None:
         assert artifact["key"].startswith("users/alice/")
         path = Path(urlparse(artifact["url"]).path)
         assert path.is_file() and path.stat().st_size == artifact["size"]
-    # The report step's own files are what the report endpoint serves.
+    # As html, the report step's page; as json, the job's one report.json, as stored.
     html = api.client.get(f"/v1/jobs/{job_id}/report?format=html", headers=ALICE)
     assert html.text == "<p>from the report step</p>"
     assert "default-src 'none'" in html.headers["content-security-policy"]
-    assert api.client.get(f"/v1/jobs/{job_id}/report", headers=ALICE).json() == {"from": "step"}
+    report = api.client.get(f"/v1/jobs/{job_id}/report", headers=ALICE).json()
+    stored = by_name[(None, "report.json")]
+    assert report == json.loads(Path(urlparse(stored["url"]).path).read_bytes())
+    assert report["status"] == "COMPLETED" and len(report["steps"]) == 2
 
 
 def test_failed_gate_rejects_and_report_escapes(api) -> None:

@@ -14,9 +14,9 @@ from modules.compression.distill import (
 from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError, IncompatibleError
 from modules.pipeline.local import LocalWorkspace, run_single_step
+from modules.storage.architectures import build_model
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import save_model
-from modules.storage.zoo import build_model
 
 STUDENT = [[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]]
 TEACHER = [[3.0, 1.0, 0.0], [2.0, 0.0, 0.0]]
@@ -126,6 +126,13 @@ def test_step_compares_teacher_and_student(tmp_path, teacher_file):
     assert m["student"]["params"] < m["teacher"]["params"]
     assert {"b1", "b64"} <= m["teacher"]["latency_ms"].keys() == m["student"]["latency_ms"].keys()
     assert m["size_ratio"] > 5 and m["accuracy"] > 0.7
+    # The scaffold's before/after names: before is the teacher, after the student.
+    assert m["accuracy_before"] == m["teacher"]["accuracy"]
+    assert (m["params_before"], m["params_after"]) == (
+        m["teacher"]["params"],
+        m["student"]["params"],
+    )
+    assert m["size_after_bytes"] < record["output_size"] == out.stat().st_size
     torch.load(out, weights_only=True)
 
 

@@ -4,7 +4,6 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.neighbors import KNeighborsClassifier
 
 from modules.compression.knn_prototypes import (
-    KnnPrototypesParams,
     knn_condense,
     knn_edit,
     knn_kmeans_prototypes,
@@ -171,7 +170,3 @@ def test_too_few_prototypes_for_k_is_refused(knn_file):
             input_path=knn_file,
             output_path=None,
         )
-
-
-def test_params_default_is_valid():
-    assert KnnPrototypesParams().method == "condensed"

@@ -20,9 +20,10 @@ from modules.compression.quantize_dynamic import QuantizeParams
 from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError
 from modules.pipeline.local import run_single_step
+from modules.storage.architectures import build_model
 from modules.storage.datasets import load_dataset
+from modules.storage.layers import Float16Linear, Int8Linear
 from modules.storage.model_formats import save_model
-from modules.storage.zoo import Float16Linear, Int8Linear, build_model
 
 MLP = {"name": "mlp", "in_features": 64, "hidden": [64, 32], "num_classes": 10}
 CNN = {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [8, 16], "num_classes": 10}

@@ -13,9 +13,9 @@ from modules.compression import distill, lowrank, measure_inference_time, prune_
 from modules.compression import quantize_dynamic as quantize_script
 from modules.compression.quantize_dynamic import quantize_dynamic
 from modules.core.artifact import ModelArtifact
+from modules.storage.architectures import build_model
 from modules.storage.datasets import load_dataset
 from modules.storage.model_formats import save_model
-from modules.storage.zoo import build_model
 
 ROOT = Path(__file__).resolve().parents[3]
 # Six scripts run at once on a small machine: one thread each avoids oversubscription.

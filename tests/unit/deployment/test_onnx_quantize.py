@@ -3,11 +3,8 @@ import pytest
 from pydantic import ValidationError
 
 from modules.deployment.onnx_export import OnnxExportParams, export_model
-from modules.deployment.onnx_quantize import (
-    OnnxQuantizeParams,
-    calibration_batches,
-    onnx_quantize,
-)
+from modules.deployment.onnx_int8 import calibration_feeds
+from modules.deployment.onnx_quantize import OnnxQuantizeParams, onnx_quantize
 from modules.evaluation.inference import make_predictor
 from modules.storage.model_formats import load_model, save_model
 
@@ -51,12 +48,13 @@ def test_graph_without_matmul_passes_through_with_a_note(digits, ctx_factory):
 
 
 def test_calibration_comes_from_the_train_split_deterministically(digits):
-    a = calibration_batches(digits.X_train, samples=100, batch=32, seed=1)
-    b = calibration_batches(digits.X_train, samples=100, batch=32, seed=1)
-    assert [len(x) for x in a] == [32, 32, 32, 4]
-    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    feeds = {"input": digits.X_train}
+    a = calibration_feeds(feeds, samples=100, batch=32, seed=1)
+    b = calibration_feeds(feeds, samples=100, batch=32, seed=1)
+    assert [len(x["input"]) for x in a] == [32, 32, 32, 4]
+    assert all(np.array_equal(x["input"], y["input"]) for x, y in zip(a, b, strict=True))
     rows = {r.tobytes() for r in digits.X_train}
-    assert all(r.tobytes() in rows for batch in a for r in batch)
+    assert all(r.tobytes() in rows for batch in a for r in batch["input"])
 
 
 @pytest.mark.parametrize(

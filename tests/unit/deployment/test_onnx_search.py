@@ -14,12 +14,13 @@ from modules.core.artifact import ModelArtifact
 from modules.deployment.onnx_export import OnnxExportParams, export_model
 from modules.deployment.onnx_quantize import OnnxQuantizeParams, onnx_quantize
 from modules.deployment.onnx_search import SearchBudget, grid_settings, search_int8
-from modules.deployment.parity import OrtRunner, cosine_rows
+from modules.deployment.parity_metrics import cosine_rows
 from modules.errors import IncompatibleError
+from modules.evaluation.inference import OrtRunner
 from modules.storage.artifacts import LocalStore
-from modules.storage.inputs import inputs_key
+from modules.storage.keys import inputs_key
 from modules.storage.model_formats import load_model, save_model
-from modules.storage.zoo import text_encoder, text_encoder_inputs, text_encoder_onnx
+from tests.text_encoder import text_encoder, text_encoder_inputs, text_encoder_onnx
 
 # speed_band=None: the base setting is chosen by parity alone, so the outcome does not
 # depend on how fast each trial happened to run on a loaded machine.

@@ -10,12 +10,8 @@ from modules.core.jobspec import parse_job_spec
 from modules.core.registry import register_step, unregister_step
 from modules.core.step import StepOutput
 from modules.deployment.onnx_export import OnnxExportParams, export_model
-from modules.deployment.parity import (
-    ParityParams,
-    compare_predictions,
-    onnx_parity,
-    parity_verdict,
-)
+from modules.deployment.parity import ParityParams, onnx_parity
+from modules.deployment.parity_metrics import compare_predictions, parity_verdict
 from modules.errors import BadInputError, IncompatibleError
 from modules.pipeline.local import LocalWorkspace
 

@@ -12,21 +12,20 @@ from onnx import TensorProto, helper, numpy_helper
 from sklearn.metrics import r2_score
 
 from modules.core.artifact import ModelArtifact
-from modules.deployment.parity import (
+from modules.deployment.parity import ParityParams, onnx_parity
+from modules.deployment.parity_metrics import (
     GateThresholds,
-    ParityParams,
     compare_outputs,
     cosine_rows,
     embedding_metrics,
     infer_output_kind,
-    onnx_parity,
     output_verdict,
     regression_metrics,
 )
 from modules.errors import BadInputError, IncompatibleError
 from modules.storage.artifacts import LocalStore
-from modules.storage.inputs import inputs_key
-from modules.storage.zoo import text_encoder, text_encoder_inputs, text_encoder_onnx
+from modules.storage.keys import inputs_key
+from tests.text_encoder import text_encoder, text_encoder_inputs, text_encoder_onnx
 
 FAST = {"runs": 2, "warmup": 0}
 

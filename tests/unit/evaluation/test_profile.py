@@ -23,8 +23,8 @@ from modules.evaluation.profile import (
     time_layers,
 )
 from modules.pipeline.local import LocalWorkspace, run_single_step
+from modules.storage.architectures import build_model
 from modules.storage.model_formats import save_model
-from modules.storage.zoo import build_model
 
 FAST = {"warmup": 1, "runs": 3}
 MLP = {"name": "mlp", "in_features": 64, "hidden": [32], "num_classes": 10}

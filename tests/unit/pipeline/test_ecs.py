@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import pytest
 
 from modules.errors import BadInputError
 from modules.pipeline.ecs import ecs_main, read_ecs_env
-from modules.pipeline.script import base_parser, script_main
+from modules.pipeline.script import script_main
 
 ENV = {
     "MODEL_BUCKET": "models",
@@ -70,10 +69,6 @@ def test_ecs_main_exits_2_with_the_reason(capsys: pytest.CaptureFixture[str]) ->
     assert captured.err.startswith("error: refusing to start")
 
 
-def _to_params(args: argparse.Namespace) -> dict[str, object]:
-    return {}
-
-
 def test_a_script_with_no_arguments_and_model_s3_key_enters_ecs_mode(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -81,9 +76,8 @@ def test_a_script_with_no_arguments_and_model_s3_key_enters_ecs_mode(
     for name in ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MODEL_S3_KEY", "users/alice/models/m1/model.pt")
-    parser = base_parser("test")
     # argparse would exit with a usage error; ECS mode names the missing variables instead.
-    assert script_main("quantize_dynamic", parser, _to_params) == 2
+    assert script_main("quantize_dynamic") == 2
     err = capsys.readouterr().err
     assert "ECS mode needs environment variables: MODEL_BUCKET, USER_ID, PROFILE, JOB_ID" in err
 
@@ -91,5 +85,5 @@ def test_a_script_with_no_arguments_and_model_s3_key_enters_ecs_mode(
 def test_a_script_with_arguments_stays_in_cli_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODEL_S3_KEY", "users/alice/models/m1/model.pt")
     with pytest.raises(SystemExit) as caught:
-        script_main("measure", base_parser("test"), _to_params, ["--no-such-option"])
+        script_main("measure", ["--no-such-option"])
     assert caught.value.code == 2

@@ -170,7 +170,21 @@ def test_many_files_are_all_stored(tmp_path):
         unregister_step("t_files")
 
 
-def test_before_save_runs_after_the_body_and_can_keep_the_step_unstored(tmp_path):
+class Guard:
+    """run_step's hook: confirm() after the body, cancelled() between its rounds."""
+
+    def __init__(self, confirm=None, cancelled=None):
+        self._confirm = confirm or (lambda: None)
+        self._cancelled = cancelled or (lambda: False)
+
+    def confirm(self):
+        self._confirm()
+
+    def cancelled(self):
+        return self._cancelled()
+
+
+def test_the_guard_confirms_after_the_body_and_can_keep_the_step_unstored(tmp_path):
     ws = LocalWorkspace(tmp_path)
     spec = job()
     run_step(spec, 0, store=ws.store, log=ws.log)
@@ -180,14 +194,14 @@ def test_before_save_runs_after_the_body_and_can_keep_the_step_unstored(tmp_path
         raise RuntimeError("not begun")
 
     with pytest.raises(RuntimeError, match="not begun"):
-        run_step(spec, 1, store=ws.store, log=ws.log, before_save=refuse)
+        run_step(spec, 1, store=ws.store, log=ws.log, guard=Guard(refuse))
     assert ws.log.get("j1", 1) is None
     assert ws.store.list("users/local/edge-8mb/j1/01-t_refit/") == []
     seen = []
-    record = run_step(spec, 1, store=ws.store, log=ws.log, before_save=lambda: seen.append(1))
+    record = run_step(spec, 1, store=ws.store, log=ws.log, guard=Guard(lambda: seen.append(1)))
     assert seen == [1] and ws.log.get("j1", 1) == record
     # A step that already ran returns its record without calling it.
-    assert run_step(spec, 1, store=ws.store, log=ws.log, before_save=refuse) == record
+    assert run_step(spec, 1, store=ws.store, log=ws.log, guard=Guard(refuse)) == record
 
 
 def test_a_cancelled_training_step_stops_at_its_next_epoch(tmp_path):
@@ -200,7 +214,7 @@ def test_a_cancelled_training_step_stops_at_its_next_epoch(tmp_path):
         return len(asked) > 2  # wanted for two epochs, then no longer
 
     with pytest.raises(StepCancelled):
-        run_step(spec, 0, store=ws.store, log=ws.log, cancelled=cancelled)
+        run_step(spec, 0, store=ws.store, log=ws.log, guard=Guard(cancelled=cancelled))
     assert len(asked) == 3  # checked once per epoch; 497 epochs never ran
     assert ws.log.get("j1", 0) is None
     check_cancelled()  # outside a cancellable step it never raises

@@ -1,4 +1,5 @@
-"""StepCache, and run_step with one: fewer round trips, the same records."""
+"""StepCache, and run_step behind its caching store and log: fewer round trips, the same
+records."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from modules.core.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace
 from modules.pipeline.run import run_step
-from modules.pipeline.step_cache import StepCache
+from modules.pipeline.step_cache import CachingStepLog, CachingStore, StepCache
 
 
 def rec(index: int, **extra: Any) -> dict[str, Any]:
@@ -81,6 +82,16 @@ class CountingStore:
         return getattr(self.inner, name)
 
 
+def cached_run(job: Any, index: int, *, store: Any, log: Any, cache: StepCache) -> Any:
+    """run_step as the engine runs it for a worker with a cache."""
+    return run_step(
+        job,
+        index,
+        store=CachingStore(store, cache),
+        log=CachingStepLog(log, cache, upto=index),
+    )
+
+
 def spec() -> Any:
     return parse_job_spec(
         {
@@ -98,13 +109,13 @@ def test_run_step_with_a_cache_skips_the_query_and_the_download(tmp_path) -> Non
     ws = LocalWorkspace(tmp_path / "cached")
     log, store, cache = CountingLog(ws.log), CountingStore(ws.store), StepCache()
     job = spec()
-    records = [run_step(job, i, store=store, log=log, cache=cache) for i in range(3)]  # type: ignore[arg-type]
+    records = [cached_run(job, i, store=store, log=log, cache=cache) for i in range(3)]
     # Step 0 asks the log; steps 1 and 2 know records 0..i-1 and the model this process wrote.
     assert (log.queries, store.downloads, log.appends) == (1, 0, 3)
     assert [r["index"] for r in ws.log.records("cj")] == [0, 1, 2]
     assert records[1]["input_size"] == records[0]["output_size"]
     # Running a step again returns its stored record without running it.
-    assert run_step(job, 2, store=store, log=log, cache=cache) == records[2]  # type: ignore[arg-type]
+    assert cached_run(job, 2, store=store, log=log, cache=cache) == records[2]
     assert log.appends == 3
 
     # Without a cache: one query and one download per step after the first.
@@ -119,9 +130,9 @@ def test_a_blob_of_the_wrong_size_is_downloaded_again(tmp_path) -> None:
     ws = LocalWorkspace(tmp_path)
     store, cache = CountingStore(ws.store), StepCache()
     job = spec()
-    first = run_step(job, 0, store=store, log=ws.log, cache=cache)  # type: ignore[arg-type]
+    first = cached_run(job, 0, store=store, log=ws.log, cache=cache)
     cache.keep_blob(first["output_key"], b"not the model")
-    record = run_step(job, 1, store=store, log=ws.log, cache=cache)  # type: ignore[arg-type]
+    record = cached_run(job, 1, store=store, log=ws.log, cache=cache)
     assert store.downloads == 1
     assert record["input_size"] == first["output_size"]
 
@@ -130,10 +141,10 @@ def test_a_record_stored_by_another_process_wins(tmp_path) -> None:
     ws = LocalWorkspace(tmp_path)
     cache = StepCache()
     job = spec()
-    run_step(job, 0, store=ws.store, log=ws.log, cache=cache)
+    cached_run(job, 0, store=ws.store, log=ws.log, cache=cache)
     # Another worker ran step 1 meanwhile; this process's cache does not know it.
     theirs = run_step(job, 1, store=ws.store, log=ws.log)
-    ours = run_step(job, 1, store=ws.store, log=ws.log, cache=cache)
+    ours = cached_run(job, 1, store=ws.store, log=ws.log, cache=cache)
     assert ours == theirs
     assert [r["index"] for r in ws.log.records("cj")] == [0, 1]
     assert cache.known_records("cj", 2) is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modules.errors import BadInputError
+from modules.storage import keys
 from modules.storage.keys import key_in_user, user_prefix, validate_key
 
 
@@ -71,3 +72,38 @@ def test_key_in_user_requires_the_exact_user() -> None:
     assert not key_in_user("users/bob/models/m.pt", "alice")
     assert not key_in_user("users/alice/../bob/m.pt", "alice")
     assert not key_in_user("users/alice/m.pt", "bad id")
+
+
+def test_every_builder_writes_the_documented_layout_under_the_user() -> None:
+    built = {
+        keys.model_key("alice", "m1", ".pt"): "users/alice/models/m1/model.pt",
+        keys.model_meta_key("alice", "m1"): "users/alice/models/m1/meta.json",
+        keys.inputs_key("alice", "i1"): "users/alice/inputs/i1/inputs.npz",
+        keys.inputs_meta_key("alice", "i1"): "users/alice/inputs/i1/meta.json",
+        keys.step_prefix(
+            user_id="alice", profile="edge-8mb", job_id="j1", index=3, step="prune"
+        ): "users/alice/edge-8mb/j1/03-prune/",
+        keys.job_report_key(
+            user_id="alice", profile="edge-8mb", job_id="j1"
+        ): "users/alice/edge-8mb/j1/report.json",
+        keys.record_overflow_key(
+            user_id="alice", job_id="j1", index=3
+        ): "users/alice/records/j1/0003.json",
+    }
+    for key, expected in built.items():
+        assert key == expected
+        # A prefix is valid once a file name follows it.
+        assert key_in_user(key + ("f" if key.endswith("/") else ""), "alice")
+
+
+@pytest.mark.parametrize("user_id", ["../bob", "a/b", "", "x" * 65])
+def test_builders_refuse_a_bad_user_id(user_id: str) -> None:
+    with pytest.raises(BadInputError, match="invalid user id"):
+        keys.model_key(user_id, "m1", ".pt")
+    with pytest.raises(BadInputError, match="invalid user id"):
+        keys.step_prefix(user_id=user_id, profile="p", job_id="j", index=0, step="s")
+
+
+def test_inputs_key_refuses_an_id_that_is_not_a_segment() -> None:
+    with pytest.raises(BadInputError, match="invalid inputs id"):
+        keys.inputs_key("alice", "../models/x")

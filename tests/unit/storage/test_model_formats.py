@@ -38,6 +38,7 @@ from torch import nn
 from modules.core.artifact import ModelArtifact
 from modules.errors import BadInputError, ModelFormatError, UnsafeModelError
 from modules.storage import model_formats
+from modules.storage.architectures import build_model
 from modules.storage.model_formats import (
     TRUSTED_SKLEARN_TYPES,
     load_model,
@@ -45,7 +46,6 @@ from modules.storage.model_formats import (
     save_model,
     sniff_format,
 )
-from modules.storage.zoo import build_model
 
 MLP = {"name": "mlp", "in_features": 64, "hidden": [32], "num_classes": 10}
 CNN = {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [8, 16], "num_classes": 10}

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from modules.core.records import TERMINAL, JobStatus
 from modules.errors import BadInputError, NotFoundError
-from modules.storage.jobs import TERMINAL, JobStatus, JobStore, SqliteJobStore
+from modules.storage.jobs import JobStore, SqliteJobStore
 from tests.unit.storage.jobstore_guards import (
     check_begin_step,
     check_begin_step_with_owner,

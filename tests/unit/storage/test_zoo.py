@@ -1,4 +1,4 @@
-"""The torch zoo: each arch builds and runs, trees round-trip exactly, hostile archs are refused."""
+"""The torch architectures: each builds and runs, trees round-trip, hostile archs are refused."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ from torch import nn
 from torch.nn.utils import prune
 
 from modules.errors import BadInputError, IncompatibleError, NotFoundError
-from modules.storage.zoo import (
+from modules.storage.arch_tree import (
     MAX_PARAMS,
-    ResidualBlock,
     arch_of,
-    build_model,
-    complete_arch,
     module_from_tree,
     module_to_tree,
     tree_param_count,
 )
+from modules.storage.architectures import build_model, complete_arch
+from modules.storage.layers import ResidualBlock
 
 MLP = {"name": "mlp", "in_features": 64, "hidden": [32, 16], "num_classes": 10}
 CNN = {"name": "cnn", "in_channels": 1, "image_size": 8, "channels": [8, 16, 16], "num_classes": 10}

@@ -12,9 +12,9 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from modules.core.artifact import ModelArtifact
 from modules.core.jobspec import parse_job_spec
+from modules.core.records import JobRecord
 from modules.core.registry import register_step, unregister_step
 from modules.core.step import StepOutput, Verdict
-from modules.pipeline.runner import new_job_record
 from modules.pipeline.settings import Services, Settings, build_services
 
 CALLS: Counter[str] = Counter()
@@ -106,7 +106,7 @@ def make_job(services: Services):
                 "steps": [{"name": "train", "params": {"model": "knn"}}, *steps],
             }
         )
-        assert services.jobs.create(new_job_record(spec))
+        assert services.jobs.create(JobRecord.new(spec))
         return job_id
 
     return make

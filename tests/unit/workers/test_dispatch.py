@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from modules.pipeline.engine import advance
 from modules.pipeline.settings import SettingsError, build_services
 from modules.storage.artifacts import S3Store
 from workers.dispatch import (
@@ -17,7 +18,6 @@ from workers.dispatch import (
     InlineDispatcher,
     make_dispatcher,
 )
-from workers.execute import execute_step
 
 ECS = {
     "dispatcher": "ecs",
@@ -86,7 +86,7 @@ def test_ecs_dispatcher_needs_its_settings_and_s3(settings_for, services) -> Non
 
 def test_ecs_dispatcher_passes_the_env_contract(settings_for, services, make_job) -> None:
     job_id = make_job({"name": "w_refit", "params": {"passed": True}})
-    execute_step(job_id, 0, services=services)
+    advance(job_id, 0, services)
     client = RecordingEcs()
     ecs_services = services._replace(store=S3Store("models-bucket"))
     dispatcher = EcsDispatcher(settings_for(**ECS), ecs_services, client=client)

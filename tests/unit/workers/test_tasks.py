@@ -18,7 +18,7 @@ from modules.core.step import StepOutput
 from modules.pipeline.settings import SettingsError, get_settings
 from tests.unit.workers.conftest import ToyParams
 from workers.celery_app import celery_app, celery_config
-from workers.dispatch import TASK_NAME
+from workers.names import TASK_NAME
 from workers.tasks import backoff_s, run_step_task, worker_services, worker_step_cache
 
 

@@ -1,4 +1,4 @@
-"""Uploaded models in the artifact store: users/{user}/models/{model_id}/{model.*, meta.json}.
+"""The model catalogue: uploads in the store, users/{user}/models/{model_id}/{model.*, meta.json}.
 
 meta.json is written last and is what makes a model exist: a crash between the two
 puts leaves an orphan file no listing shows, never a half-registered model.
@@ -13,26 +13,20 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from api.schemas import ID_PATTERN, ModelPublic
 from modules.core.artifact import ModelArtifact
 from modules.errors import NotFoundError
 from modules.storage.artifacts import ArtifactStore
-from modules.storage.keys import user_prefix
+from modules.storage.keys import ID_PATTERN, model_key, model_meta_key, models_prefix
 
 _ID = re.compile(ID_PATTERN)
 FORMAT_OF = {"torch": "torch-checkpoint", "sklearn": "skops", "onnx": "onnx"}
-
-
-def models_prefix(user_id: str) -> str:
-    """Where a user's uploads live."""
-    return f"{user_prefix(user_id)}models/"
 
 
 def meta_key(user_id: str, model_id: str) -> str:
     """The key of a model's meta.json; NotFoundError for an id that cannot exist."""
     if not _ID.fullmatch(model_id):
         raise NotFoundError(f"model {model_id!r} not found")
-    return f"{models_prefix(user_id)}{model_id}/meta.json"
+    return model_meta_key(user_id, model_id)
 
 
 def validate_model_bytes(data: bytes, filename: str) -> ModelArtifact:
@@ -48,7 +42,7 @@ def save_upload(
 ) -> dict[str, Any]:
     """Store a validated upload and its meta.json; return the meta."""
     model_id = uuid.uuid4().hex[:20]
-    key = f"{models_prefix(user_id)}{model_id}/model{artifact.suffix}"
+    key = model_key(user_id, model_id, artifact.suffix)
     meta: dict[str, Any] = {
         "id": model_id,
         "user_id": user_id,
@@ -122,10 +116,3 @@ def get_model_meta(store: ArtifactStore, *, user_id: str, model_id: str) -> dict
 def list_model_metas(store: ArtifactStore, *, user_id: str) -> list[dict[str, Any]]:
     """The user's models, newest first."""
     return list_owned_metas(store, models_prefix(user_id), user_id=user_id)
-
-
-def to_public(meta: dict[str, Any]) -> ModelPublic:
-    """The response body for one model."""
-    return ModelPublic.model_validate(
-        {k: v for k, v in meta.items() if k in ModelPublic.model_fields}
-    )

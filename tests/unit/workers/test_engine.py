@@ -1,4 +1,5 @@
-"""execute_step / hand_off: one record per step whatever the redeliveries, and the right status."""
+"""The job engine (advance, advance_in_a_row, hand_off) as the workers drive it: one record
+per step whatever the redeliveries, and the right status."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from kombu.exceptions import OperationalError
 
-from modules.storage.jobs import JobStatus
-from workers.dispatch import InlineDispatcher
-from workers.execute import (
+from modules.core.records import JobStatus
+from modules.pipeline.engine import (
     TransientInfraError,
-    execute_step,
-    execute_steps,
+    advance,
+    advance_in_a_row,
     fail_job,
     hand_off,
     is_transient,
     report_key,
 )
+from workers.dispatch import InlineDispatcher
 
 
 def _client_error(code: str) -> ClientError:
@@ -45,8 +46,8 @@ def test_inline_dispatcher_runs_the_chain(services, make_job) -> None:
 
 def test_failed_gate_rejects_and_ends_the_chain(services, make_job, calls) -> None:
     job_id = make_job({"name": "w_gate", "params": {"passed": False}}, {"name": "w_refit"})
-    assert execute_step(job_id, 0, services=services) == 1
-    assert execute_step(job_id, 1, services=services) is None
+    assert advance(job_id, 0, services).next_index == 1
+    assert advance(job_id, 1, services).next_index is None
     job = services.jobs.get(job_id)
     assert job["status"] == "REJECTED"
     assert "told to pass=False" in job["reason"]
@@ -57,11 +58,11 @@ def test_failed_gate_rejects_and_ends_the_chain(services, make_job, calls) -> No
 def test_redelivery_after_hand_off_is_dropped(services, make_job, calls) -> None:
     job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
     queued: list[tuple[str, int]] = []
-    assert execute_step(job_id, 0, services=services) == 1
-    assert execute_step(job_id, 1, services=services) == 2
+    assert advance(job_id, 0, services).next_index == 1
+    assert advance(job_id, 1, services).next_index == 2
     hand_off(job_id, 2, jobs=services.jobs, enqueue=lambda j, i: queued.append((j, i)))
     # The broker delivers step 1 again (the worker died before acking it).
-    assert execute_step(job_id, 1, services=services) is None
+    assert advance(job_id, 1, services).next_index is None
     assert queued == [(job_id, 2)]
     assert calls["w_refit"] == 1
     assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
@@ -69,10 +70,10 @@ def test_redelivery_after_hand_off_is_dropped(services, make_job, calls) -> None
 
 def test_redelivery_before_hand_off_continues_the_chain(services, make_job, calls) -> None:
     job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
-    execute_step(job_id, 0, services=services)
+    advance(job_id, 0, services)
     # The worker wrote step 1's record, then died before queueing step 2.
-    assert execute_step(job_id, 1, services=services) == 2
-    assert execute_step(job_id, 1, services=services) == 2  # not lost: queued again
+    assert advance(job_id, 1, services).next_index == 2
+    assert advance(job_id, 1, services).next_index == 2  # not lost: queued again
     assert calls["w_refit"] == 1  # but the step body ran once
     assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
     assert services.jobs.get(job_id)["attempts"] == 3
@@ -83,11 +84,11 @@ def test_an_owners_message_delivered_again_resumes_where_its_worker_died(
 ) -> None:
     job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
     # Task "t-1" (sent for step 0) ran steps 0 and 1 in a row and died during step 2.
-    assert execute_step(job_id, 0, services=services, owner="t-1") == 1
-    assert execute_step(job_id, 1, services=services, owner="t-1") == 2
+    assert advance(job_id, 0, services, owner="t-1").next_index == 1
+    assert advance(job_id, 1, services, owner="t-1").next_index == 2
     assert services.jobs.begin_step(job_id, 2, owner="t-1") is not None
     # The broker delivers t-1's message (step 0) again: it goes on at step 2, where it died.
-    assert execute_step(job_id, 0, services=services, owner="t-1") is None
+    assert advance(job_id, 0, services, owner="t-1").next_index is None
     job = services.jobs.get(job_id)
     assert job["status"] == "COMPLETED"
     assert (calls["w_refit"], calls["w_gate"]) == (1, 1)
@@ -109,7 +110,7 @@ def test_steps_in_a_row_begin_each_after_the_records_before_it(services, make_jo
         return append(record)
 
     services.jobs.begin_step, services.log.append = spy_begin, spy_append
-    assert execute_steps(job_id, 0, services=services, owner="t-1", continue_s=60) is None
+    assert advance_in_a_row(job_id, 0, services, owner="t-1", continue_s=60) is None
     assert services.jobs.get(job_id)["status"] == "COMPLETED"
     # Step i + 1 is begun (in a second thread, while its body runs) only after step i's
     # record is stored, and its record only after that begin succeeded.
@@ -122,9 +123,7 @@ def test_past_the_budget_the_next_step_is_handed_on(services, make_job, calls) -
     job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
     ticks = itertools.chain([0.0], itertools.repeat(2.0))  # step 0 ends past the 1 s budget
     assert (
-        execute_steps(
-            job_id, 0, services=services, owner="t-1", continue_s=1, clock=lambda: next(ticks)
-        )
+        advance_in_a_row(job_id, 0, services, owner="t-1", continue_s=1, clock=lambda: next(ticks))
         == 1
     )
     job = services.jobs.get(job_id)
@@ -133,43 +132,43 @@ def test_past_the_budget_the_next_step_is_handed_on(services, make_job, calls) -
 
 def test_a_duplicate_message_of_an_owned_step_is_dropped(services, make_job, calls) -> None:
     job_id = make_job({"name": "w_refit"})
-    assert execute_step(job_id, 0, services=services, owner="t-1") == 1
+    assert advance(job_id, 0, services, owner="t-1").next_index == 1
     queued: list[tuple[str, int]] = []
     hand_off(job_id, 1, jobs=services.jobs, enqueue=lambda j, i: queued.append((j, i)))
     # t-2 (the queued step 1) begins it; a second message for step 1 (t-3: its sender died
     # after queueing and queued it again) must not run it alongside.
     assert services.jobs.begin_step(job_id, 1, owner="t-2") is not None
-    assert execute_step(job_id, 1, services=services, owner="t-3") is None
+    assert advance(job_id, 1, services, owner="t-3").next_index is None
     assert calls["w_refit"] == 0
     # Nor may t-1's message, delivered again: it handed step 1 on.
-    assert execute_step(job_id, 0, services=services, owner="t-1") is None
-    assert execute_step(job_id, 1, services=services, owner="t-2") is None  # the last step
+    assert advance(job_id, 0, services, owner="t-1").next_index is None
+    assert advance(job_id, 1, services, owner="t-2").next_index is None  # the last step
     assert calls["w_refit"] == 1
     assert services.jobs.get(job_id)["status"] == "COMPLETED"
 
 
 def test_a_stopped_job_runs_no_further_step(services, make_job, calls) -> None:
     job_id = make_job({"name": "w_refit"})
-    assert execute_step(job_id, 0, services=services) == 1
+    assert advance(job_id, 0, services).next_index == 1
     services.jobs.update(job_id, status=JobStatus.STOPPED.value, reason="stopped by the user")
-    assert execute_step(job_id, 1, services=services) is None
+    assert advance(job_id, 1, services).next_index is None
     assert calls["w_refit"] == 0
     assert services.jobs.get(job_id)["status"] == "STOPPED"
 
 
 def test_unknown_job_is_dropped(services) -> None:
-    assert execute_step("nope", 0, services=services) is None
+    assert advance("nope", 0, services).next_index is None
 
 
 def test_transient_error_leaves_the_job_for_a_retry(services, make_job, flaky_errors) -> None:
     job_id = make_job({"name": "w_flaky"})
-    execute_step(job_id, 0, services=services)
+    advance(job_id, 0, services)
     flaky_errors.append(EndpointConnectionError(endpoint_url="http://s3"))
     with pytest.raises(TransientInfraError, match="EndpointConnectionError"):
-        execute_step(job_id, 1, services=services)
+        advance(job_id, 1, services)
     assert services.jobs.get(job_id)["status"] == "INPROGRESS"
     assert services.log.get(job_id, 1) is None
-    assert execute_step(job_id, 1, services=services) is None  # the retry
+    assert advance(job_id, 1, services).next_index is None  # the retry
     job = services.jobs.get(job_id)
     assert job["status"] == "COMPLETED"
     assert job["attempts"] == 3
@@ -178,10 +177,10 @@ def test_transient_error_leaves_the_job_for_a_retry(services, make_job, flaky_er
 
 def test_a_real_error_fails_the_job_and_propagates(services, make_job, flaky_errors) -> None:
     job_id = make_job({"name": "w_flaky"})
-    execute_step(job_id, 0, services=services)
+    advance(job_id, 0, services)
     flaky_errors.append(_client_error("AccessDenied"))
     with pytest.raises(ClientError):
-        execute_step(job_id, 1, services=services)
+        advance(job_id, 1, services)
     job = services.jobs.get(job_id)
     assert job["status"] == "FAILED"
     assert job["reason"].startswith("step 1 (w_flaky) crashed: ClientError")
@@ -232,11 +231,11 @@ def test_with_a_step_cache_the_log_is_queried_once_per_job(
 
     monkeypatch.setattr(services.log, "records", counting_records)
     cache = StepCache()
-    assert execute_step(job_id, 0, services=services, cache=cache) == 1
+    assert advance(job_id, 0, services, cache=cache).next_index == 1
     # A redelivered step the cache knows is not run again, and asks nothing.
-    assert execute_step(job_id, 1, services=services, cache=cache) == 2
-    assert execute_step(job_id, 1, services=services, cache=cache) == 2
-    assert execute_step(job_id, 2, services=services, cache=cache) is None
+    assert advance(job_id, 1, services, cache=cache).next_index == 2
+    assert advance(job_id, 1, services, cache=cache).next_index == 2
+    assert advance(job_id, 2, services, cache=cache).next_index is None
     assert queries == [job_id]  # step 0's; steps 1, 2 and the report used the cache
     assert calls["w_refit"] == 1
     job = services.jobs.get(job_id)

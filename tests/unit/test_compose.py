@@ -1,18 +1,19 @@
-"""docker-compose.yml, .env.example and the process stack that stands in for compose agree."""
+"""docker-compose.yml and .env.example start our entry points with settings that validate.
+
+They are read through the test harness (tests/devstack.py), which parses them the way the
+integration tests start the stack; the harness itself is not product code and is not tested.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from modules.pipeline.settings import ENV_NAMES, load_settings
-from workers.devstack import (
+from tests.devstack import (
     COMPOSE_FILE,
     ENV_FILE,
     compose_command,
     compose_services,
-    local_argv,
     read_env_file,
 )
 
@@ -44,19 +45,3 @@ def test_env_file_holds_only_known_settings_and_they_validate() -> None:
     assert settings.dispatcher == "celery"
     assert settings.missing("api") == [] and settings.missing("worker") == []
     assert settings.visibility_timeout_s > settings.task_time_limit_s
-
-
-def test_local_argv_runs_compose_commands_on_localhost() -> None:
-    argv = local_argv(["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"], port=9)
-    assert Path(argv[0]).name == "uvicorn"
-    assert argv[1:] == ["api.main:app", "--host", "127.0.0.1", "--port", "9"]
-    assert local_argv(["celery", "flower", "--port=5555"], port=7)[1:] == ["flower", "--port=7"]
-
-
-def test_env_file_parser_rejects_garbage(tmp_path: Path) -> None:
-    path = tmp_path / ".env"
-    path.write_text("# comment\n\nA=1\nB = two words \n")
-    assert read_env_file(path) == {"A": "1", "B": "two words"}
-    path.write_text("NOT A PAIR\n")
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        read_env_file(path)

@@ -1,9 +1,9 @@
-"""The docker-compose topology as local processes, for machines without a Docker engine.
+"""A test and benchmark harness: the docker-compose topology as local processes (no Docker).
 
 Reads docker-compose.yml and .env.example, and starts moto, the Celery worker(s) and the
 API with the commands compose would run, with the env file's settings. Only host names,
 ports and the bucket/table/queue names change (so runs do not share state). The
-integration tests and benchmarks/service_overhead.py use it; `python -m workers.devstack`
+integration tests and benchmarks/service_overhead.py use it; `python -m tests.devstack`
 runs the stack until Ctrl-C.
 
 Every process is started in its own session and stopped by its process-group id.

@@ -1,4 +1,4 @@
-"""Uploaded inputs files: users/{user}/inputs/{inputs_id}/{inputs.npz, meta.json}.
+"""The inputs catalogue: uploaded files, users/{user}/inputs/{inputs_id}/{inputs.npz, meta.json}.
 
 An inputs file feeds a bring-your-own ONNX model whose inputs a dataset cannot feed (token
 ids, several named inputs): onnx_parity and onnx_quantize take its id as `inputs`. It is
@@ -16,20 +16,19 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from api.model_registry import list_owned_metas, read_owned_meta, store_with_meta
-from api.schemas import ID_PATTERN, InputsPublic
 from modules.core.jobspec import StepCall
 from modules.errors import BadInputError, NotFoundError
+from modules.storage import keys
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.inputs import (
     TensorSpec,
     check_inputs,
     describe_arrays,
-    inputs_key,
-    inputs_prefix,
     is_standard,
     read_inputs,
 )
+from modules.storage.keys import ID_PATTERN, inputs_key, inputs_prefix
+from modules.storage.model_catalog import list_owned_metas, read_owned_meta, store_with_meta
 
 _ID = re.compile(ID_PATTERN)
 INPUTS_PARAMS = ("inputs", "calibration_inputs")
@@ -39,7 +38,7 @@ def inputs_meta_key(user_id: str, inputs_id: str) -> str:
     """The key of an inputs file's meta.json; NotFoundError for an id that cannot exist."""
     if not _ID.fullmatch(inputs_id):
         raise NotFoundError(f"inputs {inputs_id!r} not found")
-    return f"{inputs_prefix(user_id)}{inputs_id}/meta.json"
+    return keys.inputs_meta_key(user_id, inputs_id)
 
 
 def validate_inputs_bytes(data: bytes, filename: str) -> list[dict[str, Any]]:
@@ -84,13 +83,6 @@ def get_inputs_meta(store: ArtifactStore, *, user_id: str, inputs_id: str) -> di
 def list_inputs_metas(store: ArtifactStore, *, user_id: str) -> list[dict[str, Any]]:
     """The user's inputs files, newest first."""
     return list_owned_metas(store, inputs_prefix(user_id), user_id=user_id)
-
-
-def to_public(meta: dict[str, Any]) -> InputsPublic:
-    """The response body for one inputs file."""
-    return InputsPublic.model_validate(
-        {k: v for k, v in meta.items() if k in InputsPublic.model_fields}
-    )
 
 
 def _runs_on_data(call: StepCall) -> bool:

@@ -1,0 +1,225 @@
+"""ONNX Runtime int8 quantization as pure functions: settings, graph preparation, quantizing.
+
+What the `onnx_quantize` step and its accuracy-aware search (`onnx_search`) both run: a
+graph is prepared once (`prepare_graph`: ORT's `quant_pre_process`, then a stable name for
+every node, since the quantizer selects and excludes nodes by name), then quantized with one
+`QuantSettings` (`quantize_prepared`). ORT's dynamic quantizer rewrites a Gemm as
+`<name>_MatMul` + `<name>_Add`, so a Gemm's own name is translated to that for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modules.errors import BadInputError
+from modules.storage.inputs import n_rows, take_rows
+
+INT8_OPS = frozenset(
+    {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "QLinearMatMul"}
+)
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """One int8 configuration of ONNX Runtime's quantizer."""
+
+    mode: str = "dynamic"
+    weight_type: str = "int8"
+    per_channel: bool = False
+    reduce_range: bool = False
+    nodes_to_exclude: tuple[str, ...] = ()
+    # Empty: every node the quantizer supports; else only these (a sensitivity probe).
+    nodes_to_quantize: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form; the node lists only when set."""
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "weight_type": self.weight_type,
+            "per_channel": self.per_channel,
+            "reduce_range": self.reduce_range,
+        }
+        if self.nodes_to_exclude:
+            out["nodes_to_exclude"] = list(self.nodes_to_exclude)
+        if self.nodes_to_quantize:
+            out["nodes_to_quantize"] = list(self.nodes_to_quantize)
+        return out
+
+    def label(self) -> str:
+        """Like `dynamic int8 per-channel reduce-range, in float: /blocks.1/out/MatMul`."""
+        parts = [self.mode, self.weight_type, "per-channel" if self.per_channel else "per-tensor"]
+        if self.reduce_range:
+            parts.append("reduce-range")
+        text = " ".join(parts)
+        excluded = self.nodes_to_exclude
+        if len(excluded) > 3:
+            text += f", {len(excluded)} nodes in float"
+        elif excluded:
+            text += f", in float: {', '.join(excluded)}"
+        if self.nodes_to_quantize:
+            text += f", only {', '.join(self.nodes_to_quantize)} quantized"
+        return text
+
+
+def _quant_type(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
+
+
+def calibration_feeds(
+    feeds: dict[str, np.ndarray], *, samples: int, batch: int, seed: int
+) -> list[dict[str, np.ndarray]]:
+    """A seeded sample of the rows of every input, cut into calibration batches."""
+    rng = np.random.default_rng(seed)
+    total = n_rows(feeds)
+    take = np.sort(rng.choice(total, size=min(samples, total), replace=False))
+    picked = take_rows(feeds, take)
+    return [take_rows(picked, slice(i, i + batch)) for i in range(0, len(take), batch)]
+
+
+def _pre_process(src: Path, dst: Path) -> str:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        # Symbolic shape inference is for dynamic-shape transformer graphs; when it gives up
+        # it also drops a temp file into the working directory, so it stays off.
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    except Exception as exc:  # ONNX shape inference or the optimizer gives up on some graphs
+        return f"skipped ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    return "done"
+
+
+def prepare_graph(proto: Any, workdir: Path) -> tuple[Path, str]:
+    """Pre-process once and name every node; returns (prepared file, pre-process status)."""
+    import onnx
+
+    src, pre, prepared = workdir / "model.onnx", workdir / "pre.onnx", workdir / "prepared.onnx"
+    onnx.save(proto, str(src))
+    status = _pre_process(src, pre)
+    graph = onnx.load(str(pre if status == "done" else src))
+    names = {n.name for n in graph.graph.node if n.name}
+    for i, node in enumerate(graph.graph.node):
+        if not node.name:
+            # The quantizer selects and excludes nodes by name; unnamed ones get a stable one.
+            name = f"{node.op_type}_{i}"
+            while name in names:
+                name += "_"
+            node.name = name
+            names.add(name)
+    onnx.save(graph, str(prepared))
+    return prepared, status
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """Silence ORT's quantizer, which logs a root-logger warning per weight it skips."""
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
+def _dynamic_names(names: tuple[str, ...], gemms: set[str]) -> list[str]:
+    # The dynamic quantizer turns Gemm `g` into MatMul `g_MatMul` before it selects nodes.
+    out = []
+    for name in names:
+        out.append(name)
+        if name in gemms:
+            out.append(f"{name}_MatMul")
+    return out
+
+
+def quantize_prepared(
+    source: Path,
+    settings: QuantSettings,
+    *,
+    workdir: Path,
+    calibration: list[dict[str, np.ndarray]] | None = None,
+    calibration_cache: Path | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Quantize a prepared graph file with one setting; returns (quantized graph, details).
+
+    calibration_cache: where static activation ranges are kept between calls on the same
+    graph and data (ranges depend on neither the weight settings nor the node selection).
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    dst = workdir / "quantized.onnx"
+    dst.unlink(missing_ok=True)
+    gemms: set[str] = set()
+    if settings.mode == "dynamic" and (settings.nodes_to_exclude or settings.nodes_to_quantize):
+        graph = onnx.load(str(source), load_external_data=False)
+        gemms = {n.name for n in graph.graph.node if n.op_type == "Gemm"}
+    selection = {
+        "nodes_to_exclude": _dynamic_names(settings.nodes_to_exclude, gemms) or None,
+        "nodes_to_quantize": _dynamic_names(settings.nodes_to_quantize, gemms) or None,
+    }
+    with quiet_quantizer():
+        if settings.mode == "dynamic":
+            quantize_dynamic(
+                str(source),
+                str(dst),
+                weight_type=_quant_type(settings.weight_type),
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                **selection,
+            )
+        else:
+            if not calibration:
+                raise BadInputError("static quantization needs calibration batches")
+            batches = iter(calibration)
+
+            class _Reader(CalibrationDataReader):
+                def get_next(self) -> dict[str, np.ndarray] | None:
+                    return next(batches, None)
+
+            quantize_static(
+                str(source),
+                str(dst),
+                _Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=_quant_type(settings.weight_type),
+                weight_type=_quant_type(settings.weight_type),
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                calibration_cache_path=str(calibration_cache) if calibration_cache else None,
+                **selection,
+            )
+    quantized = onnx.load(str(dst))
+    dropped = drop_unused_opsets(quantized)
+    details = {
+        "dropped_opset_imports": dropped,
+        "int8_nodes": sum(n.op_type in INT8_OPS for n in quantized.graph.node),
+    }
+    return quantized, details
+
+
+def drop_unused_opsets(proto: Any) -> list[str]:
+    """Remove opset imports of domains no node uses; returns the removed domains.
+
+    ORT's quantizer declares every domain it knows (ai.onnx.preview, org.pytorch.aten, ...);
+    the safe loader refuses undeclared-by-us domains, and an unused import means nothing.
+    """
+    used = {""} | {node.domain for node in proto.graph.node}
+    used |= {node.domain for function in proto.functions for node in function.node}
+    keep = [entry for entry in proto.opset_import if entry.domain in used]
+    dropped = sorted(entry.domain for entry in proto.opset_import if entry.domain not in used)
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    return dropped
