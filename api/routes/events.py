@@ -24,7 +24,7 @@ from api.deps import ServicesDep, current_user
 from api.errors import UnauthorizedError
 from api.routes.jobs import owned_job, progress_of
 from api.ui.session import read_session
-from modules.core.records import TERMINAL, JobStatus
+from modules.core.records import TERMINAL, JobStatus, StepRecord
 from modules.pipeline.settings import Services
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -61,8 +61,7 @@ def step_states(job: dict[str, Any], records: list[dict[str, Any]]) -> list[dict
     for i, call in enumerate(job["spec"]["steps"]):
         record = by_index.get(i)
         if record is not None:
-            verdict = record.get("verdict")
-            state = "rejected" if verdict and not verdict.get("passed") else "done"
+            state = "rejected" if StepRecord.of(record).rejected else "done"
         elif status == JobStatus.INPROGRESS and i == index:
             state = "running"
         elif status == JobStatus.FAILED and i == index:

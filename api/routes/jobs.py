@@ -24,7 +24,7 @@ from api.schemas import (
     Progress,
 )
 from modules.core.jobspec import DEFAULT_PROFILE
-from modules.core.records import TERMINAL, JobRecord, JobStatus
+from modules.core.records import TERMINAL, JobRecord, JobStatus, StepRecord
 from modules.errors import NotFoundError
 from modules.pipeline.engine import fail_if_stale, finish, report_key, stop
 from modules.pipeline.settings import Services, stale_after_s
@@ -190,10 +190,10 @@ def job_artifacts(
         )
 
     for record in services.log.records(job["job_id"]):
-        output = record.get("output_key")
-        if output and output != record.get("input_key"):
-            add(output, kind="model", record=record, size=record.get("output_size"))
-        for key in (record.get("files") or {}).values():
+        typed = StepRecord.of(record)
+        if typed.wrote_model and typed.output_key is not None:
+            add(typed.output_key, kind="model", record=record, size=typed.output_size)
+        for key in typed.files.values():
             add(key, kind="file", record=record, size=store.size(key))
     report = report_key(job)
     if store.exists(report):
@@ -257,13 +257,21 @@ def get_report(
     services: ServicesDep,
     format: Annotated[Literal["json", "html"], Query(description="json or html.")] = "json",
 ) -> Response:
-    """The job's report.json as the engine stored it when the job ended; as html, the
-    `report` step's page when that step ran, else the report's summary table."""
+    """The job's report.json as the engine stored it when the job ended (while it runs, the
+    same report of the steps so far); as html, the `report` step's page when that step ran,
+    else the report's summary table."""
+    from modules.pipeline.report import job_report
+
     job = owned_job(services, job_id, user)
     key = report_key(job)
-    if not services.store.exists(key):
-        raise ConflictError(f"job {job_id} is {job['status']}: its report is written when it ends")
-    report = json.loads(services.store.get_bytes(key))
+    if services.store.exists(key):
+        report = json.loads(services.store.get_bytes(key))
+    else:
+        records = services.log.records(job_id)
+        built = job_report(
+            spec=job["spec"], status=job["status"], reason=job.get("reason"), records=records
+        )
+        report = json.loads(json.dumps(built, default=str))
     if format == "json":
         return JSONResponse(report)
     page = _report_file(report.get("steps", []), "report.html")

@@ -32,7 +32,8 @@ from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError, IncompatibleError
 from modules.evaluation.inference import make_predictor
-from modules.evaluation.measure import batch_of, time_batches
+from modules.evaluation.measure import batch_of, thread_count, time_batches
+from modules.evaluation.stats import compare_latency
 from modules.storage.architectures import build_model, complete_arch
 from modules.storage.datasets import Dataset
 from modules.storage.keys import key_in_user, validate_key
@@ -161,7 +162,10 @@ class DistillParams(TrainingFields):
     )
     epochs: int = Field(default=20, ge=1, le=1000, description="Training epochs.")
     timing_runs: int = Field(
-        default=20, ge=2, le=10_000, description="Timed runs per batch size for the latency report."
+        default=20,
+        ge=2,
+        le=10_000,
+        description="Minimum timed runs per batch size for the latency report.",
     )
 
     @field_validator("student_key")
@@ -247,7 +251,7 @@ def _latency(artifact: ModelArtifact, data: Dataset, runs: int) -> dict[str, Any
     latency: dict[str, Any] = {}
     for size in (1, 64):
         stat, _ = time_batches(predictor.scores, batch_of(data.X_test, size), warmup=3, runs=runs)
-        latency[f"b{size}"] = stat
+        latency[f"b{size}"] = stat | {"threads": thread_count("torch")}
     return latency
 
 
@@ -294,13 +298,17 @@ def distill_step(
         "params": compared["params_after"],
         "latency_ms": _latency(out, data, params.timing_runs),
     }
+    # A speedup only where the two median CIs do not overlap; else None and a note.
+    speedup = compare_latency(
+        teacher_report["latency_ms"]["b64"], student_report["latency_ms"]["b64"]
+    )
     metrics = {
         "teacher": teacher_report,
         "student": student_report,
         "student_accuracy_before": start_accuracy,
         **compared,
-        "speedup_b64": teacher_report["latency_ms"]["b64"]["median"]
-        / student_report["latency_ms"]["b64"]["median"],
+        "speedup_b64": speedup["ratio"],
+        **({} if speedup["measurable"] else {"speedup_b64_note": speedup["note"]}),
         "schedule": history["schedule"],
         "final_loss": history["final_loss"],
         "train_time_s": history["train_time_s"],

@@ -44,6 +44,7 @@ from modules.deployment.parity_metrics import (
     resolve_kind,
 )
 from modules.evaluation.inference import OrtRunner
+from modules.evaluation.measure import DEFAULT_CI_TARGET
 
 # Nodes that carry weights or do the heavy arithmetic: what a probe quantizes one at a time.
 WEIGHTED_OPS = frozenset(
@@ -69,10 +70,30 @@ class SearchBudget:
     max_trials: int = 100
     latency_batch: int = 32
     latency_runs: int = 5
+    # Each trial is timed until its median CI is within latency_ci_target, as measure does;
+    # the time cap is a quarter of measure's because the search times up to max_trials graphs.
+    latency_ci_target: float = DEFAULT_CI_TARGET
+    latency_max_time_s: float = 0.25
     threads: int | None = 1
     # Exclusions start from the best setting within this band of the fastest; None picks by
     # parity alone, which makes the search independent of timing (tests, noisy machines).
     speed_band: float | None = BASE_SPEED_BAND
+
+
+def _time_once(
+    run: Any, feeds: dict[str, np.ndarray], *, batch: int, budget: SearchBudget
+) -> dict[str, Any]:
+    """The latency summary of one graph at one batch size, timed under the budget's rule."""
+    return time_feeds(
+        run,
+        feeds,
+        sizes=[batch],
+        warmup=1,
+        runs=budget.latency_runs,
+        threads=budget.threads,
+        ci_target=budget.latency_ci_target,
+        max_time_s=budget.latency_max_time_s,
+    )[f"b{batch}"]
 
 
 @dataclass
@@ -177,14 +198,7 @@ class _Search:
             return record
         verdict = output_verdict(result, self.thresholds)
         batch = runner.fixed_batch or self.budget.latency_batch
-        latency = time_feeds(
-            runner.run,
-            self.feeds,
-            sizes=[batch],
-            warmup=1,
-            runs=self.budget.latency_runs,
-            threads=self.budget.threads,
-        )[f"b{batch}"]
+        latency = _time_once(runner.run, self.feeds, batch=batch, budget=self.budget)
         size = proto.ByteSize()
         record.update(
             size_bytes=size,
@@ -198,6 +212,7 @@ class _Search:
             latency_batch=batch,
             latency_ms=latency["median"],
             latency_ci95=latency["median_ci95"],
+            latency_noisy=latency["noisy"],
             int8_nodes=details["int8_nodes"],
             seconds=time.perf_counter() - start,
         )
@@ -356,14 +371,13 @@ def search_int8(
     reference = fp32.run(feeds)
     kind, why = resolve_kind(thresholds.output_kind, meta, reference)
     batch = fp32.fixed_batch or budget.latency_batch
-    fp32_latency = time_feeds(
-        fp32.run, feeds, sizes=[batch], warmup=1, runs=budget.latency_runs, threads=budget.threads
-    )[f"b{batch}"]
+    fp32_latency = _time_once(fp32.run, feeds, batch=batch, budget=budget)
     fp32_info = {
         "size_bytes": proto.ByteSize(),
         "latency_batch": batch,
         "latency_ms": fp32_latency["median"],
         "latency_ci95": fp32_latency["median_ci95"],
+        "latency_noisy": fp32_latency["noisy"],
     }
     source, pre_process = prepare_graph(proto, workdir)
     # Activation ranges are cached per graph and calibration data: never reuse older ones.

@@ -10,8 +10,9 @@ scikit-learn one). Both predict the whole test split:
 
 The gate passes only when agreement >= min_agreement and max |prob diff| <= max_prob_diff.
 It writes deployment_report.json: both numbers, the thresholds, the first mismatched test
-indices, native vs ONNX Runtime latency (median and 95% CI, both on `threads` threads),
-the opsets and the library versions. A failed gate ends the job REJECTED with the reason;
+indices, native vs ONNX Runtime latency (median and 95% CI, both on `threads` threads;
+the speedup only where the two median CIs do not overlap, else None and a note), the
+opsets and the library versions. A failed gate ends the job REJECTED with the reason;
 it never raises.
 
 Bring-your-own ONNX graphs (no native model in the job) are compared with the earlier ONNX
@@ -54,7 +55,15 @@ from modules.deployment.parity_metrics import (
 )
 from modules.errors import BadInputError, IncompatibleError
 from modules.evaluation.inference import OrtRunner, feed_batch, make_predictor
-from modules.evaluation.measure import batch_of, time_batches
+from modules.evaluation.measure import (
+    DEFAULT_CI_TARGET,
+    DEFAULT_MAX_TIME_S,
+    batch_of,
+    ci_target_field,
+    max_time_field,
+    time_batches,
+)
+from modules.evaluation.stats import compare_latency
 from modules.storage.datasets import Dataset
 from modules.storage.inputs import (
     dataset_feeds,
@@ -98,7 +107,14 @@ class ParityParams(GateThresholds):
         default=64, ge=1, le=65_536, description="Second batch size timed (batch 1 always is)."
     )
     warmup: int = Field(default=3, ge=0, le=1000, description="Untimed runs before timing.")
-    runs: int = Field(default=20, ge=2, le=10_000, description="Timed runs per batch size.")
+    runs: int = Field(
+        default=20,
+        ge=2,
+        le=10_000,
+        description="Minimum timed runs per batch size; more follow until ci_target is met.",
+    )
+    ci_target: float = ci_target_field()
+    max_time_s: float = max_time_field()
     threads: int | None = Field(
         default=1,
         ge=1,
@@ -124,14 +140,34 @@ def time_feeds(
     warmup: int,
     runs: int,
     threads: int | None,
+    ci_target: float = DEFAULT_CI_TARGET,
+    max_time_s: float = DEFAULT_MAX_TIME_S,
 ) -> dict[str, Any]:
     """Latency summaries (ms) of `fn` on batches of each size, keyed b{size}."""
     out = {}
     for size in sizes:
         # time_batches only hands its batch to fn, so a dict of named arrays serves as well.
         batch = cast(Any, feed_batch(feeds, size))
-        stat, _ = time_batches(fn, batch, warmup=warmup, runs=runs)
+        stat, _ = time_batches(
+            fn, batch, warmup=warmup, runs=runs, ci_target=ci_target, max_time_s=max_time_s
+        )
         out[f"b{size}"] = stat | {"batch_size": size, "threads": threads or "default"}
+    return out
+
+
+def speedups(
+    slow: Mapping[str, dict[str, Any]], fast: Mapping[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """`speedup_median` (slow / fast median per batch key) and, where the CIs overlap, a note.
+
+    A batch whose two median CIs overlap has speedup None and a `speedup_median_note`
+    entry: no measurable difference.
+    """
+    compared = {k: compare_latency(slow[k], fast[k]) for k in slow if k in fast}
+    out: dict[str, Any] = {"speedup_median": {k: c["ratio"] for k, c in compared.items()}}
+    notes = {k: c["note"] for k, c in compared.items() if not c["measurable"]}
+    if notes:
+        out["speedup_median_note"] = notes
     return out
 
 
@@ -263,6 +299,8 @@ def check_output_parity(
             warmup=params.warmup,
             runs=params.runs,
             threads=params.threads,
+            ci_target=params.ci_target,
+            max_time_s=params.max_time_s,
         )
     ort_ms = time_feeds(
         runner.run,
@@ -271,6 +309,8 @@ def check_output_parity(
         warmup=params.warmup,
         runs=params.runs,
         threads=params.threads,
+        ci_target=params.ci_target,
+        max_time_s=params.max_time_s,
     )
     report = {
         **result,
@@ -279,9 +319,7 @@ def check_output_parity(
         "reason": verdict.reason,
         "thresholds": thresholds_of(kind, params),
         "latency_ms": {"reference": ref_ms, "onnxruntime": ort_ms},
-        "speedup_median": {
-            k: ref_ms[k]["median"] / ort_ms[k]["median"] for k in ref_ms if ort_ms[k]["median"]
-        },
+        **speedups(ref_ms, ort_ms),
         "opset": _opsets(candidate.obj),
         "onnx": {
             "source_framework": candidate.meta.get("source_framework"),
@@ -299,7 +337,14 @@ def check_output_parity(
 def _latency(scores: Any, x: np.ndarray, params: ParityParams) -> dict[str, Any]:
     out = {}
     for size in sorted({1, params.latency_batch}):
-        stat, _ = time_batches(scores, batch_of(x, size), warmup=params.warmup, runs=params.runs)
+        stat, _ = time_batches(
+            scores,
+            batch_of(x, size),
+            warmup=params.warmup,
+            runs=params.runs,
+            ci_target=params.ci_target,
+            max_time_s=params.max_time_s,
+        )
         out[f"b{size}"] = stat | {"batch_size": size, "threads": params.threads or "default"}
     return out
 
@@ -372,11 +417,7 @@ def check_parity(
             "max_prob_diff": params.max_prob_diff,
         },
         "latency_ms": {"native": native_ms, "onnxruntime": ort_ms},
-        "speedup_median": {
-            k: native_ms[k]["median"] / ort_ms[k]["median"]
-            for k in native_ms
-            if ort_ms[k]["median"]
-        },
+        **speedups(native_ms, ort_ms),
         "opset": _opsets(onnx_model.obj),
         "onnx": {
             "source_framework": onnx_model.meta.get("source_framework"),
@@ -404,6 +445,7 @@ GENERIC_HEADLINE = (
     "worst_output",
     "latency_ms",
     "speedup_median",
+    "speedup_median_note",
     "opset",
 )
 
@@ -447,8 +489,10 @@ def onnx_parity(
             "mismatched_indices_sample",
             "latency_ms",
             "speedup_median",
+            "speedup_median_note",
             "opset",
         )
+        if k in report
     }
     files = {"deployment_report.json": json.dumps(report, indent=2, default=str).encode()}
     return StepOutput(model=None, metrics=metrics, files=files, verdict=verdict)

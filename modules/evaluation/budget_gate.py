@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput, Verdict
-from modules.evaluation.hardware_sim import MIB, HardwareProbe, evaluate_budget
+from modules.evaluation.hardware_sim import MIB, HardwareProbe, evaluate_budget, noisy_note
+from modules.evaluation.measure import ci_target_field, max_time_field
 from modules.storage.datasets import Dataset
 
 
@@ -44,7 +45,14 @@ class BudgetGateParams(BaseModel):
         default=None, gt=0, le=3_600_000, description="Override the profile's latency budget."
     )
     warmup: int = Field(default=3, ge=0, le=1000, description="Untimed runs before timing.")
-    runs: int = Field(default=20, ge=2, le=10_000, description="Timed batch-1 runs.")
+    runs: int = Field(
+        default=20,
+        ge=2,
+        le=10_000,
+        description="Minimum timed batch-1 runs; more follow until ci_target is met.",
+    )
+    ci_target: float = ci_target_field()
+    max_time_s: float = max_time_field()
 
 
 def budget_checks(
@@ -72,11 +80,13 @@ def budget_checks(
         (passed if ok else failed).append(text)
     limit = evaluation.get("latency_budget_ms")
     if params.check_latency and limit is not None:
-        est = float(evaluation["estimated_latency_ms"]["b1"]["median"])
+        b1 = evaluation["estimated_latency_ms"]["b1"]
+        est = float(b1["median"])
         ok = est <= limit
         text = (
             f"estimated batch-1 latency {est:.3f} ms (measured / compute scale "
             f"{evaluation['compute_scale']:g}) {'<=' if ok else '>'} budget {limit:g} ms"
+            + noisy_note(b1)
         )
         (passed if ok else failed).append(text)
     if params.accuracy_floor is not None:
@@ -95,7 +105,13 @@ def budget_gate(
     """Reject when the model misses the profile's memory, flash or latency budget or accuracy."""
     profile = ctx.profile
     probe = HardwareProbe(
-        model, data, memory_batch_sizes=(1, 8), warmup=params.warmup, runs=params.runs
+        model,
+        data,
+        memory_batch_sizes=(1, 8),
+        warmup=params.warmup,
+        runs=params.runs,
+        ci_target=params.ci_target,
+        max_time_s=params.max_time_s,
     )
     evaluation = evaluate_budget(
         probe,

@@ -37,7 +37,16 @@ from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
 from modules.evaluation.inference import make_predictor
-from modules.evaluation.measure import batch_of, inference_memory, thread_count, time_batches
+from modules.evaluation.measure import (
+    DEFAULT_CI_TARGET,
+    DEFAULT_MAX_TIME_S,
+    batch_of,
+    ci_target_field,
+    inference_memory,
+    max_time_field,
+    thread_count,
+    time_batches,
+)
 from modules.storage.datasets import Dataset
 from modules.storage.model_formats import save_model
 
@@ -187,6 +196,16 @@ def fit_verdict(
     return fits, reasons
 
 
+def noisy_note(stat: Mapping[str, Any]) -> str:
+    """' (noisy timing: ...)' for a latency whose median CI missed its target, else ''."""
+    if not stat.get("noisy"):
+        return ""
+    return (
+        f" (noisy timing: median CI +/-{float(stat['ci_half_width_rel']):.0%} after "
+        f"{stat['n']} runs, target +/-{float(stat['ci_target']):.0%})"
+    )
+
+
 # --- measurement ---------------------------------------------------------------------------------
 
 
@@ -201,6 +220,8 @@ class HardwareProbe:
         memory_batch_sizes: Sequence[int] = (1, 8, 64, 256),
         warmup: int = 3,
         runs: int = 20,
+        ci_target: float = DEFAULT_CI_TARGET,
+        max_time_s: float = DEFAULT_MAX_TIME_S,
     ) -> None:
         self.artifact = artifact
         self.x = data.X_test
@@ -208,6 +229,8 @@ class HardwareProbe:
         self.predictor.check_features(self.x)
         self.warmup = warmup
         self.runs = runs
+        self.ci_target = ci_target
+        self.max_time_s = max_time_s
         self.serialized_bytes = len(save_model(artifact))
         measured: dict[int, int] = {}
         model_bytes, method = 0, ""
@@ -222,9 +245,15 @@ class HardwareProbe:
         """Measured latency summary (ms) of one batch of `batch` rows; timed once, then cached."""
         if batch not in self._latency:
             stat, _ = time_batches(
-                self.predictor.scores, batch_of(self.x, batch), warmup=self.warmup, runs=self.runs
+                self.predictor.scores,
+                batch_of(self.x, batch),
+                warmup=self.warmup,
+                runs=self.runs,
+                ci_target=self.ci_target,
+                max_time_s=self.max_time_s,
             )
             stat["batch_size"] = batch
+            stat["threads"] = thread_count(self.artifact.framework)
             self._latency[batch] = stat
         return self._latency[batch]
 
@@ -282,6 +311,7 @@ def evaluate_budget(
         relation = "<=" if meets_latency else ">"
         reasons.append(
             f"estimated batch-1 latency {est_b1:.3f} ms {relation} budget {latency_budget_ms:g} ms"
+            + noisy_note(measured["b1"])
         )
     return {
         "memory_budget_mb": memory_budget_mb,
@@ -330,7 +360,14 @@ class HardwareSimParams(BaseModel):
         description="Largest batch the auto-batch search may pick (powers of two up to this).",
     )
     warmup: int = Field(default=3, ge=0, le=1000, description="Untimed runs before timing.")
-    runs: int = Field(default=20, ge=2, le=10_000, description="Timed runs per batch size.")
+    runs: int = Field(
+        default=20,
+        ge=2,
+        le=10_000,
+        description="Minimum timed runs per batch size; more follow until ci_target is met.",
+    )
+    ci_target: float = ci_target_field()
+    max_time_s: float = max_time_field()
     memory_budget_mb: float | None = Field(
         default=None, gt=0, le=1_048_576, description="Override the profile's memory budget (MB)."
     )
@@ -372,6 +409,8 @@ def hardware_sim(
         memory_batch_sizes=params.memory_batch_sizes,
         warmup=params.warmup,
         runs=params.runs,
+        ci_target=params.ci_target,
+        max_time_s=params.max_time_s,
     )
     metrics = evaluate_budget(probe, max_batch=params.max_batch, **budget_of(ctx.profile, params))
     metrics["profile"] = ctx.profile.name

@@ -1,11 +1,14 @@
 """The `measure` step: size, parameters, accuracy, latency with CI, throughput, memory.
 
-Latency: `warmup` untimed runs, then `runs` timed runs of one batch each, reported
-as median, mean, std and a Student-t 95% CI in milliseconds, with the batch size
-and the thread count. Memory: torch = parameter bytes + the activations its leaf
-modules emit for one batch (forward hooks); scikit-learn = model arrays + peak
-Python/numpy allocations during predict (tracemalloc); ONNX = initializer bytes +
-input and output tensors. Each result names its method.
+Latency: `warmup` untimed runs, then at least `runs` timed runs of one batch each, and
+more in rounds until the 95% CI of the median is within `ci_target` of the median, or
+`max_time_s` of timing or MAX_SAMPLES samples are spent; a latency that stopped short of
+the target is flagged `noisy`. Reported as median (order-statistic CI), mean, std and a
+Student-t 95% CI in milliseconds, with the batch size and the thread count.
+Memory: torch = parameter bytes + the activations its leaf modules emit for one batch
+(forward hooks); scikit-learn = model arrays + peak Python/numpy allocations during
+predict (tracemalloc); ONNX = initializer bytes + input and output tensors. Each result
+names its method.
 """
 
 from __future__ import annotations
@@ -21,9 +24,42 @@ from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.evaluation.inference import Predictor, make_predictor
-from modules.evaluation.stats import summarize
+from modules.evaluation.stats import median_interval, summarize
 from modules.storage.datasets import Dataset
 from modules.storage.model_formats import save_model
+
+DEFAULT_CI_TARGET = 0.05
+DEFAULT_MAX_TIME_S = 1.0
+# With the time cap, bounds a tiny model's timing: 5000 runs of 50 us are 0.25 s.
+MAX_SAMPLES = 5000
+# Below 6 samples the median's interval is (min, max), which covers it less than 95% of
+# the time, so no smaller count meets a target.
+MIN_CI_SAMPLES = 6
+
+
+def ci_target_field() -> Any:
+    """The `ci_target` param of every step that times latency."""
+    return Field(
+        default=DEFAULT_CI_TARGET,
+        ge=0.005,
+        le=0.5,
+        description=(
+            "Keep timing until the 95% CI half-width of the median latency is within this "
+            "fraction of the median (else the latency is flagged noisy)."
+        ),
+    )
+
+
+def max_time_field() -> Any:
+    """The `max_time_s` param of every step that times latency."""
+    return Field(
+        default=DEFAULT_MAX_TIME_S,
+        gt=0,
+        le=60,
+        description=(
+            "Most seconds of timing per model and batch size once the minimum runs are done."
+        ),
+    )
 
 
 class MeasureParams(BaseModel):
@@ -35,21 +71,78 @@ class MeasureParams(BaseModel):
         default=[1, 64], min_length=1, max_length=8, description="Batch sizes to time."
     )
     warmup: int = Field(default=5, ge=0, le=1000, description="Untimed runs before timing.")
-    runs: int = Field(default=30, ge=2, le=10_000, description="Timed runs per batch size.")
+    runs: int = Field(
+        default=30,
+        ge=2,
+        le=10_000,
+        description="Minimum timed runs per batch size; more follow until ci_target is met.",
+    )
+    ci_target: float = ci_target_field()
+    max_time_s: float = max_time_field()
 
 
 def time_batches(
-    fn: Any, x: np.ndarray, *, warmup: int, runs: int
+    fn: Any,
+    x: np.ndarray,
+    *,
+    warmup: int,
+    runs: int,
+    ci_target: float = DEFAULT_CI_TARGET,
+    max_time_s: float = DEFAULT_MAX_TIME_S,
+    max_samples: int = MAX_SAMPLES,
 ) -> tuple[dict[str, Any], list[float]]:
-    """Time `fn(x)` after warm-up; returns the summary in ms and the raw samples."""
+    """Time `fn(x)` until the median's 95% CI is tight; the summary in ms and the raw samples.
+
+    After `warmup` untimed calls, `runs` timed calls always run; then rounds of more calls
+    until the CI half-width of the median is within `ci_target` (a fraction of the median)
+    with at least MIN_CI_SAMPLES samples, or `max_time_s` of timing or `max_samples`
+    samples are spent; a timing that missed the target is `noisy`. max_time_s=0 times
+    exactly `runs` calls (interleaved benchmarks that need equal counts).
+    """
     for _ in range(warmup):
         fn(x)
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn(x)
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return summarize(samples, unit="ms"), samples
+    cap = max(runs, max_samples)
+    samples: list[float] = []
+    began = time.perf_counter()
+
+    def take(count: int) -> None:
+        for _ in range(count):
+            start = time.perf_counter()
+            fn(x)
+            end = time.perf_counter()
+            samples.append((end - start) * 1000.0)
+            if len(samples) >= runs and end - began >= max_time_s:
+                return
+
+    take(runs)
+    while True:
+        half_rel = _median_half_width_rel(samples)
+        met = len(samples) >= MIN_CI_SAMPLES and half_rel <= ci_target
+        spent = time.perf_counter() - began
+        if met or spent >= max_time_s or len(samples) >= cap:
+            break
+        # Rounds grow with n, so the interval is recomputed O(log n) times.
+        take(min(max(runs, MIN_CI_SAMPLES, len(samples) // 2), cap - len(samples)))
+    stopped_by = "ci_target" if met else "max_samples" if len(samples) >= cap else "max_time_s"
+    stat = summarize(samples, unit="ms") | {
+        "ci_target": ci_target,
+        "ci_half_width_rel": half_rel,
+        "target_met": met,
+        "noisy": not met,
+        "stopped_by": stopped_by,
+        "timing_s": spent,
+    }
+    return stat, samples
+
+
+def _median_half_width_rel(samples: list[float]) -> float:
+    """Half the width of the median's 95% CI as a fraction of the median."""
+    lo, hi = median_interval(samples)
+    median = float(np.median(samples))
+    if median > 0:
+        return (hi - lo) / 2 / median
+    # A median the clock cannot resolve is no measurement unless every sample agrees.
+    return 0.0 if hi == lo else float("inf")
 
 
 def batch_of(x: np.ndarray, size: int) -> np.ndarray:
@@ -165,6 +258,7 @@ def inference_memory(artifact: ModelArtifact, x: np.ndarray) -> dict[str, Any]:
 
 
 def thread_count(framework: str) -> int:
+    """Threads a framework computes on: torch's intra-op pool, else the CPUs this may use."""
     if framework == "torch":
         import torch
 
@@ -203,8 +297,16 @@ def measure_model(
     }
     for size in params.batch_sizes:
         x = batch_of(x_test, size)
-        stat, _ = time_batches(predictor.scores, x, warmup=params.warmup, runs=params.runs)
+        stat, _ = time_batches(
+            predictor.scores,
+            x,
+            warmup=params.warmup,
+            runs=params.runs,
+            ci_target=params.ci_target,
+            max_time_s=params.max_time_s,
+        )
         stat["batch_size"] = size
+        stat["threads"] = metrics["threads"]
         metrics["latency_ms"][f"b{size}"] = stat
         metrics["throughput_per_s"][f"b{size}"] = size / (stat["median"] / 1000.0)
         metrics["memory"][f"b{size}"] = inference_memory(artifact, x)

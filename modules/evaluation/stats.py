@@ -72,3 +72,23 @@ def point(value: Any, *, key: str = "mean") -> float | None:
     if isinstance(value, int | float):
         return float(value)
     return None
+
+
+NO_MEASURABLE_DIFFERENCE = "no measurable difference"
+
+
+def compare_latency(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """a's median latency over b's, only where the medians' 95% CIs do not overlap.
+
+    Overlapping CIs give ratio None and a note: a ratio of two medians the timing cannot
+    tell apart is noise, however large it looks. `noisy` is true when either timing
+    stopped short of its CI target; the CIs still decide.
+    """
+    a_lo, a_hi = a["median_ci95"]
+    b_lo, b_hi = b["median_ci95"]
+    noisy = bool(a.get("noisy") or b.get("noisy"))
+    if a_hi < b_lo or b_hi < a_lo:
+        b_median = float(b["median"])
+        if b_median > 0:
+            return {"ratio": float(a["median"]) / b_median, "measurable": True, "noisy": noisy}
+    return {"ratio": None, "measurable": False, "note": NO_MEASURABLE_DIFFERENCE, "noisy": noisy}

@@ -182,6 +182,13 @@ def stop(services: Services, job_id: str, reason: str = "stopped by the user") -
     return stopped
 
 
+def _report_stopped(services: Services, job: dict[str, Any]) -> None:
+    """Rewrite a stopped job's report once the step that ran on after the stop has its record
+    (the report written at the stop could not hold it)."""
+    if job["status"] == JobStatus.STOPPED:
+        _write_report_quietly(services, job)
+
+
 def _fail_quietly(services: Services, job_id: str, reason: str) -> None:
     # Best effort: the store may be what failed; the original error is what matters.
     try:
@@ -264,6 +271,7 @@ def _begin(
         return None
     if current["status"] in TERMINAL:
         logger.info("job %s step %d: job ended; dropped", job_id, index)
+        _report_stopped(services, current)
         return None
     if owner is not None and _resumes(current, index, owner):
         step = int(current["step_index"])
@@ -363,6 +371,9 @@ def advance(
         except (_NotBegun, StepCancelled):
             # Nothing of this step is stored: its begin was refused (the job was stopped).
             logger.info("job %s step %d: not begun (stopped meanwhile); dropped", job_id, index)
+            current = services.jobs.get(job_id)
+            if current is not None:
+                _report_stopped(services, current)
             return _DONE
         except McaasError as exc:
             reason = f"step {index} ({name}) failed: {exc}"

@@ -148,6 +148,8 @@ def test_stop_a_running_job(api) -> None:
             break
         time.sleep(0.05)
     assert running["status"] == "INPROGRESS"
+    so_far = api.client.get(f"/v1/jobs/{job_id}/report", headers=ALICE).json()
+    assert so_far["status"] == "INPROGRESS" and [r["step"] for r in so_far["summary"]] == ["train"]
     stopped = api.client.post(f"/v1/jobs/{job_id}/stop", headers=ALICE)
     assert stopped.status_code == 200 and stopped.json()["status"] == "STOPPED"
     RELEASE.set()
@@ -155,6 +157,9 @@ def test_stop_a_running_job(api) -> None:
     job = api.client.get(f"/v1/jobs/{job_id}", headers=ALICE).json()
     assert job["status"] == "STOPPED" and job["reason"] == "stopped by the user"
     assert [r["step"] for r in job["records"]] == ["train", "t_wait"]  # t_refit never ran
+    report = api.client.get(f"/v1/jobs/{job_id}/report", headers=ALICE).json()
+    assert report["status"] == "STOPPED"
+    assert [r["step"] for r in report["summary"]] == ["train", "t_wait"]
     again = api.client.post(f"/v1/jobs/{job_id}/stop", headers=ALICE)
     assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
 

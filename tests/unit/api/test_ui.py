@@ -221,10 +221,13 @@ def test_events_stream_the_job_state_by_header_or_cookie(ui, torch_model_bytes) 
 def test_step_states_follow_the_job() -> None:
     spec = {"steps": [{"name": "measure"}, {"name": "onnx_parity"}, {"name": "report"}]}
     running = {"status": "INPROGRESS", "step_index": 1, "spec": spec}
-    records = [{"index": 0, "verdict": None}]
+    records = [{"job_id": "j", "index": 0, "step": "measure", "verdict": None}]
     assert [s["state"] for s in step_states(running, records)] == ["done", "running", "pending"]
     rejected = {"status": "REJECTED", "step_index": 1, "spec": spec}
-    records = [{"index": 0}, {"index": 1, "verdict": {"passed": False, "reason": "x"}}]
+    records = [
+        {"job_id": "j", "index": 0, "step": "measure"},
+        {"job_id": "j", "index": 1, "step": "onnx_parity", "verdict": {"passed": False}},
+    ]
     assert [s["state"] for s in step_states(rejected, records)] == ["done", "rejected", "skipped"]
     failed = {"status": "FAILED", "step_index": 0, "spec": spec}
     assert [s["state"] for s in step_states(failed, [])] == ["failed", "skipped", "skipped"]

@@ -138,7 +138,7 @@ def test_measure_cli_prints_latency_with_ci(runs):
     assert done["measure"].returncode == 0, done["measure"].stderr
     metrics = last_json(done["measure"].stdout)["metrics"]
     assert set(metrics["latency_ms"]) == {"b1", "b8"}
-    assert metrics["latency_ms"]["b8"]["n"] == 3 and len(metrics["latency_ms"]["b8"]["ci95"]) == 2
+    assert metrics["latency_ms"]["b8"]["n"] >= 3 and len(metrics["latency_ms"]["b8"]["ci95"]) == 2
 
 
 def test_bad_amount_exits_2_and_writes_nothing(runs):

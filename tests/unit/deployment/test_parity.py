@@ -72,7 +72,8 @@ def test_identical_predictions_pass_and_write_the_deployment_report(tmp_path):
     assert report["native"]["key"] == result.records[0]["output_key"]  # the trained model
     for side in ("native", "onnxruntime"):
         b1 = report["latency_ms"][side]["b1"]
-        assert b1["n"] == 3 and b1["ci95"][0] <= b1["mean"] <= b1["ci95"][1]
+        # runs is the minimum: timing goes on until the median's CI is tight or capped.
+        assert b1["n"] >= 3 and b1["ci95"][0] <= b1["mean"] <= b1["ci95"][1]
     assert report["versions"]["onnxruntime"] != "absent" and report["versions"]["torch"]
     assert report["thresholds"] == {"min_agreement": 0.98, "max_prob_diff": 1e-4}
 

@@ -212,7 +212,7 @@ def test_a_byo_regression_graph_is_compared_with_its_original(digits, ctx_factor
     assert not drifted.verdict.passed and "max rel error" in drifted.verdict.reason
     report = json.loads(drifted.files["deployment_report.json"])
     assert report["worst_output"] == "y" and len(report["worst_rows"]) == 10
-    assert report["latency_ms"]["reference"]["b1"]["n"] == 2
+    assert report["latency_ms"]["reference"]["b1"]["n"] >= 2  # runs is the minimum
 
 
 @pytest.fixture(scope="module")

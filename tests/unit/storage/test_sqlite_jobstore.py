@@ -198,3 +198,21 @@ def test_begin_step_with_an_owner_refuses_a_second_owner(store: SqliteJobStore) 
 
 def test_update_unless_leaves_a_refused_status_alone(store: SqliteJobStore) -> None:
     check_update_unless(store)
+
+
+def test_a_job_record_is_stored_as_before(store: SqliteJobStore) -> None:
+    from modules.core.jobspec import parse_job_spec
+    from modules.core.records import JobRecord
+
+    spec = parse_job_spec(
+        {"job_id": "typed", "user_id": "alice", "profile": "mobile", "steps": [{"name": "train"}]}
+    )
+    record = JobRecord.new(spec, model_id="m1")
+    assert store.create(record)
+    assert not store.create(record)
+    stored = store.get("typed")
+    assert stored is not None
+    assert (stored["status"], stored["step_index"], stored["attempts"]) == ("QUEUED", 0, 0)
+    assert stored["spec"] == spec.model_dump(mode="json") and stored["model_id"] == "m1"
+    assert record.profile_name == "mobile"
+    assert record.report_key == "users/alice/mobile/typed/report.json"
