@@ -23,9 +23,9 @@ from typing import Any
 
 from modules.cli import DEMO_JOBS
 from modules.core.jobspec import DEFAULT_PROFILE, parse_job_spec
+from modules.core.versions import library_versions
+from modules.evaluation.summary import summary_row
 from modules.pipeline.local import LocalWorkspace
-from modules.pipeline.report import summary_row
-from modules.pipeline.run import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 

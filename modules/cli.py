@@ -228,7 +228,7 @@ def run(
         raise NotFoundError(f"model {spec.model!r} is not in the workspace store {ws.store.root}")
     result = run_with_progress(ws, spec, label=spec.job_id, trust_pickle=trust_pickle)
     report_path = job_report_path(ws, result)
-    from modules.pipeline.report import summary_row
+    from modules.evaluation.summary import summary_row
 
     console.print(
         summary_table(
@@ -657,8 +657,8 @@ def demo(
 ) -> None:
     """Run the whole pipeline in-process on digits with local storage and a CSV log."""
     from modules.core.jobspec import parse_job_spec
+    from modules.evaluation.summary import summary_row
     from modules.pipeline.local import LocalWorkspace, write_atomic
-    from modules.pipeline.report import summary_row
 
     start = time.perf_counter()
     ws = LocalWorkspace(out)
@@ -854,7 +854,7 @@ def submit(
             return
         final = follow_job(client, job["id"])
         if final["status"] == "COMPLETED":
-            from modules.pipeline.report import summary_row
+            from modules.evaluation.summary import summary_row
 
             records = _api_call(client, "GET", f"/v1/jobs/{job['id']}")["records"] or []
             rows = [summary_row(r) for r in records]

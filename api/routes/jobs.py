@@ -222,7 +222,7 @@ def _report_file(records: list[dict[str, Any]], name: str) -> str | None:
 
 def render_report_html(report: dict[str, Any]) -> str:
     """A minimal, fully escaped HTML page of the report's summary table."""
-    from modules.pipeline.report import summary_row
+    from modules.evaluation.summary import summary_row
 
     columns = ["index", "step", "framework", "size_bytes", "accuracy", "latency_b1_ms", "verdict"]
     rows = [summary_row(r) for r in report.get("steps", [])]
@@ -260,7 +260,7 @@ def get_report(
     """The job's report.json as the engine stored it when the job ended (while it runs, the
     same report of the steps so far); as html, the `report` step's page when that step ran,
     else the report's summary table."""
-    from modules.pipeline.report import job_report
+    from modules.evaluation.summary import job_report
 
     job = owned_job(services, job_id, user)
     key = report_key(job)

@@ -12,7 +12,7 @@ import functools
 from typing import Any
 
 from modules.errors import NotFoundError
-from modules.pipeline.report import summary_row
+from modules.evaluation.summary import summary_row
 
 PLOTS = {
     "pareto": "Pareto front: size and latency against accuracy",

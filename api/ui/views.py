@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from modules.core.records import profile_name_of
-from modules.pipeline.report import summary_row
+from modules.evaluation.summary import summary_row
 
 
 def fmt_size(n: Any) -> str:

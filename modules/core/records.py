@@ -109,17 +109,8 @@ class JobRecord(BaseModel):
     def profile_name(self) -> str:
         return self.spec.profile_name
 
-    @property
-    def report_key(self) -> str:
-        return report_key_of(self.to_store())
-
 
 def profile_name_of(spec: dict[str, Any]) -> str:
     """The profile name of a stored spec: a name, or an inline budget dumped with its name."""
     profile = spec.get("profile", DEFAULT_PROFILE)
     return profile if isinstance(profile, str) else str(profile.get("name", "custom"))
-
-
-def report_key_of(job: dict[str, Any]) -> str:
-    """Where a stored job's report.json lives: beside its step folders (run.step_prefix)."""
-    return f"users/{job['user_id']}/{profile_name_of(job['spec'])}/{job['job_id']}/report.json"

@@ -455,7 +455,7 @@ def onnx_parity(
     model: ModelArtifact, data: Dataset, params: ParityParams, ctx: StepContext
 ) -> StepOutput:
     """Gate: ONNX Runtime must agree with the native model, or a BYO graph with its original."""
-    from modules.pipeline.run import library_versions
+    from modules.core.versions import library_versions
 
     reference, record = find_reference_model(model, ctx)
     side = record["side"]

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
-from modules.evaluation.pareto import pareto_front
+from modules.evaluation.pareto import DEFAULT_MAXIMIZE, DEFAULT_MINIMIZE, pareto_front, tradeoff_x
 from modules.evaluation.plots import (
     budget_figure,
     layer_figure,
@@ -33,8 +33,7 @@ from modules.evaluation.plots import (
     tradeoff_figure,
     waterfall_figure,
 )
-from modules.pipeline.report import job_report, summary_csv, summary_row
-from modules.search.sweep import PARETO_MAXIMIZE, PARETO_MINIMIZE, tradeoff_x
+from modules.evaluation.summary import job_report, summary_csv, summary_row
 from modules.storage.datasets import Dataset
 
 
@@ -101,7 +100,7 @@ def report_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
             figures[f"{tag}_budget"] = budget_figure(rows)
         elif record["step"] in {"sweep", "auto"} and rows:
             measured = [r for r in rows if not r.get("error")]
-            front = pareto_front(measured, minimize=PARETO_MINIMIZE, maximize=PARETO_MAXIMIZE)
+            front = pareto_front(measured, minimize=DEFAULT_MINIMIZE, maximize=DEFAULT_MAXIMIZE)
             figures[f"{tag}_pareto"] = pareto_figure(measured, front)
             figures[f"{tag}_resources"] = resource_figure(measured)
             if record["step"] == "sweep":

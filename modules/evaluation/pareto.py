@@ -55,3 +55,11 @@ def pareto_front(
         if not any(vj is not None and dominates(vj, vi) for j, vj in enumerate(vectors) if j != i):
             front.append(i)
     return front
+
+
+def tradeoff_x(rows: Sequence[dict[str, Any]], param: str) -> tuple[str, str]:
+    """Plot against sparsity when it varies, else against the swept value."""
+    sparsities = {round(float(r["sparsity"]), 6) for r in rows if r.get("sparsity") is not None}
+    if len(sparsities) > 1:
+        return "sparsity", "sparsity (share of zero weights)"
+    return "value", param

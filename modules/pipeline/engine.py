@@ -27,11 +27,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from modules.core.records import TERMINAL, JobStatus, StepRecord, report_key_of
+from modules.core.records import TERMINAL, JobStatus, StepRecord, profile_name_of
 from modules.core.step import StepCancelled
 from modules.errors import McaasError
 from modules.pipeline.settings import Services
 from modules.pipeline.step_cache import StepCache, caching_services
+from modules.storage import keys
 from modules.storage.jobs import OWNER_FIELD, JobStore
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,9 @@ def is_transient(exc: BaseException) -> bool:
 
 def report_key(job: dict[str, Any]) -> str:
     """Where the job's one report.json lives: beside its step folders (see run.step_prefix)."""
-    return report_key_of(job)
+    return keys.job_report_key(
+        user_id=job["user_id"], profile=profile_name_of(job["spec"]), job_id=job["job_id"]
+    )
 
 
 def _step_name(job: dict[str, Any], index: int) -> str:
@@ -113,7 +116,7 @@ def write_report(
     services: Services, job: dict[str, Any], *, records: list[dict[str, Any]] | None = None
 ) -> str:
     """Store the job report built from its step records (read when not given); return its key."""
-    from modules.pipeline.report import job_report
+    from modules.evaluation.summary import job_report
 
     if records is None:
         records = services.log.records(job["job_id"])

@@ -8,15 +8,12 @@ the same objects and one record: that is what makes worker redelivery safe.
 
 from __future__ import annotations
 
-import functools
 import math
-import platform
 import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +24,7 @@ from modules.core.jobspec import JobSpec
 from modules.core.records import StepRecord
 from modules.core.registry import get_step
 from modules.core.step import StepContext, StepOutput, cancellable
+from modules.core.versions import library_versions
 from modules.errors import BadInputError, IncompatibleError, McaasError
 from modules.storage import keys
 from modules.storage.artifacts import ArtifactStore
@@ -36,30 +34,12 @@ from modules.storage.steplog import StepLog
 
 UPLOAD_THREADS = 8
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSIONED = ("torch", "scikit-learn", "onnx", "onnxruntime", "skl2onnx", "numpy", "torch-pruning")
 
 
 class PipelineOrderError(McaasError):
     """A step was asked to run before the step it depends on has a record."""
 
     code = "order"
-
-
-@functools.cache
-def _versions() -> tuple[tuple[str, str], ...]:
-    out = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return tuple(out.items())
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the numbers, without importing them (read once
-    per process: an installed package does not change under a running one)."""
-    return dict(_versions())
 
 
 def step_prefix(job: JobSpec, index: int) -> str:

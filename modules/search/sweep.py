@@ -33,7 +33,7 @@ from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError, IncompatibleError, McaasError
 from modules.evaluation.hardware_sim import HardwareProbe, evaluate_budget
 from modules.evaluation.measure import MeasureParams, measure_model
-from modules.evaluation.pareto import pareto_front
+from modules.evaluation.pareto import DEFAULT_MAXIMIZE, DEFAULT_MINIMIZE, pareto_front, tradeoff_x
 from modules.evaluation.plots import pareto_figure, render, resource_figure, tradeoff_figure
 from modules.evaluation.repeat import repeat_runs
 from modules.evaluation.stats import summarize
@@ -41,8 +41,6 @@ from modules.storage.datasets import Dataset
 
 # Steps that run other steps, or only read the job's records: sweeping them means nothing.
 NOT_SWEEPABLE = frozenset({"sweep", "budget_sweep", "auto", "report", "train"})
-PARETO_MINIMIZE = ("size_bytes", "latency_ms")
-PARETO_MAXIMIZE = ("accuracy",)
 ROW_COLUMNS = (
     "label",
     "value",
@@ -239,7 +237,7 @@ def measured_candidate(
 
 def mark_pareto(rows: list[dict[str, Any]]) -> list[int]:
     """Set row["pareto"] on every row; returns the front's indices."""
-    front = pareto_front(rows, minimize=PARETO_MINIMIZE, maximize=PARETO_MAXIMIZE)
+    front = pareto_front(rows, minimize=DEFAULT_MINIMIZE, maximize=DEFAULT_MAXIMIZE)
     for i, row in enumerate(rows):
         row["pareto"] = i in front
     return front
@@ -270,14 +268,6 @@ def plot_files(prefix: str, figures: dict[str, Any]) -> dict[str, bytes]:
         for fmt, blob in render(fig).items():
             files[f"{prefix}_{name}.{fmt}"] = blob
     return files
-
-
-def tradeoff_x(rows: Sequence[dict[str, Any]], param: str) -> tuple[str, str]:
-    """Plot against sparsity when it varies, else against the swept value."""
-    sparsities = {round(float(r["sparsity"]), 6) for r in rows if r.get("sparsity") is not None}
-    if len(sparsities) > 1:
-        return "sparsity", "sparsity (share of zero weights)"
-    return "value", param
 
 
 # --- the sweep step ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from modules.core.records import JobRecord, JobStatus, StepRecord
 from modules.core.registry import register_step, unregister_step
 from modules.core.step import StepOutput, Verdict
 from modules.errors import BadInputError
+from modules.pipeline.engine import report_key
 from modules.pipeline.local import LocalWorkspace
 
 
@@ -40,7 +41,7 @@ def spec(*steps, job_id="r1"):
 
 
 def stored_report(ws, result):
-    assert result.report_key == JobRecord.new(spec(job_id=result.job_id)).report_key
+    assert result.report_key == report_key(JobRecord.new(spec(job_id=result.job_id)).to_store())
     return json.loads(ws.store.get_bytes(result.report_key))
 
 

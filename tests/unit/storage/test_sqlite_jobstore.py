@@ -10,6 +10,7 @@ import pytest
 
 from modules.core.records import TERMINAL, JobStatus
 from modules.errors import BadInputError, NotFoundError
+from modules.pipeline.engine import report_key
 from modules.storage.jobs import JobStore, SqliteJobStore
 from tests.unit.storage.jobstore_guards import (
     check_begin_step,
@@ -215,4 +216,4 @@ def test_a_job_record_is_stored_as_before(store: SqliteJobStore) -> None:
     assert (stored["status"], stored["step_index"], stored["attempts"]) == ("QUEUED", 0, 0)
     assert stored["spec"] == spec.model_dump(mode="json") and stored["model_id"] == "m1"
     assert record.profile_name == "mobile"
-    assert record.report_key == "users/alice/mobile/typed/report.json"
+    assert report_key(record.to_store()) == "users/alice/mobile/typed/report.json"
