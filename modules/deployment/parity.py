@@ -58,9 +58,8 @@ from modules.evaluation.inference import OrtRunner, feed_batch, make_predictor
 from modules.evaluation.measure import (
     DEFAULT_CI_TARGET,
     DEFAULT_MAX_TIME_S,
+    TimingFields,
     batch_of,
-    ci_target_field,
-    max_time_field,
     time_batches,
 )
 from modules.evaluation.stats import compare_latency
@@ -86,7 +85,7 @@ def inputs_param(value: str | None) -> str | None:
         raise ValueError(str(exc)) from None
 
 
-class ParityParams(GateThresholds):
+class ParityParams(GateThresholds, TimingFields):
     """Params of the `onnx_parity` gate."""
 
     inputs: str | None = Field(
@@ -106,15 +105,6 @@ class ParityParams(GateThresholds):
     latency_batch: int = Field(
         default=64, ge=1, le=65_536, description="Second batch size timed (batch 1 always is)."
     )
-    warmup: int = Field(default=3, ge=0, le=1000, description="Untimed runs before timing.")
-    runs: int = Field(
-        default=20,
-        ge=2,
-        le=10_000,
-        description="Minimum timed runs per batch size; more follow until ci_target is met.",
-    )
-    ci_target: float = ci_target_field()
-    max_time_s: float = max_time_field()
     threads: int | None = Field(
         default=1,
         ge=1,

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput, Verdict
 from modules.evaluation.hardware_sim import MIB, HardwareProbe, evaluate_budget, noisy_note
-from modules.evaluation.measure import ci_target_field, max_time_field
+from modules.evaluation.measure import TimingFields
 from modules.storage.datasets import Dataset
 
 
-class BudgetGateParams(BaseModel):
+class BudgetGateParams(TimingFields):
     """Params of the `budget_gate` step; unset budgets come from the job's profile."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -44,15 +44,6 @@ class BudgetGateParams(BaseModel):
     latency_budget_ms: float | None = Field(
         default=None, gt=0, le=3_600_000, description="Override the profile's latency budget."
     )
-    warmup: int = Field(default=3, ge=0, le=1000, description="Untimed runs before timing.")
-    runs: int = Field(
-        default=20,
-        ge=2,
-        le=10_000,
-        description="Minimum timed batch-1 runs; more follow until ci_target is met.",
-    )
-    ci_target: float = ci_target_field()
-    max_time_s: float = max_time_field()
 
 
 def budget_checks(

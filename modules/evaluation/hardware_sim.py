@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from modules.core.artifact import ModelArtifact
 from modules.core.profiles import Profile
@@ -40,10 +40,9 @@ from modules.evaluation.inference import make_predictor
 from modules.evaluation.measure import (
     DEFAULT_CI_TARGET,
     DEFAULT_MAX_TIME_S,
+    TimingFields,
     batch_of,
-    ci_target_field,
     inference_memory,
-    max_time_field,
     thread_count,
     time_batches,
 )
@@ -342,7 +341,7 @@ def evaluate_budget(
 # --- the step ------------------------------------------------------------------------------------
 
 
-class HardwareSimParams(BaseModel):
+class HardwareSimParams(TimingFields):
     """Params of the `hardware_sim` step; unset budgets come from the job's profile."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -359,15 +358,6 @@ class HardwareSimParams(BaseModel):
         le=65_536,
         description="Largest batch the auto-batch search may pick (powers of two up to this).",
     )
-    warmup: int = Field(default=3, ge=0, le=1000, description="Untimed runs before timing.")
-    runs: int = Field(
-        default=20,
-        ge=2,
-        le=10_000,
-        description="Minimum timed runs per batch size; more follow until ci_target is met.",
-    )
-    ci_target: float = ci_target_field()
-    max_time_s: float = max_time_field()
     memory_budget_mb: float | None = Field(
         default=None, gt=0, le=1_048_576, description="Override the profile's memory budget (MB)."
     )

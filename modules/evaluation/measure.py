@@ -37,9 +37,19 @@ MAX_SAMPLES = 5000
 MIN_CI_SAMPLES = 6
 
 
-def ci_target_field() -> Any:
-    """The `ci_target` param of every step that times latency."""
-    return Field(
+class TimingFields(BaseModel):
+    """The timing params of every step that times latency (defined once, here)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    warmup: int = Field(default=3, ge=0, le=1000, description="Untimed runs before timing.")
+    runs: int = Field(
+        default=20,
+        ge=2,
+        le=10_000,
+        description="Minimum timed runs per batch size; more follow until ci_target is met.",
+    )
+    ci_target: float = Field(
         default=DEFAULT_CI_TARGET,
         ge=0.005,
         le=0.5,
@@ -48,11 +58,7 @@ def ci_target_field() -> Any:
             "fraction of the median (else the latency is flagged noisy)."
         ),
     )
-
-
-def max_time_field() -> Any:
-    """The `max_time_s` param of every step that times latency."""
-    return Field(
+    max_time_s: float = Field(
         default=DEFAULT_MAX_TIME_S,
         gt=0,
         le=60,
@@ -62,7 +68,7 @@ def max_time_field() -> Any:
     )
 
 
-class MeasureParams(BaseModel):
+class MeasureParams(TimingFields):
     """Params of the `measure` step."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -77,8 +83,6 @@ class MeasureParams(BaseModel):
         le=10_000,
         description="Minimum timed runs per batch size; more follow until ci_target is met.",
     )
-    ci_target: float = ci_target_field()
-    max_time_s: float = max_time_field()
 
 
 def time_batches(

@@ -321,7 +321,7 @@ def test_ecs_env_var_mode_runs_measure_against_the_stack(
     record = json.loads(item["record_json"]["S"])
     assert record["input_key"] == model_key
     assert 0.8 < record["metrics"]["accuracy"] <= 1.0
-    assert record["metrics"]["latency_ms"]["b1"]["n"] == 3
+    assert record["metrics"]["latency_ms"]["b1"]["n"] >= 3  # runs is the minimum
     # measure passes its input through: nothing is written under the job's prefix.
     assert record["output_key"] == model_key
     assert bucket_keys(stack, f"users/{USER}/{PROFILE}/{job_id}/") == []

@@ -109,7 +109,9 @@ def test_the_compression_pipeline_over_http(service, torch_model_bytes, rows_of)
         next(i for i in items if i["step_name"]["S"] == "measure")["record_json"]["S"]
     )
     latency = measure["metrics"]["latency_ms"]["b1"]
-    assert latency["n"] == FAST_TIMING["runs"] and latency["ci95"][0] <= latency["median"]
+    assert latency["n"] >= FAST_TIMING["runs"]  # runs is the minimum
+    assert {"noisy", "target_met", "ci_half_width_rel"} <= latency.keys()
+    assert latency["ci95"][0] <= latency["median"]
     assert measure["dataset"]["fingerprint"] and measure["seed"] == 0
 
     # CSV: the same records, one row each.

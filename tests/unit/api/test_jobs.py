@@ -171,7 +171,7 @@ def test_job_from_an_uploaded_model(api, sklearn_model_bytes) -> None:
     assert job["status"] == "COMPLETED" and job["model_id"] == model_id
     (record,) = job["records"]
     assert record["input_key"] == f"users/alice/models/{model_id}/model.skops"
-    assert record["metrics"]["latency_ms"]["b1"]["n"] == 2
+    assert record["metrics"]["latency_ms"]["b1"]["n"] >= 2  # runs is the minimum
 
 
 def test_tenant_isolation(api, sklearn_model_bytes) -> None:
