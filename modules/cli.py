@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -160,6 +160,13 @@ def profiles(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
 # Options left unset take the step's own defaults: `mcaas steps --json` shows them.
 PARAMS_HELP = "JSON object of any of the step's params (its schema: `mcaas steps --json`)."
 
+# Options several commands share, written once.
+DatasetOption = Annotated[str, typer.Option(help="Built-in name, a .npz file or an IDX directory.")]
+TrustPickleOption = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow full pickled torch modules (unsafe).")
+]
+ParamsOption = Annotated[str | None, typer.Option("--params", help=PARAMS_HELP)]
+
 
 def step_params(given: dict[str, Any], params_json: str | None) -> dict[str, Any]:
     """`--params JSON` with the options given on top; unset options keep the step's defaults.
@@ -181,13 +188,13 @@ def train(
     arch: str | None = typer.Option(
         None, help='Torch zoo arch as JSON, e.g. \'{"name":"mlp","hidden":[64]}\'.'
     ),
-    dataset: str = typer.Option("digits", help="Built-in name, a .npz file or an IDX directory."),
+    dataset: DatasetOption = "digits",
     output: Path = typer.Option(
         ..., help="Where to write the model (.pt for torch, .skops for sklearn)."
     ),
     epochs: int | None = typer.Option(None, help="Torch training epochs."),
     seed: int = typer.Option(0, help="Seed for the split and training."),
-    params_json: str | None = typer.Option(None, "--params", help=PARAMS_HELP),
+    params_json: ParamsOption = None,
 ) -> None:
     """Train a baseline model and write it in the safe format."""
     from modules.pipeline.local import run_single_step
@@ -210,9 +217,7 @@ def train(
 def run(
     job_file: Path = typer.Argument(..., help="Job spec, YAML or JSON."),
     artifacts: Path = typer.Option(Path("artifacts"), help="Workspace directory."),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Allow full pickled torch modules (unsafe)."
-    ),
+    trust_pickle: TrustPickleOption = False,
 ) -> None:
     """Run a job spec in-process against a local workspace."""
     from modules.core.jobspec import load_job_file
@@ -331,14 +336,12 @@ def sweep(
     compute_scales: str | None = typer.Option(
         None, help="Hardware-budget sweep: compute scales, e.g. '0.1,0.5,1'."
     ),
-    dataset: str = typer.Option("digits", help="Built-in name, a .npz file or an IDX directory."),
+    dataset: DatasetOption = "digits",
     profile: str = typer.Option("edge-8mb", help="Hardware profile."),
     seed: int = typer.Option(0, help="Seed."),
     repeats: int | None = typer.Option(None, help="Runs per value (mean, std, 95% CI)."),
     out: Path = typer.Option(Path("artifacts/sweeps"), help="Workspace for tables and plots."),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Allow full pickled torch modules (unsafe)."
-    ),
+    trust_pickle: TrustPickleOption = False,
     params_json: str | None = typer.Option(
         None, "--params", help="JSON object of the sweep (or budget_sweep) step's other params."
     ),
@@ -432,14 +435,12 @@ def auto(
     max_time: float | None = typer.Option(
         None, help="No new trial starts after this many seconds."
     ),
-    dataset: str = typer.Option("digits", help="Built-in name, a .npz file or an IDX directory."),
+    dataset: DatasetOption = "digits",
     seed: int = typer.Option(0, help="Seed."),
     output: Path | None = typer.Option(None, help="Where to write the best model."),
     out: Path = typer.Option(Path("artifacts/auto"), help="Workspace for tables and plots."),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Allow full pickled torch modules (unsafe)."
-    ),
-    params_json: str | None = typer.Option(None, "--params", help=PARAMS_HELP),
+    trust_pickle: TrustPickleOption = False,
+    params_json: ParamsOption = None,
 ) -> None:
     """Accuracy-aware search: the best compression within the profile and the accuracy drop."""
     from modules.pipeline.local import LocalWorkspace, run_single_step
@@ -535,7 +536,7 @@ def profile_table(title: str, rows: list[dict[str, Any]], totals: dict[str, Any]
 @handles_errors
 def profile_cmd(
     input_model: Path = typer.Option(..., "--input-model", help="Model file (.pt or .skops)."),
-    dataset: str = typer.Option("digits", help="Built-in name, a .npz file or an IDX directory."),
+    dataset: DatasetOption = "digits",
     batch_size: int | None = typer.Option(
         None, help="Rows per forward (FLOPs, activations, latency)."
     ),
@@ -544,10 +545,8 @@ def profile_cmd(
     seed: int = typer.Option(0, help="Seed (dataset split)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table and totals as JSON."),
     out: Path = typer.Option(Path("artifacts/profile"), help="Workspace for profile.csv."),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Allow full pickled torch modules (unsafe)."
-    ),
-    params_json: str | None = typer.Option(None, "--params", help=PARAMS_HELP),
+    trust_pickle: TrustPickleOption = False,
+    params_json: ParamsOption = None,
 ) -> None:
     """Per-layer profile: params, FLOPs, activation memory and latency share, with totals."""
     from modules.pipeline.local import LocalWorkspace, run_single_step
