@@ -71,17 +71,8 @@ class TimingFields(BaseModel):
 class MeasureParams(TimingFields):
     """Params of the `measure` step."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     batch_sizes: list[int] = Field(
         default=[1, 64], min_length=1, max_length=8, description="Batch sizes to time."
-    )
-    warmup: int = Field(default=5, ge=0, le=1000, description="Untimed runs before timing.")
-    runs: int = Field(
-        default=30,
-        ge=2,
-        le=10_000,
-        description="Minimum timed runs per batch size; more follow until ci_target is met.",
     )
 
 
