@@ -40,13 +40,9 @@ def _fmt_size(n: Any) -> str:
     return "-" if n is None else f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
 
 
-def _fmt_ms(value: Any, ci: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
-
-
 def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    from modules.evaluation.summary import NOISY_MARK, fmt_latency
+
     table = Table(title=title)
     for col in (
         "#",
@@ -59,7 +55,9 @@ def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
         "verdict",
     ):
         table.add_column(col, no_wrap=col in {"step", "fw", "size", "acc"})
-    table.caption = "latency: median [95% CI of the median]"
+    table.caption = (
+        f"latency: median [95% CI of the median]; {NOISY_MARK}: the CI stayed wider than its target"
+    )
     for row in rows:
         acc = row["accuracy"]
         table.add_row(
@@ -68,8 +66,8 @@ def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
             str(row["framework"] or "-"),
             _fmt_size(row["size_bytes"]),
             "-" if acc is None else f"{acc * 100:.2f}%",
-            _fmt_ms(row["latency_b1_ms"], row["latency_b1_ci95"]),
-            _fmt_ms(row["latency_b64_ms"], row["latency_b64_ci95"]),
+            fmt_latency(row["latency_b1_ms"], row["latency_b1_ci95"], row["latency_b1_noisy"]),
+            fmt_latency(row["latency_b64_ms"], row["latency_b64_ci95"], row["latency_b64_noisy"]),
             row["verdict"] or "-",
         )
     return table
@@ -296,6 +294,8 @@ def _fmt_num(value: Any, digits: int = 3) -> str:
 
 def tradeoff_table(title: str, rows: list[dict[str, Any]]) -> Table:
     """Candidates of a sweep or auto run: size, accuracy, latency (CI), energy, Pareto."""
+    from modules.evaluation.summary import fmt_latency
+
     table = Table(title=title)
     for col in (
         "candidate",
@@ -314,7 +314,7 @@ def tradeoff_table(title: str, rows: list[dict[str, Any]]) -> Table:
             str(row.get("label")),
             _fmt_size(row.get("size_bytes")),
             "-" if acc is None else f"{acc * 100:.2f}%",
-            _fmt_ms(row.get("latency_ms"), row.get("latency_ci95")),
+            fmt_latency(row.get("latency_ms"), row.get("latency_ci95")),
             _fmt_num(row.get("energy_mj_estimate"), 4),
             "*" if row.get("pareto") else "",
             ("best; " if row.get("best") else "") + note,
@@ -492,6 +492,8 @@ def _share_cell(share: Any, ci: Any = None) -> str:
 
 def profile_table(title: str, rows: list[dict[str, Any]], totals: dict[str, Any]) -> Table:
     """The per-layer profile as a rich table (torch layers or scikit-learn parts)."""
+    from modules.evaluation.summary import fmt_latency
+
     table = Table(title=title)
     if totals.get("framework") == "torch":
         columns = (
@@ -514,7 +516,7 @@ def profile_table(title: str, rows: list[dict[str, Any]], totals: dict[str, Any]
                 str(r["nonzero_params"]),
                 f"{r['flops']} ({_share_cell(r['flops_share'])})",
                 f"{r['activation_bytes'] / 1e3:.2f}",
-                _fmt_ms(r["latency_ms"], r["latency_ci95"]),
+                fmt_latency(r["latency_ms"], r["latency_ci95"]),
                 _share_cell(r["latency_share"], r["latency_share_ci95"]),
             )
         return table
@@ -549,6 +551,7 @@ def profile_cmd(
     params_json: ParamsOption = None,
 ) -> None:
     """Per-layer profile: params, FLOPs, activation memory and latency share, with totals."""
+    from modules.evaluation.summary import fmt_latency
     from modules.pipeline.local import LocalWorkspace, run_single_step
 
     ws = LocalWorkspace(out)
@@ -573,7 +576,7 @@ def profile_cmd(
         fwd = totals["forward_ms"]
         console.print(
             f"total: {totals['params']} params, {totals['flops']} FLOPs at batch "
-            f"{totals['batch_size']}, forward {_fmt_ms(fwd['median'], fwd['median_ci95'])} ms "
+            f"{totals['batch_size']}, forward {fmt_latency(fwd['median'], fwd['median_ci95'])} ms "
             f"with hooks ({totals['threads']} threads); not in any layer: "
             f"{_share_cell(totals['other_share'])} of the time"
         )

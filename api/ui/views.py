@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from modules.core.records import profile_name_of
-from modules.evaluation.summary import summary_row
+from modules.evaluation.summary import fmt_latency, summary_row
 
 
 def fmt_size(n: Any) -> str:
@@ -20,19 +20,6 @@ def fmt_pct(value: Any) -> str:
     return "-" if not isinstance(value, int | float) else f"{value * 100:.2f}%"
 
 
-def fmt_ms(value: Any, ci: Any) -> str:
-    """A latency median with its 95% CI."""
-    if not isinstance(value, int | float):
-        return "-"
-    if (
-        isinstance(ci, list | tuple)
-        and len(ci) == 2
-        and all(isinstance(c, int | float) for c in ci)
-    ):
-        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return f"{value:.3f}"
-
-
 def step_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One table row per step record: size, latency with CI, accuracy, verdict."""
     rows = []
@@ -45,8 +32,12 @@ def step_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "step": row["step"],
                 "framework": row["framework"] or "-",
                 "size": fmt_size(row["size_bytes"]),
-                "latency_b1": fmt_ms(row["latency_b1_ms"], row["latency_b1_ci95"]),
-                "latency_b64": fmt_ms(row["latency_b64_ms"], row["latency_b64_ci95"]),
+                "latency_b1": fmt_latency(
+                    row["latency_b1_ms"], row["latency_b1_ci95"], row["latency_b1_noisy"]
+                ),
+                "latency_b64": fmt_latency(
+                    row["latency_b64_ms"], row["latency_b64_ci95"], row["latency_b64_noisy"]
+                ),
                 "accuracy": fmt_pct(row["accuracy"]),
                 "verdict": None if verdict is None else bool(verdict.get("passed")),
                 "verdict_reason": (verdict or {}).get("reason"),

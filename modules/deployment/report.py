@@ -33,7 +33,7 @@ from modules.evaluation.plots import (
     tradeoff_figure,
     waterfall_figure,
 )
-from modules.evaluation.summary import job_report, summary_csv, summary_row
+from modules.evaluation.summary import fmt_latency, job_report, summary_csv, summary_row
 from modules.storage.datasets import Dataset
 
 
@@ -148,8 +148,10 @@ sha256 <code>{{ report.dataset.fingerprint }}</code>)</p>{% endif %}
 <th>duration s</th></tr>
 {% for r in report.summary %}<tr><td>{{ r.index }}</td><td class="l">{{ r.step }}</td>
 <td class="l">{{ r.framework or '-' }}</td><td>{{ size(r.size_bytes) }}</td>
-<td>{{ pct(r.accuracy) }}</td><td>{{ ms(r.latency_b1_ms, r.latency_b1_ci95) }}</td>
-<td>{{ ms(r.latency_b64_ms, r.latency_b64_ci95) }}</td><td>{{ num(r.estimated_latency_b1_ms) }}</td>
+<td>{{ pct(r.accuracy) }}</td>
+<td>{{ ms(r.latency_b1_ms, r.latency_b1_ci95, r.latency_b1_noisy) }}</td>
+<td>{{ ms(r.latency_b64_ms, r.latency_b64_ci95, r.latency_b64_noisy) }}</td>
+<td>{{ num(r.estimated_latency_b1_ms) }}</td>
 <td>{{ num(r.energy_mj_estimate) }}</td><td>{{ r.verdict or '-' }}</td>
 <td>{{ num(r.duration_s) }}</td></tr>{% endfor %}
 <tr><td>{{ this_index }}</td><td class="l">{{ this_step }}</td><td colspan="9" class="l">
@@ -190,14 +192,6 @@ def _num(value: Any) -> str:
     return "-" if not isinstance(value, int | float) else f"{value:.4g}"
 
 
-def _ms(value: Any, ci: Any) -> str:
-    if not isinstance(value, int | float):
-        return "-"
-    if isinstance(ci, list) and len(ci) == 2 and all(isinstance(c, int | float) for c in ci):
-        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return f"{value:.3f}"
-
-
 def render_html(
     report: dict[str, Any],
     plots: dict[str, dict[str, bytes]],
@@ -212,7 +206,7 @@ def render_html(
         size=_size,
         pct=_pct,
         num=_num,
-        ms=_ms,
+        ms=fmt_latency,
         dump=lambda v: json.dumps(v, indent=2, default=str),
     )
     images = [

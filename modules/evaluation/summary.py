@@ -9,6 +9,23 @@ from typing import Any
 
 from modules.evaluation.stats import point
 
+NOISY_MARK = "(noisy)"
+
+
+def fmt_latency(value: Any, ci: Any, noisy: Any = False) -> str:
+    """A latency median with its 95% CI, marked when its CI never got tight (every face
+    shows the same text: the CLI table, report.html and the dashboard)."""
+    if not isinstance(value, int | float):
+        return "-"
+    text = f"{value:.3f}"
+    if (
+        isinstance(ci, list | tuple)
+        and len(ci) == 2
+        and all(isinstance(c, int | float) for c in ci)
+    ):
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{text} {NOISY_MARK}" if noisy else text
+
 
 def summary_row(record: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of one step record (None where the step did not measure them)."""
@@ -29,6 +46,8 @@ def summary_row(record: dict[str, Any]) -> dict[str, Any]:
         "latency_b1_ci95": b1.get("median_ci95", b1.get("ci95")) if b1 else None,
         "latency_b64_ms": point(b64, key="median") if b64 else None,
         "latency_b64_ci95": b64.get("median_ci95", b64.get("ci95")) if b64 else None,
+        "latency_b1_noisy": bool(b1.get("noisy")) if b1 else None,
+        "latency_b64_noisy": bool(b64.get("noisy")) if b64 else None,
         "verdict": None if verdict is None else ("pass" if verdict["passed"] else "REJECTED"),
         "duration_s": record.get("duration_s"),
         "output_key": record.get("output_key"),
@@ -62,6 +81,8 @@ SUMMARY_CSV_COLUMNS = (
     "latency_b1_ci95",
     "latency_b64_ms",
     "latency_b64_ci95",
+    "latency_b1_noisy",
+    "latency_b64_noisy",
     "estimated_latency_b1_ms",
     "energy_mj_estimate",
     "fits",
