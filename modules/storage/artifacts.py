@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 from modules.errors import BadInputError, NotFoundError
+from modules.storage.aws import error_code
 from modules.storage.keys import MAX_KEY_LENGTH, validate_key
 
 # A temp file name carries '~', which no valid key segment can, so list() never returns one.
@@ -173,11 +174,6 @@ class LocalStore:
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
-def _error_code(exc: Exception) -> str:
-    response: dict[str, Any] = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
 class S3Store:
     """Artifacts as S3 objects in one bucket; boto3 honours AWS_ENDPOINT_URL for moto/MinIO."""
 
@@ -215,7 +211,7 @@ class S3Store:
             self.client.head_bucket(Bucket=self.bucket)
             return
         except ClientError as exc:
-            if _error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
+            if error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
                 raise
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.region != "us-east-1":
@@ -223,7 +219,7 @@ class S3Store:
         try:
             self.client.create_bucket(**kwargs)
         except ClientError as exc:
-            if _error_code(exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+            if error_code(exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -239,7 +235,7 @@ class S3Store:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND_CODES:
+            if error_code(exc) in _NOT_FOUND_CODES:
                 raise NotFoundError(f"artifact {key!r} not found in s3://{self.bucket}") from exc
             raise
         body: bytes = response["Body"].read()
@@ -252,7 +248,7 @@ class S3Store:
         try:
             head: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND_CODES:
+            if error_code(exc) in _NOT_FOUND_CODES:
                 return None
             raise
         return head

@@ -15,8 +15,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from modules.core.records import TERMINAL, JobRecord, JobStatus
 from modules.errors import BadInputError, NotFoundError
+from modules.storage.aws import error_code
+from modules.storage.dynamo import DynamoTable
 from modules.storage.keys import validate_user_id
-from modules.storage.ttl import check_ttl_days, ttl_attribute
+from modules.storage.ttl import ttl_attribute
 
 # JobStatus and TERMINAL live with the records (modules/core/records.py); re-exported.
 __all__ = [
@@ -346,11 +348,6 @@ class SqliteJobStore:
         return jobs, next_cursor
 
 
-def _error_code(exc: Exception) -> str:
-    response: dict[str, Any] = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
 USER_INDEX = "user_id-created_at"
 
 
@@ -362,67 +359,29 @@ def _status_not_in(statuses: list[str]) -> tuple[str, dict[str, Any]]:
     return f"NOT #status IN ({', '.join(values)})", values
 
 
-class DynamoJobStore:
+class DynamoJobStore(DynamoTable):
     """Job records in DynamoDB: PK job_id, GSI user_id-created_at for listing a user's jobs."""
-
-    def __init__(
-        self,
-        table_name: str,
-        *,
-        client: Any = None,
-        region: str = "us-east-1",
-        ttl_days: int = 0,
-    ) -> None:
-        self.table_name = table_name
-        self.region = region
-        self._client = client
-        # With ttl_days > 0 each job gets expires_at = creation + ttl_days (the table's TTL).
-        self.ttl_days = check_ttl_days(ttl_days)
-
-    @property
-    def client(self) -> Any:
-        """The boto3 DynamoDB client, created on first use (honours AWS_ENDPOINT_URL)."""
-        if self._client is None:
-            import boto3  # deferred: the SQLite store must not pay for boto3
-
-            self._client = boto3.client("dynamodb", region_name=self.region)
-        return self._client
 
     def ensure_table(self) -> None:
         """Create the table and its GSI (PAY_PER_REQUEST) if missing."""
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.describe_table(TableName=self.table_name)
-            return
-        except ClientError as exc:
-            if _error_code(exc) != "ResourceNotFoundException":
-                raise
-        try:
-            self.client.create_table(
-                TableName=self.table_name,
-                AttributeDefinitions=[
-                    {"AttributeName": "job_id", "AttributeType": "S"},
-                    {"AttributeName": "user_id", "AttributeType": "S"},
-                    {"AttributeName": "created_at", "AttributeType": "S"},
-                ],
-                KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
-                GlobalSecondaryIndexes=[
-                    {
-                        "IndexName": USER_INDEX,
-                        "KeySchema": [
-                            {"AttributeName": "user_id", "KeyType": "HASH"},
-                            {"AttributeName": "created_at", "KeyType": "RANGE"},
-                        ],
-                        "Projection": {"ProjectionType": "ALL"},
-                    }
-                ],
-                BillingMode="PAY_PER_REQUEST",
-            )
-        except ClientError as exc:
-            if _error_code(exc) != "ResourceInUseException":
-                raise
-        self.client.get_waiter("table_exists").wait(TableName=self.table_name)
+        self._create_table(
+            AttributeDefinitions=[
+                {"AttributeName": "job_id", "AttributeType": "S"},
+                {"AttributeName": "user_id", "AttributeType": "S"},
+                {"AttributeName": "created_at", "AttributeType": "S"},
+            ],
+            KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
+            GlobalSecondaryIndexes=[
+                {
+                    "IndexName": USER_INDEX,
+                    "KeySchema": [
+                        {"AttributeName": "user_id", "KeyType": "HASH"},
+                        {"AttributeName": "created_at", "KeyType": "RANGE"},
+                    ],
+                    "Projection": {"ProjectionType": "ALL"},
+                }
+            ],
+        )
 
     @staticmethod
     def _attr(name: str, value: Any) -> dict[str, Any]:
@@ -467,20 +426,9 @@ class DynamoJobStore:
 
     def create(self, job: JobRecord | dict[str, Any]) -> bool:
         """Put the job with attribute_not_exists(job_id); False if it already exists."""
-        from botocore.exceptions import ClientError
 
         item = {**self._to_item(filled_record(job)), **ttl_attribute(self.ttl_days)}
-        try:
-            self.client.put_item(
-                TableName=self.table_name,
-                Item=item,
-                ConditionExpression="attribute_not_exists(job_id)",
-            )
-        except ClientError as exc:
-            if _error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise
-        return True
+        return self._put_new(item)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """Return the job record (consistent read), or None."""
@@ -577,7 +525,7 @@ class DynamoJobStore:
                 ReturnValues="ALL_NEW",
             )
         except ClientError as exc:
-            if _error_code(exc) == "ConditionalCheckFailedException":
+            if error_code(exc) == "ConditionalCheckFailedException":
                 return None
             raise
         return self._from_item(response["Attributes"])

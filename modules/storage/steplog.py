@@ -15,8 +15,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from modules.errors import BadInputError
 from modules.storage.artifacts import ArtifactStore
+from modules.storage.dynamo import DynamoTable
 from modules.storage.keys import record_overflow_key, validate_user_id
-from modules.storage.ttl import check_ttl_days, ttl_attribute
+from modules.storage.ttl import ttl_attribute
 
 MAX_INDEX = 9999  # the sort key is f"{index:04d}"; a fifth digit would break its ordering
 # Bytes of record JSON kept inline; DynamoDB caps a whole item at 400 KB.
@@ -261,11 +262,6 @@ class CsvStepLog:
             return [self._read_record(*self._rows_at[(job_id, i)]) for i in indexes]
 
 
-def _error_code(exc: Exception) -> str:
-    response: dict[str, Any] = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
 def _number(value: Any) -> str | None:
     """DynamoDB N text for an int/float, or None for anything else (bools, NaN, inf)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -274,7 +270,7 @@ def _number(value: Any) -> str | None:
     return str(number) if number.is_finite() else None
 
 
-class DynamoStepLog:
+class DynamoStepLog(DynamoTable):
     """Step records in DynamoDB: PK job_id, SK zero-padded index; big ones overflow to a store."""
 
     def __init__(
@@ -286,21 +282,8 @@ class DynamoStepLog:
         region: str = "us-east-1",
         ttl_days: int = 0,
     ) -> None:
-        self.table_name = table_name
+        super().__init__(table_name, client=client, region=region, ttl_days=ttl_days)
         self.overflow_store = overflow_store
-        self.region = region
-        self._client = client
-        # With ttl_days > 0 each record gets expires_at = write time + ttl_days.
-        self.ttl_days = check_ttl_days(ttl_days)
-
-    @property
-    def client(self) -> Any:
-        """The boto3 DynamoDB client, created on first use (honours AWS_ENDPOINT_URL)."""
-        if self._client is None:
-            import boto3  # deferred: the CSV log must not pay for boto3
-
-            self._client = boto3.client("dynamodb", region_name=self.region)
-        return self._client
 
     @staticmethod
     def sort_key(index: int) -> str:
@@ -314,38 +297,22 @@ class DynamoStepLog:
 
     def ensure_table(self) -> None:
         """Create the table (PAY_PER_REQUEST) if it does not exist."""
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.describe_table(TableName=self.table_name)
-            return
-        except ClientError as exc:
-            if _error_code(exc) != "ResourceNotFoundException":
-                raise
-        try:
-            self.client.create_table(
-                TableName=self.table_name,
-                AttributeDefinitions=[
-                    {"AttributeName": "job_id", "AttributeType": "S"},
-                    {"AttributeName": "step", "AttributeType": "S"},
-                ],
-                KeySchema=[
-                    {"AttributeName": "job_id", "KeyType": "HASH"},
-                    {"AttributeName": "step", "KeyType": "RANGE"},
-                ],
-                BillingMode="PAY_PER_REQUEST",
-            )
-        except ClientError as exc:
-            if _error_code(exc) != "ResourceInUseException":
-                raise
-        self.client.get_waiter("table_exists").wait(TableName=self.table_name)
+        self._create_table(
+            AttributeDefinitions=[
+                {"AttributeName": "job_id", "AttributeType": "S"},
+                {"AttributeName": "step", "AttributeType": "S"},
+            ],
+            KeySchema=[
+                {"AttributeName": "job_id", "KeyType": "HASH"},
+                {"AttributeName": "step", "KeyType": "RANGE"},
+            ],
+        )
 
     def _item_key(self, job_id: str, index: int) -> dict[str, Any]:
         return {"job_id": {"S": job_id}, "step": {"S": self.sort_key(index)}}
 
     def append(self, record: dict[str, Any]) -> bool:
         """Conditionally put the record; False if (job_id, index) already exists."""
-        from botocore.exceptions import ClientError
 
         record_json = check_record(record)
         job_id, index = record["job_id"], record["index"]
@@ -371,17 +338,7 @@ class DynamoStepLog:
                 # Checked first so a duplicate never overwrites the stored overflow JSON.
                 return False
             item["record_ref"] = {"S": self._put_overflow(record, encoded)}
-        try:
-            self.client.put_item(
-                TableName=self.table_name,
-                Item=item,
-                ConditionExpression="attribute_not_exists(job_id)",
-            )
-        except ClientError as exc:
-            if _error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise
-        return True
+        return self._put_new(item)
 
     def _put_overflow(self, record: dict[str, Any], encoded: bytes) -> str:
         job_id, index = record["job_id"], record["index"]
