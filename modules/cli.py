@@ -218,12 +218,17 @@ def run(
     trust_pickle: TrustPickleOption = False,
 ) -> None:
     """Run a job spec in-process against a local workspace."""
-    from modules.core.jobspec import load_job_file
+    from modules.core.jobspec import parse_job_spec, read_job_file
     from modules.pipeline.local import LocalWorkspace
+    from modules.storage.keys import inputs_key
 
-    spec = load_job_file(job_file)
+    data = read_job_file(job_file)
+    inputs_files = local_inputs(data, job_file=job_file)
+    spec = parse_job_spec(data)
     model_path = resolve_model_path(spec.model, job_file=job_file)
-    ws = LocalWorkspace(artifacts)
+    ws = LocalWorkspace(artifacts)  # only once the spec holds: a bad one writes nothing
+    for inputs_id, blob in inputs_files.items():
+        ws.store.put_bytes(inputs_key(spec.user_id, inputs_id), blob)
     if model_path is not None:
         key = ws.import_model(model_path, user_id=spec.user_id, trust_pickle=trust_pickle)
         spec = spec.model_copy(update={"model": key})
@@ -254,10 +259,39 @@ def resolve_model_path(model: str | None, *, job_file: Path) -> Path | None:
     """
     if model is None or model.startswith("users/"):
         return None
-    for candidate in (Path(model), job_file.parent / model):
+    return local_file(model, job_file=job_file, what="model file")
+
+
+def local_file(name: str, *, job_file: Path, what: str) -> Path:
+    """A file named in a job spec: relative to the cwd, then to the job file."""
+    for candidate in (Path(name), job_file.parent / name):
         if candidate.is_file():
             return candidate
-    raise NotFoundError(f"model file not found: {model}")
+    raise NotFoundError(f"{what} not found: {name}")
+
+
+# Step params that name an inputs file by its id; `mcaas run` also takes a local .npz there.
+INPUTS_PARAMS = ("inputs", "calibration_inputs")
+
+
+def local_inputs(data: dict[str, Any], *, job_file: Path) -> dict[str, bytes]:
+    """Name each local .npz in a step's inputs params by its id instead, the way a local
+    `model:` file is imported (checked by the upload's reader); the files to store, by id."""
+    from modules.storage.inputs import read_local_inputs
+
+    files: dict[str, bytes] = {}
+    for call in data.get("steps") or []:
+        params = call.get("params") if isinstance(call, dict) else None
+        if not isinstance(params, dict):
+            continue
+        for name in INPUTS_PARAMS:
+            value = params.get(name)
+            if isinstance(value, str) and value.endswith(".npz"):
+                inputs_id, blob = read_local_inputs(
+                    local_file(value, job_file=job_file, what="inputs file")
+                )
+                params[name], files[inputs_id] = inputs_id, blob
+    return files
 
 
 def job_report_path(ws: Any, result: Any) -> Path | None:

@@ -117,8 +117,8 @@ def parse_job_spec(data: dict[str, Any]) -> JobSpec:
         raise BadInputError(f"invalid job spec: {format_validation_error(exc)}") from None
 
 
-def load_job_file(path: Path) -> JobSpec:
-    """Read a job spec from YAML or JSON."""
+def read_job_file(path: Path) -> dict[str, Any]:
+    """A job spec file's mapping, YAML or JSON, not yet validated."""
     if not path.is_file():
         raise BadInputError(f"job file not found: {path}")
     text = path.read_text(encoding="utf-8")
@@ -128,4 +128,9 @@ def load_job_file(path: Path) -> JobSpec:
         raise BadInputError(f"job file {path} is not valid {path.suffix[1:]}: {exc}") from None
     if not isinstance(data, dict):
         raise BadInputError(f"job file {path} must hold a mapping at the top level")
-    return parse_job_spec(data)
+    return data
+
+
+def load_job_file(path: Path) -> JobSpec:
+    """Read a job spec from YAML or JSON."""
+    return parse_job_spec(read_job_file(path))

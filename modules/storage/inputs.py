@@ -330,11 +330,9 @@ def load_stored_inputs(
     return read_inputs(read_bytes(inputs_key(user_id, inputs_id)), name=f"inputs {inputs_id}")
 
 
-def stage_inputs_file(workspace: Path, path: Path) -> str:
-    """Validate a local .npz and put it in a LocalWorkspace's store as user `local`; its id."""
+def read_local_inputs(path: Path) -> tuple[str, bytes]:
+    """Read and check a local .npz by the upload rules; its id (content hash) and bytes."""
     import hashlib
-
-    from modules.storage.artifacts import LocalStore
 
     if not path.is_file():
         raise BadInputError(f"inputs file {path} does not exist")
@@ -342,6 +340,13 @@ def stage_inputs_file(workspace: Path, path: Path) -> str:
         raise BadInputError(f"inputs file {path} is over {MAX_INPUTS_BYTES:,} bytes")
     data = path.read_bytes()
     read_inputs(data, name=path.name)
-    inputs_id = hashlib.sha256(data).hexdigest()[:20]
+    return hashlib.sha256(data).hexdigest()[:20], data
+
+
+def stage_inputs_file(workspace: Path, path: Path) -> str:
+    """Validate a local .npz and put it in a LocalWorkspace's store as user `local`; its id."""
+    from modules.storage.artifacts import LocalStore
+
+    inputs_id, data = read_local_inputs(path)
     LocalStore(workspace / "store").put_bytes(inputs_key("local", inputs_id), data)
     return inputs_id

@@ -3,6 +3,7 @@
 import json
 import pickle
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -75,6 +76,38 @@ def test_run_job_file_end_to_end(tmp_path):
     assert report["status"] == "COMPLETED"
     assert [row["step"] for row in report["summary"]] == ["train", "measure"]
     assert report["summary"][1]["latency_b1_ms"] > 0
+
+
+def test_run_takes_a_local_inputs_file_like_a_local_model(tmp_path):
+    from modules.storage.datasets import load_dataset
+
+    rows = load_dataset("digits").X_test[:40]
+    np.savez(tmp_path / "rows.npz", input=rows)
+    steps = [
+        {"name": "train", "params": {"model": "logreg"}},
+        {"name": "onnx_export"},
+        {"name": "onnx_parity", "params": {"inputs": "rows.npz"}},  # relative to the job file
+    ]
+    res = invoke(
+        "run", str(_job(tmp_path, job_id="npz", steps=steps)), "--artifacts", str(tmp_path / "ws")
+    )
+    assert res.exit_code == 0, res.output
+    stored = tmp_path / "ws" / "store" / "users" / "local" / "edge-8mb" / "npz" / "report.json"
+    report = json.loads(stored.read_text())
+    assert report["status"] == "COMPLETED", report["reason"]
+    parity = report["steps"][2]
+    inputs_id = parity["params"]["inputs"]
+    assert inputs_id != "rows.npz" and parity["metrics"]["n_samples"] == len(rows)
+    assert (tmp_path / "ws" / "store" / "users" / "local" / "inputs").is_dir()
+
+    missing = [*steps[:2], {"name": "onnx_parity", "params": {"inputs": "gone.npz"}}]
+    res = invoke(
+        "run",
+        str(_job(tmp_path, job_id="gone", steps=missing)),
+        "--artifacts",
+        str(tmp_path / "ws"),
+    )
+    assert res.exit_code == 2 and "inputs file not found: gone.npz" in res.output
 
 
 @pytest.mark.parametrize(
