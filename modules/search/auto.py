@@ -41,7 +41,7 @@ from modules.core.artifact import ModelArtifact
 from modules.core.profiles import Profile
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
-from modules.errors import BadInputError
+from modules.errors import BadInputError, IncompatibleError
 from modules.evaluation.hardware_sim import MIB
 from modules.evaluation.measure import MeasureParams
 from modules.evaluation.plots import pareto_figure, resource_figure
@@ -367,6 +367,8 @@ def auto(model: ModelArtifact, data: Dataset, params: AutoParams, ctx: StepConte
         batch_sizes=sorted({1, params.latency_batch}), warmup=params.warmup, runs=params.runs
     )
     _, baseline = measured_candidate(model, data, [], ctx, measure=measure, repeats=1, tag="input")
+    if "error" in baseline:  # nothing to search from: the input itself does not fit the data
+        raise IncompatibleError(f"the input model cannot be measured: {baseline['error']}")
     floor = accuracy_floor(
         baseline["accuracy"], max_drop=params.max_drop, drop_kind=params.drop_kind
     )

@@ -109,3 +109,23 @@ def test_failed_candidates_are_rows_not_crashes(small_mlp, digits, ctx_factory, 
 def test_bad_params_are_named(params, needle, zero_step):
     with pytest.raises(ValidationError, match=needle):
         AutoParams(**params)
+
+
+def test_a_model_that_does_not_fit_the_data_is_a_clear_error(tmp_path):
+    from modules.core.jobspec import parse_job_spec
+    from modules.errors import IncompatibleError
+    from modules.pipeline.local import LocalWorkspace
+    from modules.pipeline.run import run_step
+
+    ws = LocalWorkspace(tmp_path)
+    train = parse_job_spec(
+        {"job_id": "b", "steps": [{"name": "train", "params": {"model": "logreg"}}]}
+    )
+    key = run_step(train, 0, store=ws.store, log=ws.log)["output_key"]  # 64 digits features
+    job = parse_job_spec(
+        {"job_id": "a", "model": key, "dataset": "iris", "steps": [{"name": "auto"}]}
+    )
+    with pytest.raises(
+        IncompatibleError, match="input model cannot be measured.*64 input features"
+    ):
+        run_step(job, 0, store=ws.store, log=ws.log)
