@@ -40,7 +40,7 @@ def test_killed_worker_step_is_redelivered_once(fault_stack: DevStack) -> None:
     # Whichever step is running when the job shows INPROGRESS is the one killed: on an idle
     # machine that may be step 1; either way exactly one step is started twice.
     wait_until(
-        lambda: services.jobs.get(job_id)["status"] == "INPROGRESS",
+        lambda: services.jobs.get(job_id).status == "INPROGRESS",
         timeout_s=90,
         what="a step to start on worker-a",
     )
@@ -53,7 +53,7 @@ def test_killed_worker_step_is_redelivered_once(fault_stack: DevStack) -> None:
 
     fault_stack.start_worker("worker-b")
     wait_until(
-        lambda: services.jobs.get(job_id)["attempts"] > attempts_at_kill,
+        lambda: services.jobs.get(job_id).attempts > attempts_at_kill,
         timeout_s=180,
         every_s=0.2,
         what="the step to be delivered again",

@@ -354,7 +354,7 @@ def test_ecs_job_mode_runs_a_step_and_queues_the_next_on_the_stack(
     )
     assert services.jobs.create(JobRecord.new(spec))
     EcsDispatcher(settings, services).submit(spec.job_id)
-    (first_arn,) = services.jobs.get(spec.job_id)["ecs_tasks"]
+    (first_arn,) = services.jobs.get(spec.job_id).ecs_tasks
     first, first_env = task_overrides(stack, first_arn)
     assert first["taskDefinitionArn"] == stack.outputs["McaasEcsTaskDefinition"]
     assert (first_env["STEP"], first_env["STEP_INDEX"]) == ("precision", "0")

@@ -246,7 +246,7 @@ def test_ecs_dispatcher_runs_a_job_as_ecs_tasks(aws, alice_model, ecs_cluster) -
 
     ecs = boto3.client("ecs", region_name="us-east-1")
     cluster = ecs_cluster["MCAAS_ECS_CLUSTER"]
-    (first_arn,) = services.jobs.get(spec.job_id)["ecs_tasks"]
+    (first_arn,) = services.jobs.get(spec.job_id).ecs_tasks
     assert _task_env(ecs, cluster, first_arn) == {
         "MODEL_BUCKET": aws["bucket"],
         "MODEL_S3_KEY": alice_model,
@@ -261,7 +261,7 @@ def test_ecs_dispatcher_runs_a_job_as_ecs_tasks(aws, alice_model, ecs_cluster) -
     # Play ECS: start each task's container (the entrypoint) with its env overrides.
     done: set[str] = set()
     for _ in range(len(spec.steps) + 1):
-        pending = [a for a in services.jobs.get(spec.job_id)["ecs_tasks"] if a not in done]
+        pending = [a for a in services.jobs.get(spec.job_id).ecs_tasks if a not in done]
         if not pending:
             break
         for arn in pending:
