@@ -93,7 +93,7 @@ def test_jobs_survive_a_redis_restart_with_its_append_only_file(
         for _, job_id in queued:  # they never saw the outage while running: all complete
             assert outcomes[job_id]["status"] == "COMPLETED", outcomes[job_id]
             records = services.log.records(job_id)
-            assert [r["index"] for r in records] == [0, 1]
+            assert [r.index for r in records] == [0, 1]
             assert orphan_keys(stack, services, job_id) == []
         dump_result(
             "redis_restart_aof",
