@@ -126,7 +126,7 @@ def run_mlp(root: Path) -> dict[str, Any]:
     ws = LocalWorkspace(root)
     steps = [{"name": "train", "params": MLP}, {"name": "onnx_export"}, *_search_steps()]
     result = ws.run(parse_job_spec({"job_id": "mlp", "steps": steps}))
-    fp32_key = result.records[1]["output_key"] if len(result.records) > 1 else None
+    fp32_key = result.records[1].output_key if len(result.records) > 1 else None
     return {"ws": ws, "result": result, "fp32_key": fp32_key, "arrays": None}
 
 
@@ -200,8 +200,8 @@ def _ms(stat: dict[str, Any]) -> str:
 def section(title: str, job: dict[str, Any], *, targets: bool) -> tuple[list[str], list[str]]:
     """The markdown section of one model and its target lines."""
     result = job["result"]
-    search = next(r for r in result.records if r["step"] == "onnx_quantize")
-    parity = next((r for r in result.records if r["step"] == "onnx_parity"), None)
+    search = next(r.model_dump() for r in result.records if r.step == "onnx_quantize")
+    parity = next((r.model_dump() for r in result.records if r.step == "onnx_parity"), None)
     metrics = search["metrics"]
     chosen = metrics["chosen"]
     timing = retime(job, search)

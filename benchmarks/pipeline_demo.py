@@ -23,6 +23,7 @@ from typing import Any
 
 from modules.cli import DEMO_JOBS
 from modules.core.jobspec import DEFAULT_PROFILE, parse_job_spec
+from modules.core.records import StepRecord
 from modules.core.versions import library_versions
 from modules.evaluation.summary import summary_row
 from modules.pipeline.local import LocalWorkspace
@@ -72,7 +73,7 @@ def details(records: list[dict[str, Any]]) -> list[str]:
     for record in records:
         verdict = record.get("verdict")
         if verdict:
-            state = "pass" if verdict["passed"] else "REJECTED"
+            state = "REJECTED" if StepRecord.of(record).rejected else "pass"
             lines.append(
                 f"- step {record['index']} {record['step']}: **{state}**: {verdict['reason']}"
             )
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 "Steps: " + " -> ".join(s["name"] for s in job["steps"]),
                 "",
-                *step_table(result.records),
-                *details(result.records),
+                *step_table([r.model_dump() for r in result.records]),
+                *details([r.model_dump() for r in result.records]),
             ]
             if result.reason:
                 sections += ["", f"Reason: {result.reason}"]

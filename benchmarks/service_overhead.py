@@ -66,7 +66,8 @@ def in_process_run(workspace: LocalWorkspace, job_id: str) -> tuple[float, dict[
     elapsed = time.perf_counter() - start
     if result.status != "COMPLETED":
         raise RuntimeError(f"in-process run {job_id} ended {result.status}: {result.reason}")
-    return elapsed, phases(workspace.log.records(job_id), start=clock, end=clock + elapsed)
+    records = [r.model_dump() for r in workspace.log.records(job_id)]
+    return elapsed, phases(records, start=clock, end=clock + elapsed)
 
 
 def submit(http: httpx.Client, headers: dict[str, str]) -> str:

@@ -139,7 +139,7 @@ def run_seed(seed: int, root: Path) -> dict[str, dict[str, Any]]:
     result = ws.run(teacher_job)
     if result.status != "COMPLETED":
         raise SystemExit(f"teacher job failed: {result.reason}")
-    teacher_key = result.records[0]["output_key"]
+    teacher_key = result.records[0].output_key
     out: dict[str, dict[str, Any]] = {}
     for i, (label, steps) in enumerate(ROWS):
         start = time.perf_counter()
@@ -159,13 +159,13 @@ def run_seed(seed: int, root: Path) -> dict[str, dict[str, Any]]:
                 raise SystemExit(f"{label} (seed {seed}) failed: {done.reason}")
             records = done.records
         out[label] = {
-            "measure": records[-1]["metrics"],
-            "steps": [r["metrics"] for r in records[:-1]],
-            "key": records[-1]["output_key"],
+            "measure": records[-1].metrics,
+            "steps": [r.metrics for r in records[:-1]],
+            "key": records[-1].output_key,
         }
         print(
-            f"seed {seed} {label}: acc {records[-1]['metrics']['accuracy']:.4f} "
-            f"size {records[-1]['metrics']['size_bytes']:,} ({time.perf_counter() - start:.1f}s)",
+            f"seed {seed} {label}: acc {records[-1].metrics['accuracy']:.4f} "
+            f"size {records[-1].metrics['size_bytes']:,} ({time.perf_counter() - start:.1f}s)",
             flush=True,
         )
     retime_interleaved(out, ws, seed=seed)

@@ -7,14 +7,18 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from modules.core.jobspec import DEFAULT_PROFILE
 from modules.errors import BadInputError, McaasError, NotFoundError
+
+if TYPE_CHECKING:
+    from modules.core.records import StepRecord
 
 app = typer.Typer(help="MCaaS: Model Compression as a Service.", no_args_is_help=True)
 console = Console()
@@ -203,9 +207,9 @@ def train(
     record = run_single_step(
         "train", params, input_path=None, output_path=output, dataset=dataset, seed=seed
     )
-    metrics = record["metrics"]
+    metrics = record.metrics
     console.print(
-        f"wrote {output} ({record['output_size']} bytes): test accuracy "
+        f"wrote {output} ({record.output_size} bytes): test accuracy "
         f"{metrics['test_accuracy'] * 100:.2f}% on {dataset}"
     )
 
@@ -371,7 +375,7 @@ def sweep(
         None, help="Hardware-budget sweep: compute scales, e.g. '0.1,0.5,1'."
     ),
     dataset: DatasetOption = "digits",
-    profile: str = typer.Option("edge-8mb", help="Hardware profile."),
+    profile: str = typer.Option(DEFAULT_PROFILE, help="Hardware profile."),
     seed: int = typer.Option(0, help="Seed."),
     repeats: int | None = typer.Option(None, help="Runs per value (mean, std, 95% CI)."),
     out: Path = typer.Option(Path("artifacts/sweeps"), help="Workspace for tables and plots."),
@@ -427,10 +431,10 @@ def sweep(
         trust_pickle=trust_pickle,
         workspace=out,
     )
-    rows = record["metrics"]["rows"]
+    rows = record.metrics["rows"]
     if name == "sweep":
         console.print(tradeoff_table(f"sweep {step}.{param} on {profile}", rows))
-        console.print(f"Pareto front: {', '.join(record['metrics']['pareto_front'])}")
+        console.print(f"Pareto front: {', '.join(record.metrics['pareto_front'])}")
     else:
         table = Table(title=f"hardware-budget sweep (estimates; power of {profile})")
         for col in ("memory MB", "compute scale", "fits", "auto-batch", "est. b1 ms", "mJ/inf"):
@@ -445,7 +449,7 @@ def sweep(
                 _fmt_num(row["energy_mj_estimate"], 4),
             )
         console.print(table)
-    for file_name, key in sorted(record["files"].items()):
+    for file_name, key in sorted(record.files.items()):
         if not file_name.endswith(".svg"):
             console.print(f"{file_name}: {ws.path_of(key)}", soft_wrap=True)
 
@@ -454,7 +458,7 @@ def sweep(
 @handles_errors
 def auto(
     model: Path = typer.Option(..., "--model", help="Model file (.pt or .skops)."),
-    profile: str = typer.Option("edge-8mb", help="Hardware profile the result must fit."),
+    profile: str = typer.Option(DEFAULT_PROFILE, help="Hardware profile the result must fit."),
     max_drop: float | None = typer.Option(
         None, help="Largest accuracy drop (points, or % if relative)."
     ),
@@ -501,7 +505,7 @@ def auto(
         trust_pickle=trust_pickle,
         workspace=out,
     )
-    metrics = record["metrics"]
+    metrics = record.metrics
     objective_used = params.get("objective", "size")
     console.print(
         tradeoff_table(f"auto on {profile} (objective: {objective_used})", metrics["rows"])
@@ -509,9 +513,9 @@ def auto(
     verdict = "met the budget: " if metrics["met_budget"] else "budget NOT met: "
     console.print(verdict + metrics["reason"])
     console.print(f"stopped by: {metrics['stopped_by']} after {metrics['n_trials']} trials")
-    best = output if output is not None else ws.path_of(record["output_key"])
+    best = output if output is not None else ws.path_of(record.output_key or "")
     console.print(f"best model: {best}", soft_wrap=True)
-    for file_name, key in sorted(record["files"].items()):
+    for file_name, key in sorted(record.files.items()):
         if not file_name.endswith(".svg"):
             console.print(f"{file_name}: {ws.path_of(key)}", soft_wrap=True)
 
@@ -599,9 +603,9 @@ def profile_cmd(
         trust_pickle=trust_pickle,
         workspace=out,
     )
-    metrics = record["metrics"]
+    metrics = record.metrics
     rows, totals = metrics["layers"], metrics["totals"]
-    csv_path = ws.path_of(record["files"]["profile.csv"])
+    csv_path = ws.path_of(record.files["profile.csv"])
     if as_json:
         print(json.dumps({"layers": rows, "totals": totals, "csv": str(csv_path)}))
         return
@@ -654,10 +658,10 @@ DEMO_JOBS: list[dict[str, Any]] = [
 ]
 
 
-def report_html_of(ws: Any, records: list[dict[str, Any]]) -> Path | None:
+def report_html_of(ws: Any, records: list[StepRecord]) -> Path | None:
     """Where the report step of these records wrote report.html, if one ran."""
     for record in reversed(records):
-        key = (record.get("files") or {}).get("report.html")
+        key = record.files.get("report.html")
         if key:
             return Path(ws.path_of(key))
     return None
@@ -688,7 +692,7 @@ def demo(
     out: Path = typer.Option(
         Path("artifacts"), help="Where artifacts, steps.csv and report.json go."
     ),
-    profile: str = typer.Option("edge-8mb", help="Hardware profile."),
+    profile: str = typer.Option(DEFAULT_PROFILE, help="Hardware profile."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Run the whole pipeline in-process on digits with local storage and a CSV log."""
@@ -849,7 +853,7 @@ def submit(
         None, "--job", help="JSON/YAML job spec (steps, profile, dataset, seed, repeats)."
     ),
     model_id: str | None = typer.Option(None, "--model-id", help="A model uploaded before."),
-    profile: str = typer.Option("edge-8mb", "--profile", help="Hardware profile name."),
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help="Hardware profile name."),
     dataset: str = typer.Option("digits", "--dataset", help="Built-in dataset name."),
     seed: int = typer.Option(0, "--seed", help="Seed for splits and training."),
     follow: bool = typer.Option(False, "--follow", help="Show live progress until the job ends."),

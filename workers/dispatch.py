@@ -100,7 +100,7 @@ class EcsDispatcher:
         job = self.services.jobs.get(job_id)
         if job is None:
             raise NotFoundError(f"job {job_id!r} not found")
-        spec = job["spec"]
+        spec = job.spec
         if not 0 <= index < len(spec["steps"]):
             raise DispatchError(f"job {job_id} has {len(spec['steps'])} steps; no step {index}")
         call = spec["steps"][index]
@@ -110,13 +110,13 @@ class EcsDispatcher:
             previous = self.services.log.get(job_id, index - 1)
             if previous is None:
                 raise DispatchError(f"job {job_id}: step {index - 1} has no record yet")
-            model_key = previous.get("output_key") or ""
+            model_key = previous.output_key or ""
         profile = spec.get("profile", DEFAULT_PROFILE)
         bucket = self.services.store.bucket  # type: ignore[attr-defined]
         return {
             "MODEL_BUCKET": bucket,
             "MODEL_S3_KEY": model_key,
-            "USER_ID": job["user_id"],
+            "USER_ID": job.user_id,
             "PROFILE": profile if isinstance(profile, str) else json.dumps(profile),
             "JOB_ID": job_id,
             "STEP": call["name"],
@@ -155,8 +155,9 @@ class EcsDispatcher:
         if failures or not response.get("tasks"):
             raise DispatchError(f"ECS RunTask for job {job_id} step {index} failed: {failures}")
         arns = [task["taskArn"] for task in response["tasks"]]
-        current = self.services.jobs.get(job_id) or {}
-        self.services.jobs.update(job_id, ecs_tasks=[*current.get("ecs_tasks", []), *arns])
+        current = self.services.jobs.get(job_id)
+        earlier = (current.model_extra or {}).get("ecs_tasks", []) if current is not None else []
+        self.services.jobs.update(job_id, ecs_tasks=[*earlier, *arns])
 
 
 class InlineDispatcher:

@@ -28,10 +28,9 @@ def run_job_step(env: dict[str, str]) -> int:
     settings = get_settings().require("worker")
     services = build_services(settings)
     job = services.jobs.get(task.job_id)
-    if job is None or job["user_id"] != task.user_id:
+    if job is None or job.user_id != task.user_id:
         raise BadInputError(f"JOB_ID {task.job_id!r} is not a job of USER_ID {task.user_id!r}")
-    steps = job["spec"]["steps"]
-    if not 0 <= index < len(steps) or steps[index]["name"] != task.step:
+    if not 0 <= index < job.n_steps or job.step_name(index) != task.step:
         raise BadInputError(f"job {task.job_id} has no step {index} named {task.step!r}")
     next_index = advance(
         task.job_id, index, services, trust_pickle=settings.trust_pickle

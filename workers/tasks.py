@@ -69,7 +69,7 @@ class StepTask(Task):
         job_id = args[0]
         # The step the job was on: the task may have run several after the one it was sent for.
         job = worker_services().jobs.get(job_id)
-        index = int(job["step_index"]) if job is not None else args[1]
+        index = job.step_index if job is not None else args[1]
         if isinstance(exc, TimeLimitExceeded):
             reason = f"step {index} exceeded the hard time limit and was killed"
         else:

@@ -24,7 +24,7 @@ from api.deps import ServicesDep, current_user
 from api.errors import UnauthorizedError
 from api.routes.jobs import owned_job, progress_of
 from api.ui.session import read_session
-from modules.core.records import TERMINAL, JobStatus, StepRecord
+from modules.core.records import TERMINAL, JobRecord, JobStatus, StepRecord
 from modules.pipeline.settings import Services
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -52,16 +52,16 @@ def key_or_session_user(
     return session.user_id
 
 
-def step_states(job: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def step_states(job: JobRecord, records: list[StepRecord]) -> list[dict[str, Any]]:
     """Each step of the job with its state: done, rejected, running, failed, pending, skipped."""
-    status = job["status"]
-    by_index = {int(r["index"]): r for r in records}
-    index = int(job.get("step_index", 0))
+    status = job.status
+    by_index = {r.index: r for r in records}
+    index = job.step_index
     out = []
-    for i, call in enumerate(job["spec"]["steps"]):
+    for i, call in enumerate(job.spec["steps"]):
         record = by_index.get(i)
         if record is not None:
-            state = "rejected" if StepRecord.of(record).rejected else "done"
+            state = "rejected" if record.rejected else "done"
         elif status == JobStatus.INPROGRESS and i == index:
             state = "running"
         elif status == JobStatus.FAILED and i == index:
@@ -74,23 +74,23 @@ def step_states(job: dict[str, Any], records: list[dict[str, Any]]) -> list[dict
     return out
 
 
-def job_event(job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+def job_event(job: JobRecord, records: list[StepRecord]) -> dict[str, Any]:
     """The payload of one progress event."""
     progress = progress_of(job, records)
     total = max(progress.total, 1)
     done = min(progress.done, progress.total)
-    percent = 100 if job["status"] == JobStatus.COMPLETED else int(100 * done / total)
+    percent = 100 if job.status == JobStatus.COMPLETED else int(100 * done / total)
     return {
-        "id": job["job_id"],
-        "status": job["status"],
-        "reason": job.get("reason"),
+        "id": job.job_id,
+        "status": job.status,
+        "reason": job.reason,
         "done": done,
         "total": progress.total,
         "percent": percent,
         "current": progress.current,
         "current_step": progress.current_step,
         "steps": step_states(job, records),
-        "updated_at": job["updated_at"],
+        "updated_at": job.updated_at,
     }
 
 
@@ -99,7 +99,7 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
 
 
-def _state(services: Services, job_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _state(services: Services, job_id: str) -> tuple[JobRecord, list[StepRecord]]:
     job = services.jobs.get(job_id)
     if job is None:  # deleted while watched: report it as ended rather than hang
         raise LookupError(job_id)
@@ -118,8 +118,8 @@ async def job_events(request: Request, services: Services, job_id: str) -> Async
             job, records = await run_in_threadpool(_state, services, job_id)
         except LookupError:
             return
-        mark = (job["status"], job.get("step_index"), len(records), job.get("reason"))
-        if job["status"] in TERMINAL:
+        mark = (job.status, job.step_index, len(records), job.reason)
+        if job.terminal:
             yield sse("end", job_event(job, records))
             return
         if mark != seen:

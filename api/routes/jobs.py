@@ -24,7 +24,7 @@ from api.schemas import (
     Progress,
 )
 from modules.core.jobspec import DEFAULT_PROFILE
-from modules.core.records import TERMINAL, JobRecord, JobStatus, StepRecord
+from modules.core.records import JobRecord, JobStatus, StepRecord
 from modules.errors import NotFoundError
 from modules.pipeline.engine import fail_if_stale, finish, report_key, stop
 from modules.pipeline.settings import Services, stale_after_s
@@ -41,19 +41,19 @@ ArtifactKind = Literal["model", "file", "report"]
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
-def owned_job(services: Services, job_id: str, user: str) -> dict[str, Any]:
+def owned_job(services: Services, job_id: str, user: str) -> JobRecord:
     """The job if it exists and is the user's; the same 404 otherwise, so ids do not leak."""
     job = services.jobs.get(job_id) if _ID.fullmatch(job_id) else None
-    if job is None or job["user_id"] != user:
+    if job is None or job.user_id != user:
         raise NotFoundError(f"job {job_id!r} not found")
     return job
 
 
-def progress_of(job: dict[str, Any], records: list[dict[str, Any]] | None) -> Progress:
+def progress_of(job: JobRecord, records: list[StepRecord] | None) -> Progress:
     """Step i of n: from the records when read, else from the job's own fields."""
-    total = int(job["n_steps"])
-    status = job["status"]
-    index = int(job.get("step_index", 0))
+    total = job.n_steps
+    status = job.status
+    index = job.step_index
     if records is not None:
         done = len(records)
     elif status == JobStatus.COMPLETED:
@@ -61,33 +61,32 @@ def progress_of(job: dict[str, Any], records: list[dict[str, Any]] | None) -> Pr
     else:
         done = index + 1 if status == JobStatus.REJECTED else index
     running = status == JobStatus.INPROGRESS
-    steps = job["spec"]["steps"]
     return Progress(
         done=done,
         total=total,
         current=index if running else None,
-        current_step=steps[index]["name"] if running and index < len(steps) else None,
+        current_step=job.step_name(index) if running and index < total else None,
     )
 
 
-def job_public(job: dict[str, Any], records: list[dict[str, Any]] | None = None) -> JobPublic:
+def job_public(job: JobRecord, records: list[StepRecord] | None = None) -> JobPublic:
     """The response body for a job."""
-    spec = job["spec"]
+    spec = job.spec
     return JobPublic(
-        id=job["job_id"],
-        status=job["status"],
-        reason=job.get("reason"),
+        id=job.job_id,
+        status=job.status,
+        reason=job.reason,
         progress=progress_of(job, records),
-        model_id=job.get("model_id"),
+        model_id=job.model_id,
         dataset=spec.get("dataset", "digits"),
         profile=spec.get("profile", DEFAULT_PROFILE),
         steps=spec["steps"],
         seed=spec.get("seed", 0),
         repeats=spec.get("repeats", 1),
-        attempts=int(job.get("attempts", 0)),
-        created_at=job["created_at"],
-        updated_at=job["updated_at"],
-        records=records,
+        attempts=job.attempts,
+        created_at=job.created_at or "",
+        updated_at=job.updated_at or "",
+        records=None if records is None else [r.model_dump(mode="json") for r in records],
     )
 
 
@@ -159,22 +158,18 @@ def get_job(
 def stop_job(job_id: str, user: CurrentUser, services: ServicesDep) -> JobPublic:
     """Stop a queued or running job; the running step finishes, no later step starts."""
     job = owned_job(services, job_id, user)
-    if job["status"] in TERMINAL:
-        raise ConflictError(f"job {job_id} is already {job['status']}")
+    if job.terminal:
+        raise ConflictError(f"job {job_id} is already {job.status}")
     return job_public(stop(services, job_id))
 
 
-def job_artifacts(
-    services: Services, job: dict[str, Any], *, expires_s: int
-) -> list[ArtifactPublic]:
+def job_artifacts(services: Services, job: JobRecord, *, expires_s: int) -> list[ArtifactPublic]:
     """Every model and file the job's steps wrote, plus its report.json, with download URLs."""
     store = services.store
-    user = job["user_id"]
+    user = job.user_id
     found: list[ArtifactPublic] = []
 
-    def add(
-        key: str, *, kind: ArtifactKind, record: dict[str, Any] | None, size: int | None
-    ) -> None:
+    def add(key: str, *, kind: ArtifactKind, record: StepRecord | None, size: int | None) -> None:
         if not key_in_user(key, user):
             return  # never sign a key outside the owner's prefix
         found.append(
@@ -182,18 +177,17 @@ def job_artifacts(
                 name=key.rsplit("/", 1)[-1],
                 key=key,
                 kind=kind,
-                index=None if record is None else record["index"],
-                step=None if record is None else record["step"],
+                index=None if record is None else record.index,
+                step=None if record is None else record.step,
                 size=size,
                 url=store.url(key, expires_s=expires_s),
             )
         )
 
-    for record in services.log.records(job["job_id"]):
-        typed = StepRecord.of(record)
-        if typed.wrote_model and typed.output_key is not None:
-            add(typed.output_key, kind="model", record=record, size=typed.output_size)
-        for key in typed.files.values():
+    for record in services.log.records(job.job_id):
+        if record.wrote_model and record.output_key is not None:
+            add(record.output_key, kind="model", record=record, size=record.output_size)
+        for key in record.files.values():
             add(key, kind="file", record=record, size=store.size(key))
     report = report_key(job)
     if store.exists(report):
@@ -268,9 +262,7 @@ def get_report(
         report = json.loads(services.store.get_bytes(key))
     else:
         records = services.log.records(job_id)
-        built = job_report(
-            spec=job["spec"], status=job["status"], reason=job.get("reason"), records=records
-        )
+        built = job_report(spec=job.spec, status=job.status, reason=job.reason, records=records)
         report = json.loads(json.dumps(built, default=str))
     if format == "json":
         return JSONResponse(report)

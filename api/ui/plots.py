@@ -9,8 +9,10 @@ only when a plot is drawn; torch never is.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
+from modules.core.records import StepRecord
 from modules.errors import NotFoundError
 from modules.evaluation.summary import summary_row
 
@@ -94,10 +96,11 @@ def _cached_png(name: str, records_json: str) -> bytes:
     return render(figure)["png"]
 
 
-def plot_png(name: str, *, records: list[dict[str, Any]]) -> bytes:
+def plot_png(name: str, *, records: Sequence[StepRecord]) -> bytes:
     """One of PLOTS as PNG bytes, cached by the records drawn (a page reload redraws nothing)."""
     import json
 
     if name not in PLOTS:
         raise NotFoundError(f"plot {name!r} not found; one of {', '.join(PLOTS)}")
-    return _cached_png(name, json.dumps(records, default=str, sort_keys=True))
+    dumped = [r.model_dump(mode="json") for r in records]
+    return _cached_png(name, json.dumps(dumped, default=str, sort_keys=True))

@@ -38,7 +38,7 @@ from api.ui.session import (
 )
 from api.ui.views import job_headline, step_rows
 from modules.core.jobspec import DEFAULT_PROFILE
-from modules.core.records import TERMINAL
+from modules.core.records import JobRecord
 from modules.errors import BadInputError, McaasError, NotFoundError
 from modules.pipeline.presets import PRESETS, get_preset
 from modules.pipeline.settings import Services
@@ -189,10 +189,10 @@ def logout(request: Request, csrf: Annotated[str, Form(max_length=256)] = "") ->
 # --- jobs ------------------------------------------------------------------------------------
 
 
-def _model_names(services: Services, user: str, jobs: list[dict[str, Any]]) -> dict[str, str]:
+def _model_names(services: Services, user: str, jobs: list[JobRecord]) -> dict[str, str]:
     names: dict[str, str] = {}
     for job in jobs:
-        model_id = job.get("model_id")
+        model_id = job.model_id
         if model_id and model_id not in names:
             try:
                 names[model_id] = get_model_meta(services.store, user_id=user, model_id=model_id)[
@@ -218,11 +218,11 @@ def jobs_page(
     names = _model_names(services, session.user_id, jobs)
     rows = []
     for job in jobs:
-        records = services.log.records(job["job_id"])
+        records = services.log.records(job.job_id)
         rows.append(
             {
                 "job": job,
-                "model": names.get(job.get("model_id") or "", "(trained)"),
+                "model": names.get(job.model_id or "", "(trained)"),
                 "event": job_event(job, records),
                 **job_headline(job, records),
             }
@@ -230,12 +230,12 @@ def jobs_page(
     return page(request, "jobs.html", {"rows": rows, "next_cursor": next_cursor}, session=session)
 
 
-def _job_context(services: Services, job: dict[str, Any], user: str) -> dict[str, Any]:
-    records = services.log.records(job["job_id"])
+def _job_context(services: Services, job: JobRecord, user: str) -> dict[str, Any]:
+    records = services.log.records(job.job_id)
     model = None
-    if job.get("model_id"):
+    if job.model_id:
         try:
-            model = get_model_meta(services.store, user_id=user, model_id=job["model_id"])
+            model = get_model_meta(services.store, user_id=user, model_id=job.model_id)
         except NotFoundError:
             model = None
     artifacts = job_artifacts(services, job, expires_s=60)
@@ -248,8 +248,8 @@ def _job_context(services: Services, job: dict[str, Any], user: str) -> dict[str
         "headline": job_headline(job, records),
         "artifacts": artifacts,
         "plots": PLOTS if records else {},
-        "version": f"{len(records)}-{job['status']}",
-        "terminal": job["status"] in TERMINAL,
+        "version": f"{len(records)}-{job.status}",
+        "terminal": job.terminal,
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules.core.records import profile_name_of
+from modules.core.records import JobRecord, StepRecord
 from modules.evaluation.summary import fmt_latency, summary_row
 
 
@@ -20,12 +20,12 @@ def fmt_pct(value: Any) -> str:
     return "-" if not isinstance(value, int | float) else f"{value * 100:.2f}%"
 
 
-def step_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def step_rows(records: list[StepRecord]) -> list[dict[str, Any]]:
     """One table row per step record: size, latency with CI, accuracy, verdict."""
     rows = []
-    for record in sorted(records, key=lambda r: int(r["index"])):
+    for record in sorted(records, key=lambda r: r.index):
         row = summary_row(record)
-        verdict = record.get("verdict") or None
+        verdict = record.verdict
         rows.append(
             {
                 "index": row["index"],
@@ -39,19 +39,19 @@ def step_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     row["latency_b64_ms"], row["latency_b64_ci95"], row["latency_b64_noisy"]
                 ),
                 "accuracy": fmt_pct(row["accuracy"]),
-                "verdict": None if verdict is None else bool(verdict.get("passed")),
-                "verdict_reason": (verdict or {}).get("reason"),
+                "verdict": None if verdict is None else not record.rejected,
+                "verdict_reason": row["verdict_reason"],
                 "duration": "-" if row["duration_s"] is None else f"{row['duration_s']:.1f} s",
             }
         )
     return rows
 
 
-def job_headline(job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+def job_headline(job: JobRecord, records: list[StepRecord]) -> dict[str, Any]:
     """The jobs list's columns: size reduction, accuracy change and gate verdicts."""
-    ordered = sorted(records, key=lambda r: int(r["index"]))
-    sizes = [r.get("output_size") for r in ordered if isinstance(r.get("output_size"), int)]
-    first_input = ordered[0].get("input_size") if ordered else None
+    ordered = sorted(records, key=lambda r: r.index)
+    sizes = [r.output_size for r in ordered if r.output_size is not None]
+    first_input = ordered[0].input_size if ordered else None
     baseline = first_input if isinstance(first_input, int) and first_input > 0 else None
     if baseline is None and sizes:
         baseline = sizes[0]
@@ -61,16 +61,12 @@ def job_headline(job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str
     accuracies = [a for a in (summary_row(r)["accuracy"] for r in ordered) if a is not None]
     delta = (accuracies[-1] - accuracies[0]) * 100 if len(accuracies) >= 2 else None
     gates = [
-        {
-            "step": r["step"],
-            "passed": bool(r["verdict"].get("passed")),
-            "reason": r["verdict"].get("reason"),
-        }
+        {"step": r.step, "passed": not r.rejected, "reason": r.verdict.get("reason")}
         for r in ordered
-        if r.get("verdict")
+        if r.verdict
     ]
     return {
-        "profile": profile_name_of(job["spec"]),
+        "profile": job.profile_name,
         "size_reduction": None if reduction is None else f"{reduction:.2f}x",
         "size_final": fmt_size(sizes[-1]) if sizes else "-",
         "accuracy_delta": None if delta is None else f"{delta:+.2f} pt",

@@ -10,9 +10,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from modules.core.jobspec import DEFAULT_PROFILE, JobSpec
+from modules.core.jobspec import DEFAULT_PROFILE, JobSpec, parse_job_spec
 
 __all__ = ["DEFAULT_PROFILE", "TERMINAL", "JobRecord", "JobStatus", "StepRecord"]
 
@@ -37,7 +37,7 @@ class StepRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     job_id: str = Field(min_length=1)
-    index: int = Field(ge=0)
+    index: int = Field(ge=0, strict=True)  # a bool or "0" is no index
     step: str = Field(min_length=1)
     user_id: str | None = None
     profile: str | None = None
@@ -79,35 +79,68 @@ class StepRecord(BaseModel):
 
 
 class JobRecord(BaseModel):
-    """A job as the job store holds it; the store is the truth for owner and status."""
+    """A job as the job store holds it; the store is the truth for owner and status.
+
+    `spec` is the stored spec as JSON, not a JobSpec: reading a job never validates its
+    spec against the step registry (which loads the built-in steps, and refuses the spec
+    of an old job whose step was since removed). `spec_model()` parses it when a step is
+    to run; `profile_name` and `step_name` read the JSON.
+    """
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
     job_id: str
     user_id: str
     status: JobStatus = JobStatus.QUEUED
-    spec: JobSpec
+    spec: dict[str, Any]
     n_steps: int = Field(ge=1)
     step_index: int = 0
     reason: str | None = None
     attempts: int = 0
     model_id: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    owner: str | None = None  # the task that runs the job's steps (JobStore.begin_step)
+    handed_off: int | None = None  # the step queued as a new task (engine.hand_off)
+    _spec_model: JobSpec | None = PrivateAttr(default=None)
 
     @classmethod
     def new(cls, spec: JobSpec, **extra: Any) -> JobRecord:
         """The record of a freshly submitted spec (QUEUED at step 0)."""
-        return cls(
-            job_id=spec.job_id, user_id=spec.user_id, spec=spec, n_steps=len(spec.steps), **extra
+        record = cls(
+            job_id=spec.job_id,
+            user_id=spec.user_id,
+            spec=spec.model_dump(mode="json"),
+            n_steps=len(spec.steps),
+            **extra,
         )
+        record._spec_model = spec  # already validated: spec_model() reuses it
+        return record
 
     def to_store(self) -> dict[str, Any]:
         """The fields JobStore.create takes (the spec as JSON, no unset extras)."""
         fields = self.model_dump(mode="json")
         return {name: v for name, v in fields.items() if v is not None or name == "reason"}
 
+    def spec_model(self) -> JobSpec:
+        """The spec validated against the registry (parse_job_spec), parsed once per record;
+        BadInputError when it no longer validates."""
+        if self._spec_model is None:
+            self._spec_model = parse_job_spec(self.spec)
+        return self._spec_model
+
     @property
     def profile_name(self) -> str:
-        return self.spec.profile_name
+        return profile_name_of(self.spec)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def step_name(self, index: int) -> str:
+        """The name of step `index` in the stored spec, or "?" when there is none."""
+        steps = self.spec.get("steps", [])
+        return str(steps[index]["name"]) if 0 <= index < len(steps) else "?"
 
 
 def profile_name_of(spec: dict[str, Any]) -> str:

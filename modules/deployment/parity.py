@@ -532,11 +532,12 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             result = ws.run(spec, trust_pickle=args.trust_pickle)
-            last = result.records[-1] if result.records else {}
+            last = result.records[-1] if result.records else None
             if result.status == "COMPLETED" and args.output_model is not None:
+                assert last is not None and last.output_key  # a completed export stored it
                 if args.output_model.suffix != ".onnx":
                     raise IncompatibleError(f"output {args.output_model.name}: use *.onnx")
-                write_atomic(args.output_model, ws.store.get_bytes(last["output_key"]))
+                write_atomic(args.output_model, ws.store.get_bytes(last.output_key))
     except McaasError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -545,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         "status": result.status.value,
         "reason": result.reason,
         "output_model": str(args.output_model) if result.status == "COMPLETED" else None,
-        "verdict": last.get("verdict"),
-        "metrics": last.get("metrics"),
+        "verdict": last.verdict if last is not None else None,
+        "metrics": last.metrics if last is not None else None,
     }
     print(json.dumps(line, default=str))
     return 0 if result.status == "COMPLETED" else 1

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from modules.core.records import StepRecord
 from modules.evaluation.stats import point
 
 NOISY_MARK = "(noisy)"
@@ -27,19 +29,21 @@ def fmt_latency(value: Any, ci: Any, noisy: Any = False) -> str:
     return f"{text} {NOISY_MARK}" if noisy else text
 
 
-def summary_row(record: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of one step record (None where the step did not measure them)."""
-    metrics = record.get("metrics") or {}
+def summary_row(step: StepRecord | dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one step record (None where the step did not measure them);
+    a dict is a record as StepContext.history holds it."""
+    record = StepRecord.of(step)
+    metrics = record.metrics
     # hardware_sim and budget_gate name their timings measured_latency_ms.
     latency = metrics.get("latency_ms") or metrics.get("measured_latency_ms") or {}
     b1, b64 = latency.get("b1"), latency.get("b64")
     accuracy = metrics.get("accuracy", metrics.get("test_accuracy"))
-    verdict = record.get("verdict")
+    verdict = record.verdict
     return {
-        "index": record["index"],
-        "step": record["step"],
-        "framework": record.get("output_framework"),
-        "size_bytes": metrics.get("size_bytes", record.get("output_size")),
+        "index": record.index,
+        "step": record.step,
+        "framework": record.output_framework,
+        "size_bytes": metrics.get("size_bytes", record.output_size),
         "params": metrics.get("params"),
         "accuracy": point(accuracy),
         "latency_b1_ms": point(b1, key="median") if b1 else None,
@@ -48,9 +52,9 @@ def summary_row(record: dict[str, Any]) -> dict[str, Any]:
         "latency_b64_ci95": b64.get("median_ci95", b64.get("ci95")) if b64 else None,
         "latency_b1_noisy": bool(b1.get("noisy")) if b1 else None,
         "latency_b64_noisy": bool(b64.get("noisy")) if b64 else None,
-        "verdict": None if verdict is None else ("pass" if verdict["passed"] else "REJECTED"),
-        "duration_s": record.get("duration_s"),
-        "output_key": record.get("output_key"),
+        "verdict": None if verdict is None else ("REJECTED" if record.rejected else "pass"),
+        "duration_s": record.duration_s,
+        "output_key": record.output_key,
         **deployment_columns(metrics, verdict),
     }
 
@@ -117,9 +121,11 @@ def job_report(
     spec: dict[str, Any],
     status: str,
     reason: str | None,
-    records: list[dict[str, Any]],
+    records: Sequence[StepRecord | dict[str, Any]],
 ) -> dict[str, Any]:
-    """report.json's content."""
+    """report.json's content (a dict record is one as StepContext.history holds it)."""
+    typed = [StepRecord.of(r) for r in records]
+    steps = [r.model_dump(mode="json") for r in typed]
     return {
         "job_id": spec.get("job_id"),
         "user_id": spec.get("user_id"),
@@ -127,12 +133,10 @@ def job_report(
         "reason": reason,
         "generated_at": datetime.now(UTC).isoformat(),
         "config": spec,
-        "dataset": records[0].get("dataset") if records else None,
-        "summary": [summary_row(r) for r in records],
+        "dataset": steps[0].get("dataset") if steps else None,
+        "summary": [summary_row(r) for r in typed],
         "verdicts": [
-            {"index": r["index"], "step": r["step"], **r["verdict"]}
-            for r in records
-            if r.get("verdict") is not None
+            {"index": r.index, "step": r.step, **r.verdict} for r in typed if r.verdict is not None
         ],
-        "steps": records,
+        "steps": steps,
     }

@@ -16,10 +16,13 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modules.errors import BadInputError, McaasError
 from modules.storage.keys import key_in_user, validate_user_id
+
+if TYPE_CHECKING:
+    from modules.core.records import StepRecord
 
 REQUIRED_ENV = ("MODEL_BUCKET", "MODEL_S3_KEY", "USER_ID", "PROFILE", "JOB_ID")
 
@@ -84,7 +87,7 @@ def read_ecs_env(
     )
 
 
-def run_ecs_task(task: EcsTask) -> dict[str, Any]:
+def run_ecs_task(task: EcsTask) -> StepRecord:
     """Run the task's step through run_step against S3 and the configured step log."""
     from modules.core.jobspec import parse_job_spec
     from modules.pipeline.run import run_step
@@ -109,11 +112,11 @@ def run_ecs_task(task: EcsTask) -> dict[str, Any]:
     )
     existing = log.get(spec.job_id, 0)
     if existing is not None and (
-        existing.get("step") != task.step or existing.get("input_key") != task.model_key
+        existing.step != task.step or existing.input_key != task.model_key
     ):
         raise BadInputError(
-            f"JOB_ID {task.job_id!r} already has a record for step {existing.get('step')!r} on "
-            f"{existing.get('input_key')!r}; give each ECS task its own JOB_ID"
+            f"JOB_ID {task.job_id!r} already has a record for step {existing.step!r} on "
+            f"{existing.input_key!r}; give each ECS task its own JOB_ID"
         )
     return run_step(spec, 0, store=store, log=log, trust_pickle=settings.trust_pickle)
 
@@ -127,13 +130,13 @@ def ecs_main(step: str | None = None, env: Mapping[str, str] | None = None) -> i
         print(f"error: {exc}", file=sys.stderr)
         return 2
     line = {
-        "step": record.get("step"),
-        "job_id": record.get("job_id"),
-        "output_key": record.get("output_key"),
-        "output_size": record.get("output_size"),
-        "files": record.get("files"),
-        "verdict": record.get("verdict"),
-        "metrics": record.get("metrics"),
+        "step": record.step,
+        "job_id": record.job_id,
+        "output_key": record.output_key,
+        "output_size": record.output_size,
+        "files": record.files,
+        "verdict": record.verdict,
+        "metrics": record.metrics,
     }
     print(json.dumps(line, default=str))
     return 0

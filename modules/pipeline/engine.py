@@ -25,15 +25,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
-from modules.core.records import TERMINAL, JobStatus, StepRecord, profile_name_of
+from modules.core.records import JobRecord, JobStatus, StepRecord
 from modules.core.step import StepCancelled
 from modules.errors import McaasError
 from modules.pipeline.settings import Services
 from modules.pipeline.step_cache import StepCache, caching_services
 from modules.storage import keys
-from modules.storage.jobs import OWNER_FIELD, JobStore
+from modules.storage.jobs import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -100,42 +100,33 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, tuple(transient))
 
 
-def report_key(job: dict[str, Any]) -> str:
+def report_key(job: JobRecord) -> str:
     """Where the job's one report.json lives: beside its step folders (see run.step_prefix)."""
-    return keys.job_report_key(
-        user_id=job["user_id"], profile=profile_name_of(job["spec"]), job_id=job["job_id"]
-    )
-
-
-def _step_name(job: dict[str, Any], index: int) -> str:
-    steps = job.get("spec", {}).get("steps", [])
-    return str(steps[index]["name"]) if 0 <= index < len(steps) else "?"
+    return keys.job_report_key(user_id=job.user_id, profile=job.profile_name, job_id=job.job_id)
 
 
 def write_report(
-    services: Services, job: dict[str, Any], *, records: list[dict[str, Any]] | None = None
+    services: Services, job: JobRecord, *, records: list[StepRecord] | None = None
 ) -> str:
     """Store the job report built from its step records (read when not given); return its key."""
     from modules.evaluation.summary import job_report
 
     if records is None:
-        records = services.log.records(job["job_id"])
-    report = job_report(
-        spec=job["spec"], status=job["status"], reason=job.get("reason"), records=records
-    )
+        records = services.log.records(job.job_id)
+    report = job_report(spec=job.spec, status=job.status, reason=job.reason, records=records)
     key = report_key(job)
     services.store.put_bytes(key, json.dumps(report, indent=2, default=str).encode("utf-8"))
     return key
 
 
 def _write_report_quietly(
-    services: Services, job: dict[str, Any], *, records: list[dict[str, Any]] | None = None
+    services: Services, job: JobRecord, *, records: list[StepRecord] | None = None
 ) -> None:
     try:
         write_report(services, job, records=records)
     except Exception:
         logger.exception(
-            "job %s: could not write report.json; recording %s anyway", job["job_id"], job["status"]
+            "job %s: could not write report.json; recording %s anyway", job.job_id, job.status
         )
 
 
@@ -145,9 +136,9 @@ def finish(
     status: JobStatus,
     reason: str | None,
     *,
-    job: dict[str, Any] | None = None,
-    records: list[dict[str, Any]] | None = None,
-) -> dict[str, Any] | None:
+    job: JobRecord | None = None,
+    records: list[StepRecord] | None = None,
+) -> JobRecord | None:
     """Set a terminal status unless the user stopped the job meanwhile; write report.json.
 
     `job` is the record the caller already holds (its spec is all the report needs from it);
@@ -157,13 +148,13 @@ def finish(
     current = job if job is not None else services.jobs.get(job_id)
     if current is None:
         return None
-    if current["status"] == JobStatus.STOPPED:
+    if current.status == JobStatus.STOPPED:
         return current
     # The report goes first: whoever sees the terminal status can fetch the report. When the
     # store refuses it (e.g. the bucket is gone), the status must still be recorded, or the
     # job would stay INPROGRESS with its reason lost.
     _write_report_quietly(
-        services, {**current, "status": status.value, "reason": reason}, records=records
+        services, current.model_copy(update={"status": status, "reason": reason}), records=records
     )
     finished = services.jobs.update_unless(
         job_id, {JobStatus.STOPPED}, status=status.value, reason=reason
@@ -177,7 +168,7 @@ def finish(
     return stopped
 
 
-def stop(services: Services, job_id: str, reason: str = "stopped by the user") -> dict[str, Any]:
+def stop(services: Services, job_id: str, reason: str = "stopped by the user") -> JobRecord:
     """Mark the job STOPPED and write its report: the running step finishes (its record
     is kept), no later step starts."""
     stopped = services.jobs.update(job_id, status=JobStatus.STOPPED.value, reason=reason)
@@ -185,10 +176,10 @@ def stop(services: Services, job_id: str, reason: str = "stopped by the user") -
     return stopped
 
 
-def _report_stopped(services: Services, job: dict[str, Any]) -> None:
+def _report_stopped(services: Services, job: JobRecord) -> None:
     """Rewrite a stopped job's report once the step that ran on after the stop has its record
     (the report written at the stop could not hold it)."""
-    if job["status"] == JobStatus.STOPPED:
+    if job.status == JobStatus.STOPPED:
         _write_report_quietly(services, job)
 
 
@@ -203,30 +194,30 @@ def _fail_quietly(services: Services, job_id: str, reason: str) -> None:
 def fail_job(services: Services, job_id: str, reason: str) -> None:
     """Mark a job FAILED (unless already terminal); used when retries run out."""
     current = services.jobs.get(job_id)
-    if current is not None and current["status"] not in TERMINAL:
+    if current is not None and not current.terminal:
         _fail_quietly(services, job_id, reason)
 
 
 def fail_if_stale(
-    services: Services, job: dict[str, Any], *, stale_after: float, now: datetime | None = None
-) -> dict[str, Any]:
+    services: Services, job: JobRecord, *, stale_after: float, now: datetime | None = None
+) -> JobRecord:
     """Mark a QUEUED/INPROGRESS job with no update for `stale_after` s FAILED, with the reason.
 
     The watchdog for lost broker messages (e.g. Redis restarted without persistence): it
     runs when the job is read, so every poll of a silent job ends in a clear FAILED. The
     limit comes from modules.pipeline.settings.stale_after_s.
     """
-    if job["status"] not in (JobStatus.QUEUED, JobStatus.INPROGRESS):
+    if job.status not in (JobStatus.QUEUED, JobStatus.INPROGRESS) or job.updated_at is None:
         return job
-    idle = ((now or datetime.now(UTC)) - datetime.fromisoformat(job["updated_at"])).total_seconds()
+    idle = ((now or datetime.now(UTC)) - datetime.fromisoformat(job.updated_at)).total_seconds()
     if idle <= stale_after:
         return job
     reason = (
-        f"no progress for {idle:.0f} s (limit {stale_after:.0f} s) while {job['status']} at "
-        f"step {int(job.get('step_index', 0))}: its task was lost (worker or broker failure)"
+        f"no progress for {idle:.0f} s (limit {stale_after:.0f} s) while {job.status} at "
+        f"step {job.step_index}: its task was lost (worker or broker failure)"
     )
-    logger.warning("job %s: %s", job["job_id"], reason)
-    return finish(services, job["job_id"], JobStatus.FAILED, reason) or job
+    logger.warning("job %s: %s", job.job_id, reason)
+    return finish(services, job.job_id, JobStatus.FAILED, reason) or job
 
 
 def hand_off(
@@ -245,7 +236,7 @@ class Advanced(NamedTuple):
     """What one advance did."""
 
     next_index: int | None  # the step to run next; None when the job is done or not ours
-    job: dict[str, Any] | None = None  # the job record as this step began
+    job: JobRecord | None = None  # the job record as this step began
     error: McaasError | None = None  # the bad-input error that failed the job, if one did
 
 
@@ -258,7 +249,7 @@ class _NotBegun(Exception):
 
 def _begin(
     services: Services, job_id: str, index: int, owner: str | None
-) -> tuple[dict[str, Any], int] | None:
+) -> tuple[JobRecord, int] | None:
     """Begin step `index` (or, for the owner's message delivered again, the step where its
     chain stopped); return the job record and the step, or None when there is nothing to run."""
     jobs = services.jobs
@@ -272,12 +263,12 @@ def _begin(
     if current is None:
         logger.warning("job %s not found; dropping its step %d", job_id, index)
         return None
-    if current["status"] in TERMINAL:
+    if current.terminal:
         logger.info("job %s step %d: job ended; dropped", job_id, index)
         _report_stopped(services, current)
         return None
     if owner is not None and _resumes(current, index, owner):
-        step = int(current["step_index"])
+        step = current.step_index
         logger.info("job %s: owner %s resumes at step %d", job_id, owner, step)
         job = jobs.begin_step(job_id, step, owner=owner)
         return None if job is None else (job, step)  # None: it ended meanwhile
@@ -287,22 +278,20 @@ def _begin(
     return current, index
 
 
-def _resumes(current: dict[str, Any], index: int, owner: str) -> bool:
+def _resumes(current: JobRecord, index: int, owner: str) -> bool:
     """Whether `owner`'s message for step `index` is its own chain delivered again: the job
     still names it as owner, is on a later step, and was not handed on to another message."""
     return (
-        current.get(OWNER_FIELD) == owner
-        and int(current["step_index"]) > index
-        and int(current.get("handed_off", 0)) <= index
+        current.owner == owner and current.step_index > index and (current.handed_off or 0) <= index
     )
 
 
 class _BegunBeside:
     """run_step's guard for a step whose begin runs in another thread while its body does."""
 
-    def __init__(self, begun: Future[dict[str, Any] | None]) -> None:
+    def __init__(self, begun: Future[JobRecord | None]) -> None:
         self.begun = begun
-        self.confirmed: dict[str, Any] | None = None
+        self.confirmed: JobRecord | None = None
 
     def confirm(self) -> None:
         current = self.begun.result()
@@ -324,8 +313,8 @@ def advance(
     trust_pickle: bool = False,
     cache: StepCache | None = None,
     owner: str | None = None,
-    job: dict[str, Any] | None = None,
-    begun: Future[dict[str, Any] | None] | None = None,
+    job: JobRecord | None = None,
+    begun: Future[JobRecord | None] | None = None,
 ) -> Advanced:
     """Run step `index` of the stored job and record the outcome on the job.
 
@@ -341,7 +330,6 @@ def advance(
     a transient infrastructure error is raised as TransientInfraError for a retry; any
     other exception fails the job with its type and message, then propagates.
     """
-    from modules.core.jobspec import parse_job_spec
     from modules.pipeline.run import run_step
 
     name = "?"
@@ -352,15 +340,15 @@ def advance(
             if started is None:
                 return _DONE
             job, index = started
-            if job.get("handed_off", 0) > index and services.log.get(job_id, index) is not None:
+            if (job.handed_off or 0) > index and services.log.get(job_id, index) is not None:
                 logger.info("job %s step %d: ran and was handed off; dropped", job_id, index)
                 return _DONE
             if cache is not None:
                 used = caching_services(services, cache, upto=index)
-        name = _step_name(job, index)
+        name = job.step_name(index)
         guard = _BegunBeside(begun) if begun is not None else None
         try:
-            spec = parse_job_spec(job["spec"])
+            spec = job.spec_model()
             record = run_step(
                 spec,
                 index,
@@ -384,7 +372,7 @@ def advance(
             return Advanced(None, job, exc)
         if guard is not None and guard.confirmed is not None:
             job = guard.confirmed
-        rejected = StepRecord.of(record).rejection_reason
+        rejected = record.rejection_reason
         if rejected is not None or index + 1 >= len(spec.steps):
             known = cache.known_records(job_id, index + 1) if cache is not None else None
             records = [known[i] for i in sorted(known)] if known is not None else None
@@ -424,8 +412,8 @@ def advance_in_a_row(
     """
     deadline = clock() + continue_s
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcaas-begin") as beside:
-        job: dict[str, Any] | None = None
-        begun: Future[dict[str, Any] | None] | None = None
+        job: JobRecord | None = None
+        begun: Future[JobRecord | None] | None = None
         while True:
             step = advance(
                 job_id,

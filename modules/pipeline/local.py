@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.core.jobspec import DEFAULT_PROFILE, JobSpec, parse_job_spec
+from modules.core.records import StepRecord
 from modules.errors import BadInputError
 from modules.pipeline.run import run_step
 from modules.pipeline.runner import PipelineResult, ProgressFn, run_pipeline
@@ -86,7 +87,7 @@ def run_single_step(
     seed: int = 0,
     trust_pickle: bool = False,
     workspace: Path | None = None,
-) -> dict[str, Any]:
+) -> StepRecord:
     """Run one registered step on a local file, through run_step; returns its record.
 
     The output model is written to `output_path` only after the step succeeded, and
@@ -110,13 +111,13 @@ def run_single_step(
         )
         record = run_step(spec, 0, store=ws.store, log=ws.log, trust_pickle=trust_pickle)
         if output_path is not None:
-            framework = record.get("output_framework")
+            framework = record.output_framework
             expected = SUFFIX_OF.get(str(framework))
             if expected and output_path.suffix != expected:
                 raise BadInputError(
                     f"output {output_path.name}: a {framework} model is saved as *{expected}"
                 )
-            if record.get("output_key") is None:
+            if record.output_key is None:
                 raise BadInputError(f"step {step!r} produced no model to write")
-            write_atomic(output_path, ws.store.get_bytes(record["output_key"]))
+            write_atomic(output_path, ws.store.get_bytes(record.output_key))
         return record

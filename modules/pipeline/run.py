@@ -109,7 +109,7 @@ class StepGuard(Protocol):
         ...
 
 
-def _input_key(job: JobSpec, index: int, previous: dict[str, Any] | None) -> str | None:
+def _input_key(job: JobSpec, index: int, previous: StepRecord | None) -> str | None:
     if index == 0:
         return job.model
     if previous is None:
@@ -117,13 +117,11 @@ def _input_key(job: JobSpec, index: int, previous: dict[str, Any] | None) -> str
             f"job {job.job_id}: step {index} ({job.steps[index].name}) needs the record of "
             f"step {index - 1} ({job.steps[index - 1].name}), which has not run"
         )
-    if StepRecord.of(previous).rejected:
+    if previous.rejected:
         raise PipelineOrderError(
-            f"job {job.job_id}: step {index - 1} was rejected "
-            f"({previous['verdict'].get('reason')}); later steps do not run"
+            f"job {job.job_id}: {previous.rejection_reason}; later steps do not run"
         )
-    key = previous.get("output_key")
-    return str(key) if key else None
+    return previous.output_key or None
 
 
 def _load_input(
@@ -166,7 +164,7 @@ def run_step(
     log: StepLog,
     trust_pickle: bool = False,
     guard: StepGuard | None = None,
-) -> dict[str, Any]:
+) -> StepRecord:
     """Run step `index` of `job` once; a second call returns the first call's record.
 
     With a `guard`, its confirm() runs after the body and before anything is stored (it is
@@ -177,7 +175,7 @@ def run_step(
         raise BadInputError(f"job {job.job_id} has {len(job.steps)} steps; no step {index}")
     # One query serves the idempotency check, the input and the history: each log read
     # is a DynamoDB round trip in the service.
-    earlier = {r["index"]: r for r in log.records(job.job_id)}
+    earlier = {r.index: r for r in log.records(job.job_id)}
     if index in earlier:
         return earlier[index]
 
@@ -205,7 +203,8 @@ def run_step(
             step_index=index,
             step_name=call.name,
             workdir=Path(workdir),
-            history=[earlier[i] for i in sorted(earlier) if i < index],
+            # As plain dicts, so a step reads its predecessors without the records module.
+            history=[earlier[i].model_dump(mode="json") for i in sorted(earlier) if i < index],
             load_model=lambda key: load_stored_model(store, key, trust_pickle=trust_pickle),
             read_bytes=store.get_bytes,
         )
@@ -217,36 +216,38 @@ def run_step(
 
     uploads, model_key, file_keys = _outputs(job, index, output)
     put_all(store, uploads)
-    record = to_jsonable(
-        {
-            "job_id": job.job_id,
-            "user_id": job.user_id,
-            "profile": job.profile_name,
-            "step": call.name,
-            "index": index,
-            "n_steps": len(job.steps),
-            "params": params.model_dump(mode="json"),
-            "input_key": input_key,
-            "input_size": input_size,
-            "input_framework": kind,
-            "output_key": model_key or input_key,
-            "output_size": len(uploads[model_key]) if model_key else input_size,
-            "output_framework": (
-                output.model.framework
-                if output.model is not None
-                else (kind if model is not None else None)
-            ),
-            "files": file_keys,
-            "metrics": output.metrics,
-            "verdict": output.verdict.as_dict() if output.verdict else None,
-            "seed": job.seed,
-            "repeats": job.repeats,
-            "dataset": data.describe(),
-            "versions": library_versions(),
-            "started_at": started_at,
-            "finished_at": datetime.now(UTC).isoformat(),
-            "duration_s": duration,
-        }
+    record = StepRecord.model_validate(
+        to_jsonable(
+            {
+                "job_id": job.job_id,
+                "user_id": job.user_id,
+                "profile": job.profile_name,
+                "step": call.name,
+                "index": index,
+                "n_steps": len(job.steps),
+                "params": params.model_dump(mode="json"),
+                "input_key": input_key,
+                "input_size": input_size,
+                "input_framework": kind,
+                "output_key": model_key or input_key,
+                "output_size": len(uploads[model_key]) if model_key else input_size,
+                "output_framework": (
+                    output.model.framework
+                    if output.model is not None
+                    else (kind if model is not None else None)
+                ),
+                "files": file_keys,
+                "metrics": output.metrics,
+                "verdict": output.verdict.as_dict() if output.verdict else None,
+                "seed": job.seed,
+                "repeats": job.repeats,
+                "dataset": data.describe(),
+                "versions": library_versions(),
+                "started_at": started_at,
+                "finished_at": datetime.now(UTC).isoformat(),
+                "duration_s": duration,
+            }
+        )
     )
     if log.append(record):
         return record

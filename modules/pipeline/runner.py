@@ -10,10 +10,9 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from modules.core.jobspec import JobSpec
-from modules.core.records import JobRecord, JobStatus
+from modules.core.records import JobRecord, JobStatus, StepRecord
 from modules.errors import McaasError
 from modules.pipeline.engine import advance_to_end, report_key
 from modules.pipeline.settings import Services
@@ -21,7 +20,7 @@ from modules.storage.artifacts import ArtifactStore
 from modules.storage.jobs import JobStore, SqliteJobStore
 from modules.storage.steplog import StepLog
 
-ProgressFn = Callable[[int, int, dict[str, Any]], None]
+ProgressFn = Callable[[int, int, StepRecord], None]
 
 
 @dataclass
@@ -29,7 +28,7 @@ class PipelineResult:
     job_id: str
     status: JobStatus
     reason: str | None
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[StepRecord] = field(default_factory=list)
     # The bad-input error that failed the job, so a CLI can exit 2 rather than 1.
     error: McaasError | None = None
     # The store key of the job's report.json (None when the job ended without one: stopped).
@@ -42,9 +41,7 @@ def _store_job(jobs: JobStore, spec: JobSpec) -> None:
         return
     current = jobs.get(spec.job_id)
     dumped = spec.model_dump(mode="json")
-    if current is not None and (
-        current["status"] != JobStatus.COMPLETED or current["spec"] != dumped
-    ):
+    if current is not None and (current.status != JobStatus.COMPLETED or current.spec != dumped):
         # Its stored step records stay: run_step returns those that already ran.
         jobs.update(
             spec.job_id,
@@ -92,8 +89,8 @@ def run_pipeline(
     key = report_key(job)
     return PipelineResult(
         spec.job_id,
-        JobStatus(job["status"]),
-        job.get("reason"),
+        job.status,
+        job.reason,
         log.records(spec.job_id),
         error=error,
         report_key=key if store.exists(key) else None,

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from modules.core.jobspec import DEFAULT_PROFILE
 from modules.errors import McaasError
 
 # (workspace root, local file, trust_pickle) -> the key or id the step's field takes.
@@ -88,7 +89,7 @@ def base_parser(
             *out_flags, dest="output_model", type=Path, help="Where to write the result."
         )
     parser.add_argument("--dataset", default="digits", help="Built-in name, .npz or IDX dir.")
-    parser.add_argument("--profile", default="edge-8mb", help="Hardware profile name.")
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="Hardware profile name.")
     parser.add_argument("--seed", type=int, default=0, help="Seed.")
     parser.add_argument(
         "--trust-pickle",
@@ -346,10 +347,10 @@ def script_main(
     line = {
         "step": step,
         "output_model": str(output) if output else None,
-        "output_size": record.get("output_size"),
-        "input_size": record.get("input_size"),
-        "verdict": record.get("verdict"),
-        "metrics": record.get("metrics"),
+        "output_size": record.output_size,
+        "input_size": record.input_size,
+        "verdict": record.verdict,
+        "metrics": record.metrics,
     }
     print(json.dumps(line, default=str))
     return 0

@@ -19,8 +19,8 @@ process; a Celery pool child runs one task at a time.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
+from modules.core.records import StepRecord
 from modules.pipeline.settings import Services
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.steplog import StepLog
@@ -43,21 +43,21 @@ class StepCache:
         self.max_jobs = max_jobs
         self.max_bytes = max_bytes
         self.max_blob_bytes = min(max_blob_bytes, max_bytes)
-        self._records: OrderedDict[str, dict[int, dict[str, Any]]] = OrderedDict()
+        self._records: OrderedDict[str, dict[int, StepRecord]] = OrderedDict()
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
         # The size each known record gives its output model: a cached blob must match it.
         self._sizes: OrderedDict[str, int] = OrderedDict()
 
     # --- step records ---------------------------------------------------------------------
-    def remember(self, job_id: str, records: list[dict[str, Any]]) -> None:
+    def remember(self, job_id: str, records: list[StepRecord]) -> None:
         """Keep stored records of `job_id` (what the log returned or accepted)."""
         known = self._records.setdefault(job_id, {})
         self._records.move_to_end(job_id)
         for record in records:
-            known[int(record["index"])] = record
-            key, size = record.get("output_key"), record.get("output_size")
-            if isinstance(key, str) and isinstance(size, int):
+            known[record.index] = record
+            key, size = record.output_key, record.output_size
+            if key and size is not None:
                 self._sizes[key] = size
                 self._sizes.move_to_end(key)
         while len(self._records) > self.max_jobs:
@@ -69,7 +69,7 @@ class StepCache:
         """The size a known record gives the model at `key`, or None when none names it."""
         return self._sizes.get(key)
 
-    def known_records(self, job_id: str, index: int) -> dict[int, dict[str, Any]] | None:
+    def known_records(self, job_id: str, index: int) -> dict[int, StepRecord] | None:
         """Every cached record of the job when records 0..index-1 are all cached, else None.
 
         Step 0 always asks the log: nothing here can vouch that no record exists yet.
@@ -164,7 +164,7 @@ class CachingStepLog:
         self.cache = cache
         self.upto = upto
 
-    def records(self, job_id: str) -> list[dict[str, Any]]:
+    def records(self, job_id: str) -> list[StepRecord]:
         known = self.cache.known_records(job_id, self.upto)
         if known is not None:
             return [known[i] for i in sorted(known)]
@@ -172,19 +172,20 @@ class CachingStepLog:
         self.cache.remember(job_id, records)
         return records
 
-    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+    def get(self, job_id: str, index: int) -> StepRecord | None:
         found = self.inner.get(job_id, index)
         if found is not None:
             self.cache.remember(job_id, [found])
         return found
 
-    def append(self, record: dict[str, Any]) -> bool:
+    def append(self, record: StepRecord) -> bool:
         written = self.inner.append(record)
         if written:
-            self.cache.remember(record["job_id"], [record])
-        elif record.get("output_key") and record.get("output_key") != record.get("input_key"):
+            self.cache.remember(record.job_id, [record])
+        elif record.wrote_model:
             # Another process stored this step first: its record may describe other bytes.
-            self.cache.drop_blob(record["output_key"])
+            assert record.output_key is not None  # wrote_model implies an output key
+            self.cache.drop_blob(record.output_key)
         return written
 
 

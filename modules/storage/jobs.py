@@ -59,24 +59,22 @@ class JobStore(Protocol):
         """Insert a new job with defaults filled; False if job_id already exists."""
         ...
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
+    def get(self, job_id: str) -> JobRecord | None:
         """Return the job record, or None."""
         ...
 
-    def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
+    def update(self, job_id: str, **fields: Any) -> JobRecord:
         """Set fields plus updated_at and return the new record; NotFoundError if absent."""
         ...
 
     def update_unless(
         self, job_id: str, statuses: Collection[str], **fields: Any
-    ) -> dict[str, Any] | None:
+    ) -> JobRecord | None:
         """update() unless the job's status is one of `statuses` (then None, nothing written),
         decided atomically with the write; NotFoundError if absent."""
         ...
 
-    def begin_step(
-        self, job_id: str, index: int, *, owner: str | None = None
-    ) -> dict[str, Any] | None:
+    def begin_step(self, job_id: str, index: int, *, owner: str | None = None) -> JobRecord | None:
         """Mark step `index` running and count an attempt, in one atomic write; return the new
         record. None, writing nothing, when the job is absent or terminal or a later step
         has already begun (step_index > index).
@@ -88,7 +86,7 @@ class JobStore(Protocol):
 
     def list(
         self, user_id: str, *, limit: int = 50, cursor: str | None = None
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[JobRecord], str | None]:
         """Return one page of the user's jobs, newest first, and the next page's cursor."""
         ...
 
@@ -166,6 +164,13 @@ def check_update(fields: dict[str, Any]) -> dict[str, Any]:
 def _encode_cursor(created_at: str, job_id: str) -> str:
     raw = json.dumps([created_at, job_id]).encode("utf-8")
     return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def _next_cursor(jobs: list[JobRecord]) -> str:
+    """The cursor of the page after `jobs` (built from its last job)."""
+    last = jobs[-1]
+    assert last.created_at is not None  # every stored job has its creation time
+    return _encode_cursor(last.created_at, last.job_id)
 
 
 def _decode_cursor(cursor: str) -> tuple[str, str]:
@@ -251,13 +256,13 @@ class SqliteJobStore:
                 return False
         return True
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
+    def get(self, job_id: str) -> JobRecord | None:
         """Return the job record, or None."""
         with self._connect() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else self._from_row(row)
+        return None if row is None else JobRecord.model_validate(self._from_row(row))
 
-    def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
+    def update(self, job_id: str, **fields: Any) -> JobRecord:
         """Set fields plus updated_at in one transaction; NotFoundError if absent."""
         changes = check_update(fields)
         record = self._modify(job_id, lambda current: changes)
@@ -266,15 +271,13 @@ class SqliteJobStore:
 
     def update_unless(
         self, job_id: str, statuses: Collection[str], **fields: Any
-    ) -> dict[str, Any] | None:
+    ) -> JobRecord | None:
         """update() unless the status is one of `statuses` (None); NotFoundError if absent."""
         changes = check_update(fields)
         refused = frozenset(str(JobStatus(s)) for s in statuses)
         return self._modify(job_id, lambda cur: None if cur["status"] in refused else changes)
 
-    def begin_step(
-        self, job_id: str, index: int, *, owner: str | None = None
-    ) -> dict[str, Any] | None:
+    def begin_step(self, job_id: str, index: int, *, owner: str | None = None) -> JobRecord | None:
         """Step `index` running, attempts + 1; None if absent, terminal, past `index`, or
         (with an owner) `index` begun by another owner."""
 
@@ -303,7 +306,7 @@ class SqliteJobStore:
 
     def _modify(
         self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
-    ) -> dict[str, Any] | None:
+    ) -> JobRecord | None:
         """Read, apply `change` (None: leave the row alone) and write, in one transaction."""
         with self._connect() as conn:
             conn.execute("BEGIN IMMEDIATE")
@@ -324,11 +327,11 @@ class SqliteJobStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return record
+        return JobRecord.model_validate(record)
 
     def list(
         self, user_id: str, *, limit: int = 50, cursor: str | None = None
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[JobRecord], str | None]:
         """Return up to `limit` of the user's jobs, newest first, and the next cursor or None."""
         validate_user_id(user_id)
         _check_limit(limit)
@@ -342,9 +345,9 @@ class SqliteJobStore:
         params.append(limit + 1)
         with self._connect() as conn:
             rows = conn.execute(query, params).fetchall()
-        jobs = [self._from_row(row) for row in rows[:limit]]
+        jobs = [JobRecord.model_validate(self._from_row(row)) for row in rows[:limit]]
         more = len(rows) > limit
-        next_cursor = _encode_cursor(jobs[-1]["created_at"], jobs[-1]["job_id"]) if more else None
+        next_cursor = _next_cursor(jobs) if more else None
         return jobs, next_cursor
 
 
@@ -430,15 +433,15 @@ class DynamoJobStore(DynamoTable):
         item = {**self._to_item(filled_record(job)), **ttl_attribute(self.ttl_days)}
         return self._put_new(item)
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
+    def get(self, job_id: str) -> JobRecord | None:
         """Return the job record (consistent read), or None."""
         response = self.client.get_item(
             TableName=self.table_name, Key={"job_id": {"S": job_id}}, ConsistentRead=True
         )
         item = response.get("Item")
-        return None if item is None else self._from_item(item)
+        return None if item is None else JobRecord.model_validate(self._from_item(item))
 
-    def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
+    def update(self, job_id: str, **fields: Any) -> JobRecord:
         """One conditional UpdateItem setting fields plus updated_at; NotFoundError if absent."""
         record = self._update(job_id, check_update(fields))
         if record is None:
@@ -447,7 +450,7 @@ class DynamoJobStore(DynamoTable):
 
     def update_unless(
         self, job_id: str, statuses: Collection[str], **fields: Any
-    ) -> dict[str, Any] | None:
+    ) -> JobRecord | None:
         """update() unless the status is one of `statuses` (None); NotFoundError if absent."""
         refused = sorted(str(JobStatus(s)) for s in statuses)
         condition, values = _status_not_in(refused)
@@ -456,9 +459,7 @@ class DynamoJobStore(DynamoTable):
             raise NotFoundError(f"job {job_id!r} not found")
         return record
 
-    def begin_step(
-        self, job_id: str, index: int, *, owner: str | None = None
-    ) -> dict[str, Any] | None:
+    def begin_step(self, job_id: str, index: int, *, owner: str | None = None) -> JobRecord | None:
         """Step `index` running, attempts + 1; None if absent, terminal, past `index`, or
         (with an owner) `index` begun by another owner."""
         condition, values = _status_not_in(sorted(TERMINAL))
@@ -493,7 +494,7 @@ class DynamoJobStore(DynamoTable):
         values: dict[str, Any] | None = None,
         names: dict[str, str] | None = None,
         add: str | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> JobRecord | None:
         """One UpdateItem on an existing job; None when it or `condition` does not hold."""
         from botocore.exceptions import ClientError
 
@@ -528,11 +529,11 @@ class DynamoJobStore(DynamoTable):
             if error_code(exc) == "ConditionalCheckFailedException":
                 return None
             raise
-        return self._from_item(response["Attributes"])
+        return JobRecord.model_validate(self._from_item(response["Attributes"]))
 
     def list(
         self, user_id: str, *, limit: int = 50, cursor: str | None = None
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[JobRecord], str | None]:
         """Query the GSI newest first; the cursor is built from the page's last job."""
         validate_user_id(user_id)
         _check_limit(limit)
@@ -560,7 +561,7 @@ class DynamoJobStore(DynamoTable):
             if not last:
                 break
             kwargs["ExclusiveStartKey"] = last
-        jobs = [self._from_item(item) for item in items[:limit]]
+        jobs = [JobRecord.model_validate(self._from_item(item)) for item in items[:limit]]
         more = len(items) > limit
-        next_cursor = _encode_cursor(jobs[-1]["created_at"], jobs[-1]["job_id"]) if more else None
+        next_cursor = _next_cursor(jobs) if more else None
         return jobs, next_cursor

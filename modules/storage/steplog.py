@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from modules.core.records import StepRecord
 from modules.errors import BadInputError
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.dynamo import DynamoTable
@@ -48,15 +49,15 @@ CSV_COLUMNS = [
 class StepLog(Protocol):
     """Append-once log of step records keyed by (job_id, index)."""
 
-    def append(self, record: dict[str, Any]) -> bool:
+    def append(self, record: StepRecord) -> bool:
         """Write `record`; False (and no change) if (job_id, index) already has one."""
         ...
 
-    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+    def get(self, job_id: str, index: int) -> StepRecord | None:
         """Return the record for (job_id, index), or None."""
         ...
 
-    def records(self, job_id: str) -> list[dict[str, Any]]:
+    def records(self, job_id: str) -> list[StepRecord]:
         """Return the job's records ordered by index."""
         ...
 
@@ -65,10 +66,11 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def check_record(record: dict[str, Any]) -> str:
-    """Validate a record's identity fields and return its JSON text."""
-    if not isinstance(record, dict):
-        raise BadInputError(f"a step record must be a dict, not {type(record).__name__}")
+def check_record(typed: StepRecord) -> tuple[dict[str, Any], str]:
+    """Validate a record's identity fields; return it as a dict and as its JSON text."""
+    if not isinstance(typed, StepRecord):
+        raise BadInputError(f"a step record must be a StepRecord, not {type(typed).__name__}")
+    record = typed.model_dump()
     job_id, index, step = record.get("job_id"), record.get("index"), record.get("step")
     if not isinstance(job_id, str) or not job_id:
         raise BadInputError(f"step record needs a non-empty str job_id, got {job_id!r}")
@@ -77,7 +79,7 @@ def check_record(record: dict[str, Any]) -> str:
     if not isinstance(step, str) or not step:
         raise BadInputError(f"step record needs a non-empty str step, got {step!r}")
     try:
-        return json.dumps(record, sort_keys=True, allow_nan=True)
+        return record, json.dumps(record, sort_keys=True, allow_nan=True)
     except (TypeError, ValueError) as exc:
         raise BadInputError(f"step record {job_id}/{index} is not JSON-able: {exc}") from exc
 
@@ -102,13 +104,13 @@ def _scalar(value: Any, *stat_names: str) -> Any:
     return value
 
 
-def _passed(record: dict[str, Any]) -> Any:
-    if "passed" in record:
-        return record["passed"]
-    verdict = record.get("verdict")
-    if isinstance(verdict, dict):
-        return verdict.get("passed")
-    return verdict if isinstance(verdict, bool) else None
+def _passed(record: StepRecord) -> bool | None:
+    """The CSV's passed cell: the gate's outcome, blank for a step without a verdict."""
+    return None if record.verdict is None else not record.rejected
+
+
+def _parse(record_json: str | bytes) -> StepRecord:
+    return StepRecord.model_validate(json.loads(record_json))
 
 
 def _cell(value: Any) -> str:
@@ -119,10 +121,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def csv_row(record: dict[str, Any], record_json: str) -> dict[str, str]:
+def csv_row(typed: StepRecord, record_json: str) -> dict[str, str]:
     """Flatten a record to the CSV's fixed columns, keeping the full record in record_json."""
+    record = typed.model_dump()
     flat: dict[str, Any] = {name: _lookup(record, name) for name in CSV_COLUMNS}
-    flat["passed"] = _passed(record)
+    flat["passed"] = _passed(typed)
     flat["accuracy"] = _scalar(flat["accuracy"], "mean")
     if flat["latency_b1_ms"] is None:
         # The measure step nests its latencies by batch size: metrics.latency_ms.b1.
@@ -216,19 +219,18 @@ class CsvStepLog:
                 self._by_job.setdefault(key[0], set()).add(key[1])
             self._indexed = row_start = position
 
-    def _read_record(self, offset: int, length: int) -> dict[str, Any]:
+    def _read_record(self, offset: int, length: int) -> StepRecord:
         with open(self.path, "rb") as handle:
             handle.seek(offset)
             raw = handle.read(length).decode("utf-8")
         assert self._header is not None  # a row was indexed, so the header was read
         row = next(csv.reader(raw.splitlines(keepends=True)))
-        record: dict[str, Any] = json.loads(row[self._header.index("record_json")])
-        return record
+        return _parse(row[self._header.index("record_json")])
 
-    def append(self, record: dict[str, Any]) -> bool:
+    def append(self, record: StepRecord) -> bool:
         """Append one row unless (job_id, index) is already present; flush and fsync."""
-        record_json = check_record(record)
-        key = (record["job_id"], int(record["index"]))
+        _, record_json = check_record(record)
+        key = (record.job_id, record.index)
         with self._locked(fcntl.LOCK_EX):
             self._catch_up()
             if key in self._rows_at:
@@ -247,14 +249,14 @@ class CsvStepLog:
             self._catch_up()
         return True
 
-    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+    def get(self, job_id: str, index: int) -> StepRecord | None:
         """Return the record for (job_id, index), parsed from record_json, or None."""
         with self._locked(fcntl.LOCK_SH):
             self._catch_up()
             where = self._rows_at.get((job_id, int(index)))
             return None if where is None else self._read_record(*where)
 
-    def records(self, job_id: str) -> list[dict[str, Any]]:
+    def records(self, job_id: str) -> list[StepRecord]:
         """Return the job's records ordered by index."""
         with self._locked(fcntl.LOCK_SH):
             self._catch_up()
@@ -311,15 +313,15 @@ class DynamoStepLog(DynamoTable):
     def _item_key(self, job_id: str, index: int) -> dict[str, Any]:
         return {"job_id": {"S": job_id}, "step": {"S": self.sort_key(index)}}
 
-    def append(self, record: dict[str, Any]) -> bool:
+    def append(self, typed: StepRecord) -> bool:
         """Conditionally put the record; False if (job_id, index) already exists."""
 
-        record_json = check_record(record)
-        job_id, index = record["job_id"], record["index"]
+        record, record_json = check_record(typed)
+        job_id, index = typed.job_id, typed.index
         item: dict[str, Any] = {
             **self._item_key(job_id, index),
             "index": {"N": str(index)},
-            "step_name": {"S": record["step"]},
+            "step_name": {"S": typed.step},
             "created_at": {"S": _now()},
             **ttl_attribute(self.ttl_days),
         }
@@ -354,7 +356,7 @@ class DynamoStepLog(DynamoTable):
         self.overflow_store.put_bytes(key, encoded)
         return key
 
-    def _decode(self, item: dict[str, Any]) -> dict[str, Any]:
+    def _decode(self, item: dict[str, Any]) -> StepRecord:
         if "record_json" in item:
             text: str | bytes = item["record_json"]["S"]
         else:
@@ -362,10 +364,9 @@ class DynamoStepLog(DynamoTable):
                 ref = item["record_ref"]["S"]
                 raise BadInputError(f"step record is at {ref!r} but no overflow store is set")
             text = self.overflow_store.get_bytes(item["record_ref"]["S"])
-        record: dict[str, Any] = json.loads(text)
-        return record
+        return _parse(text)
 
-    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+    def get(self, job_id: str, index: int) -> StepRecord | None:
         """Return the record for (job_id, index), reading overflow transparently, or None."""
         response = self.client.get_item(
             TableName=self.table_name, Key=self._item_key(job_id, index), ConsistentRead=True
@@ -373,7 +374,7 @@ class DynamoStepLog(DynamoTable):
         item = response.get("Item")
         return None if item is None else self._decode(item)
 
-    def records(self, job_id: str) -> list[dict[str, Any]]:
+    def records(self, job_id: str) -> list[StepRecord]:
         """Return the job's records ordered by index (Query, following LastEvaluatedKey)."""
         items: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {
@@ -400,17 +401,17 @@ class TeeStepLog:
         self.primary = primary
         self.others = others
 
-    def append(self, record: dict[str, Any]) -> bool:
+    def append(self, record: StepRecord) -> bool:
         """Append to every log (a retry fills any that missed it); return the primary's answer."""
         written = self.primary.append(record)
         for other in self.others:
             other.append(record)
         return written
 
-    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+    def get(self, job_id: str, index: int) -> StepRecord | None:
         """Return the primary's record."""
         return self.primary.get(job_id, index)
 
-    def records(self, job_id: str) -> list[dict[str, Any]]:
+    def records(self, job_id: str) -> list[StepRecord]:
         """Return the primary's records."""
         return self.primary.records(job_id)

@@ -49,18 +49,18 @@ def test_a_short_aws_outage_is_retried_and_the_job_completes(
     time.sleep(OUTAGE_S)
     relay.start()
     job = wait_until(
-        lambda: (j := services.jobs.get(job_id))["status"] in {"COMPLETED", "FAILED"} and j,
+        lambda: (j := services.jobs.get(job_id)).status in {"COMPLETED", "FAILED"} and j,
         timeout_s=240,
         every_s=0.2,
         what="the job to end",
     )
-    assert job["status"] == "COMPLETED", job["reason"]
-    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+    assert job.status == "COMPLETED", job.reason
+    assert [r.index for r in services.log.records(job_id)] == [0, 1]
     assert orphan_keys(fault_stack, services, job_id) == []
     log = worker.log_tail(1_000_000)
     assert f"job {job_id} step 0: transient error, retry 0" in log  # seen, retried, survived
     retries = log.count(f"job {job_id} step 0: transient error, retry")
-    dump_result("aws_outage", {"outage_s": OUTAGE_S, "retries": retries, "status": job["status"]})
+    dump_result("aws_outage", {"outage_s": OUTAGE_S, "retries": retries, "status": job.status})
 
 
 def test_a_permanent_storage_error_fails_the_job_with_the_reason(
@@ -75,12 +75,12 @@ def test_a_permanent_storage_error_fails_the_job_with_the_reason(
     s3.delete_bucket(Bucket=bucket)  # NoSuchBucket: no retry can fix it
     services, job_id = submit_job(fault_stack, [TRAIN, MEASURE], create_resources=False)
     job = wait_until(
-        lambda: (j := services.jobs.get(job_id))["status"] in {"COMPLETED", "FAILED"} and j,
+        lambda: (j := services.jobs.get(job_id)).status in {"COMPLETED", "FAILED"} and j,
         timeout_s=120,
         every_s=0.2,
         what="the job to fail",
     )
-    assert job["status"] == "FAILED"
-    assert "NoSuchBucket" in job["reason"] or "bucket" in job["reason"].lower(), job["reason"]
-    assert job["attempts"] == 1  # failed at once, not retried
-    dump_result("aws_permanent", {"status": job["status"], "reason": job["reason"]})
+    assert job.status == "FAILED"
+    assert "NoSuchBucket" in job.reason or "bucket" in job.reason.lower(), job.reason
+    assert job.attempts == 1  # failed at once, not retried
+    dump_result("aws_permanent", {"status": job.status, "reason": job.reason})

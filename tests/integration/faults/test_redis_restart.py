@@ -74,7 +74,7 @@ def test_jobs_survive_a_redis_restart_with_its_append_only_file(
         # One more job, with Redis killed while it runs, down for three seconds.
         services, running = submit_job(stack, [TINY_TRAIN, MEASURE])
         wait_until(
-            lambda: services.jobs.get(running)["status"] == "INPROGRESS",
+            lambda: services.jobs.get(running).status == "INPROGRESS",
             timeout_s=120,
             what="the job to start",
         )
@@ -93,7 +93,7 @@ def test_jobs_survive_a_redis_restart_with_its_append_only_file(
         for _, job_id in queued:  # they never saw the outage while running: all complete
             assert outcomes[job_id]["status"] == "COMPLETED", outcomes[job_id]
             records = services.log.records(job_id)
-            assert [r["index"] for r in records] == [0, 1]
+            assert [r.index for r in records] == [0, 1]
             assert orphan_keys(stack, services, job_id) == []
         dump_result(
             "redis_restart_aof",
@@ -130,7 +130,7 @@ def test_a_job_lost_with_a_non_persistent_redis_is_marked_failed(
             job = poll_until_terminal(http, job_id, timeout_s=120)
         assert job["status"] == "FAILED"
         assert "no progress" in job["reason"] and "lost" in job["reason"]
-        assert services.jobs.get(job_id)["status"] == "FAILED"  # stored, not just shown
+        assert services.jobs.get(job_id).status == "FAILED"  # stored, not just shown
         assert services.log.records(job_id) == []
         dump_result("redis_restart_no_persistence", {job_id: [job["status"], job["reason"]]})
     finally:

@@ -40,7 +40,7 @@ def test_killed_worker_step_is_redelivered_once(fault_stack: DevStack) -> None:
     # Whichever step is running when the job shows INPROGRESS is the one killed: on an idle
     # machine that may be step 1; either way exactly one step is started twice.
     wait_until(
-        lambda: services.jobs.get(job_id)["status"] == "INPROGRESS",
+        lambda: services.jobs.get(job_id).status == "INPROGRESS",
         timeout_s=90,
         what="a step to start on worker-a",
     )
@@ -48,28 +48,28 @@ def test_killed_worker_step_is_redelivered_once(fault_stack: DevStack) -> None:
     killed_at = time.monotonic()
     assert not first.alive()
     killed = services.jobs.get(job_id)
-    assert killed["status"] == "INPROGRESS", "the job ended before the kill; too fast"
-    attempts_at_kill = int(killed["attempts"])
+    assert killed.status == "INPROGRESS", "the job ended before the kill; too fast"
+    attempts_at_kill = int(killed.attempts)
 
     fault_stack.start_worker("worker-b")
     wait_until(
-        lambda: services.jobs.get(job_id)["attempts"] > attempts_at_kill,
+        lambda: services.jobs.get(job_id).attempts > attempts_at_kill,
         timeout_s=180,
         every_s=0.2,
         what="the step to be delivered again",
     )
     redelivered_after = time.monotonic() - killed_at
     job = wait_until(
-        lambda: (j := services.jobs.get(job_id))["status"] in {"COMPLETED", "FAILED"} and j,
+        lambda: (j := services.jobs.get(job_id)).status in {"COMPLETED", "FAILED"} and j,
         timeout_s=240,
         every_s=0.2,
         what="the job to end",
     )
 
-    assert job["status"] == "COMPLETED", job.get("reason")
+    assert job.status == "COMPLETED", job.reason
     records = services.log.records(job_id)
-    assert [(r["index"], r["step"]) for r in records] == [(0, "train"), (1, "measure")]
-    assert job["attempts"] == 3  # the killed step twice, the other once
+    assert [(r.index, r.step) for r in records] == [(0, "train"), (1, "measure")]
+    assert job.attempts == 3  # the killed step twice, the other once
     assert orphan_keys(fault_stack, services, job_id) == []
 
     settings = settings_of(fault_stack)
@@ -86,9 +86,9 @@ def test_killed_worker_step_is_redelivered_once(fault_stack: DevStack) -> None:
                     "restore_interval_s": restore_interval_s(settings),
                     "task_time_limit_s": settings.task_time_limit_s,
                     "redelivered_after_s": round(redelivered_after, 1),
-                    "killed_step": int(killed["step_index"]),
+                    "killed_step": int(killed.step_index),
                     "records": len(records),
-                    "attempts": job["attempts"],
+                    "attempts": job.attempts,
                     "orphans": 0,
                 },
                 indent=2,

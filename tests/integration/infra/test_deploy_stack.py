@@ -354,7 +354,7 @@ def test_ecs_job_mode_runs_a_step_and_queues_the_next_on_the_stack(
     )
     assert services.jobs.create(JobRecord.new(spec))
     EcsDispatcher(settings, services).submit(spec.job_id)
-    (first_arn,) = services.jobs.get(spec.job_id)["ecs_tasks"]
+    (first_arn,) = services.jobs.get(spec.job_id).ecs_tasks
     first, first_env = task_overrides(stack, first_arn)
     assert first["taskDefinitionArn"] == stack.outputs["McaasEcsTaskDefinition"]
     assert (first_env["STEP"], first_env["STEP_INDEX"]) == ("precision", "0")
@@ -363,19 +363,19 @@ def test_ecs_job_mode_runs_a_step_and_queues_the_next_on_the_stack(
     assert result.returncode == 0, result.stderr
 
     job = services.jobs.get(spec.job_id)
-    assert job["status"] == "INPROGRESS" and job["handed_off"] == 1
+    assert job.status == "INPROGRESS" and job.handed_off == 1
     (record,) = services.log.records(spec.job_id)
     prefix = f"users/{USER}/{PROFILE}/{spec.job_id}/00-precision/"
-    assert record["output_key"].startswith(prefix)
-    assert record["output_key"] in bucket_keys(stack, prefix)
+    assert record.output_key.startswith(prefix)
+    assert record.output_key in bucket_keys(stack, prefix)
     assert len(step_items(stack, spec.job_id)) == 1
     # The step-runner queued step 1 with its own env (the family name) in the same cluster.
-    first_arn_again, second_arn = job["ecs_tasks"]
+    first_arn_again, second_arn = job.ecs_tasks
     assert first_arn_again == first_arn
     second, second_env = task_overrides(stack, second_arn)
     assert second["taskDefinitionArn"] == stack.outputs["McaasEcsTaskDefinition"]
     assert (second_env["STEP"], second_env["STEP_INDEX"]) == ("measure", "1")
-    assert second_env["MODEL_S3_KEY"] == record["output_key"]
+    assert second_env["MODEL_S3_KEY"] == record.output_key
 
 
 def test_celery_variant_uses_the_given_redis_and_runs_a_worker_service(network) -> None:

@@ -246,7 +246,7 @@ def test_ecs_dispatcher_runs_a_job_as_ecs_tasks(aws, alice_model, ecs_cluster) -
 
     ecs = boto3.client("ecs", region_name="us-east-1")
     cluster = ecs_cluster["MCAAS_ECS_CLUSTER"]
-    (first_arn,) = services.jobs.get(spec.job_id)["ecs_tasks"]
+    (first_arn,) = services.jobs.get(spec.job_id).ecs_tasks
     assert _task_env(ecs, cluster, first_arn) == {
         "MODEL_BUCKET": aws["bucket"],
         "MODEL_S3_KEY": alice_model,
@@ -261,7 +261,7 @@ def test_ecs_dispatcher_runs_a_job_as_ecs_tasks(aws, alice_model, ecs_cluster) -
     # Play ECS: start each task's container (the entrypoint) with its env overrides.
     done: set[str] = set()
     for _ in range(len(spec.steps) + 1):
-        pending = [a for a in services.jobs.get(spec.job_id)["ecs_tasks"] if a not in done]
+        pending = [a for a in services.jobs.get(spec.job_id).ecs_tasks if a not in done]
         if not pending:
             break
         for arn in pending:
@@ -269,11 +269,11 @@ def test_ecs_dispatcher_runs_a_job_as_ecs_tasks(aws, alice_model, ecs_cluster) -
             assert result.returncode == 0, result.stderr
             done.add(arn)
     job = services.jobs.get(spec.job_id)
-    assert job["status"] == "COMPLETED", job["reason"]
-    assert len(job["ecs_tasks"]) == 2
-    second = _task_env(ecs, cluster, job["ecs_tasks"][1])
+    assert job.status == "COMPLETED", job.reason
+    assert len(job.ecs_tasks) == 2
+    second = _task_env(ecs, cluster, job.ecs_tasks[1])
     records = services.log.records(spec.job_id)
-    assert second["MODEL_S3_KEY"] == records[0]["output_key"]
+    assert second["MODEL_S3_KEY"] == records[0].output_key
     assert (second["STEP"], second["STEP_INDEX"]) == ("measure", "1")
-    assert [r["step"] for r in records] == [step, "measure"]
+    assert [r.step for r in records] == [step, "measure"]
     assert len(step_items(aws, spec.job_id)) == 2

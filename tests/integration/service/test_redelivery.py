@@ -46,19 +46,19 @@ def wait_until(check: Any, *, timeout_s: float, what: str) -> Any:
 def running_first_try(services: Any, job_id: str) -> bool:
     job = services.jobs.get(job_id)
     return bool(
-        job["status"] == "INPROGRESS"
-        and job["step_index"] == 0
-        and job["attempts"] == 1
+        job.status == "INPROGRESS"
+        and job.step_index == 0
+        and job.attempts == 1
         and services.log.get(job_id, 0) is None
     )
 
 
 def assert_ran_once_per_step(services: Any, job_id: str, *, attempts: int) -> None:
     job = services.jobs.get(job_id)
-    assert job["status"] == "COMPLETED", job["reason"]
-    assert job["attempts"] == attempts  # step 0 started twice, step 1 once
+    assert job.status == "COMPLETED", job.reason
+    assert job.attempts == attempts  # step 0 started twice, step 1 once
     records = services.log.records(job_id)
-    assert [(r["index"], r["step"]) for r in records] == [(0, "train"), (1, "measure")]
+    assert [(r.index, r.step) for r in records] == [(0, "train"), (1, "measure")]
 
 
 def settings_of(stack: DevStack) -> Settings:
@@ -81,9 +81,7 @@ def test_a_killed_pool_process_gets_its_step_redelivered(service) -> None:
     wait_until(lambda: running_first_try(services, job_id), timeout_s=60, what="step 0 to start")
     (child,) = pool_children(worker)
     os.kill(child, signal.SIGKILL)
-    wait_until(
-        lambda: services.jobs.get(job_id)["status"] == "COMPLETED", timeout_s=180, what="done"
-    )
+    wait_until(lambda: services.jobs.get(job_id).status == "COMPLETED", timeout_s=180, what="done")
     assert_ran_once_per_step(services, job_id, attempts=3)
     assert worker.alive()
 
@@ -119,7 +117,7 @@ def test_a_dead_worker_host_gets_its_step_redelivered_to_another(
         assert not first.alive()
         stack.start_worker("worker-b")
         wait_until(
-            lambda: services.jobs.get(job_id)["status"] == "COMPLETED",
+            lambda: services.jobs.get(job_id).status == "COMPLETED",
             timeout_s=180,
             what="the second worker to finish the job",
         )

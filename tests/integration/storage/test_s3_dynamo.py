@@ -11,6 +11,7 @@ from typing import Any
 import boto3
 import pytest
 
+from modules.core.records import StepRecord
 from modules.errors import BadInputError, NotFoundError
 from modules.storage.artifacts import S3Store
 from modules.storage.jobs import DynamoJobStore, JobStatus
@@ -51,7 +52,7 @@ def job_store(moto_endpoint: str) -> DynamoJobStore:
     return store
 
 
-def step_record(index: int, **extra: Any) -> dict[str, Any]:
+def step_record(index: int, **extra: Any) -> StepRecord:
     record: dict[str, Any] = {
         "job_id": "job1",
         "index": index,
@@ -63,7 +64,7 @@ def step_record(index: int, **extra: Any) -> dict[str, Any]:
         "seconds": 0.125,
     }
     record.update(extra)
-    return record
+    return StepRecord.model_validate(record)
 
 
 def test_endpoint_comes_from_the_environment(moto_endpoint: str) -> None:
@@ -153,7 +154,7 @@ def test_dynamo_steplog_orders_by_zero_padded_index(step_log: DynamoStepLog) -> 
     for index in (10, 2, 0):
         assert step_log.append(step_record(index))
     step_log.append(step_record(1, job_id="other"))
-    assert [r["index"] for r in step_log.records("job1")] == [0, 2, 10]
+    assert [r.index for r in step_log.records("job1")] == [0, 2, 10]
     keys = step_log.client.query(
         TableName=step_log.table_name,
         KeyConditionExpression="job_id = :j",
@@ -206,11 +207,11 @@ def test_dynamo_jobstore_create_get_update(job_store: DynamoJobStore) -> None:
     assert job_store.create({**job, "user_id": "mallory"}) is False
     stored = job_store.get("j1")
     assert stored is not None
-    assert stored["user_id"] == "alice"
-    assert stored["spec"] == job["spec"]
-    assert stored["status"] == "QUEUED"
-    assert (stored["step_index"], stored["attempts"], stored["reason"]) == (0, 0, None)
-    assert stored["model_key"] == "users/alice/models/m1/model.pt"
+    assert stored.user_id == "alice"
+    assert stored.spec == job["spec"]
+    assert stored.status == "QUEUED"
+    assert (stored.step_index, stored.attempts, stored.reason) == (0, 0, None)
+    assert stored.model_key == "users/alice/models/m1/model.pt"
     assert job_store.get("missing") is None
 
     updated = job_store.update(
@@ -221,14 +222,14 @@ def test_dynamo_jobstore_create_get_update(job_store: DynamoJobStore) -> None:
         attempts=1,
         metrics={"max_abs_diff": 0.25, "labels": [1, 2]},
     )
-    assert updated["status"] == "REJECTED"
-    assert updated["reason"] == "parity gate failed"
-    assert updated["step_index"] == 2
-    assert updated["metrics"] == {"max_abs_diff": 0.25, "labels": [1, 2]}
-    assert updated["updated_at"] > stored["updated_at"]
-    assert updated["created_at"] == stored["created_at"]
+    assert updated.status == "REJECTED"
+    assert updated.reason == "parity gate failed"
+    assert updated.step_index == 2
+    assert updated.metrics == {"max_abs_diff": 0.25, "labels": [1, 2]}
+    assert updated.updated_at > stored.updated_at
+    assert updated.created_at == stored.created_at
     assert job_store.get("j1") == updated
-    assert job_store.update("j1", reason=None)["reason"] is None
+    assert job_store.update("j1", reason=None).reason is None
     with pytest.raises(NotFoundError, match="nope"):
         job_store.update("nope", status="FAILED")
     assert job_store.get("nope") is None
@@ -250,15 +251,15 @@ def test_dynamo_jobstore_lists_newest_first_with_cursor(job_store: DynamoJobStor
     job_store.create({"job_id": "b0", "user_id": "bob", "spec": {}, "n_steps": 1})
     seen: list[str] = []
     page, cursor = job_store.list("alice", limit=2)
-    seen += [j["job_id"] for j in page]
+    seen += [j.job_id for j in page]
     while cursor is not None:
         page, cursor = job_store.list("alice", limit=2, cursor=cursor)
-        seen += [j["job_id"] for j in page]
+        seen += [j.job_id for j in page]
     assert seen == ["j4", "j3", "j2", "j1", "j0"]
     everything, cursor = job_store.list("alice", limit=5)
     assert len(everything) == 5
     assert cursor is None
-    assert [j["job_id"] for j in job_store.list("bob")[0]] == ["b0"]
+    assert [j.job_id for j in job_store.list("bob")[0]] == ["b0"]
     assert job_store.list("carol") == ([], None)
 
 

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from api.routes.events import step_states
 from api.ui.session import COOKIE_NAME, Session, decode_session, encode_session
+from modules.core.records import JobRecord, StepRecord
 from modules.pipeline.settings import Settings
 from tests.unit.api.conftest import ALICE, BOB, TERMINAL, make_settings
 
@@ -220,14 +221,20 @@ def test_events_stream_the_job_state_by_header_or_cookie(ui, torch_model_bytes) 
 
 def test_step_states_follow_the_job() -> None:
     spec = {"steps": [{"name": "measure"}, {"name": "onnx_parity"}, {"name": "report"}]}
-    running = {"status": "INPROGRESS", "step_index": 1, "spec": spec}
-    records = [{"job_id": "j", "index": 0, "step": "measure", "verdict": None}]
+
+    def job(status: str, step_index: int) -> JobRecord:
+        return JobRecord(
+            job_id="j", user_id="u", status=status, step_index=step_index, spec=spec, n_steps=3
+        )
+
+    running = job("INPROGRESS", 1)
+    records = [StepRecord(job_id="j", index=0, step="measure", verdict=None)]
     assert [s["state"] for s in step_states(running, records)] == ["done", "running", "pending"]
-    rejected = {"status": "REJECTED", "step_index": 1, "spec": spec}
+    rejected = job("REJECTED", 1)
     records = [
-        {"job_id": "j", "index": 0, "step": "measure"},
-        {"job_id": "j", "index": 1, "step": "onnx_parity", "verdict": {"passed": False}},
+        StepRecord(job_id="j", index=0, step="measure"),
+        StepRecord(job_id="j", index=1, step="onnx_parity", verdict={"passed": False}),
     ]
     assert [s["state"] for s in step_states(rejected, records)] == ["done", "rejected", "skipped"]
-    failed = {"status": "FAILED", "step_index": 0, "spec": spec}
+    failed = job("FAILED", 0)
     assert [s["state"] for s in step_states(failed, [])] == ["failed", "skipped", "skipped"]

@@ -121,7 +121,7 @@ def test_step_compares_teacher_and_student(tmp_path, teacher_file):
         input_path=teacher_file,
         output_path=out,
     )
-    m = record["metrics"]
+    m = record.metrics
     assert m["student"]["size_bytes"] == out.stat().st_size < m["teacher"]["size_bytes"]
     assert m["student"]["params"] < m["teacher"]["params"]
     assert {"b1", "b64"} <= m["teacher"]["latency_ms"].keys() == m["student"]["latency_ms"].keys()
@@ -132,7 +132,7 @@ def test_step_compares_teacher_and_student(tmp_path, teacher_file):
         m["teacher"]["params"],
         m["student"]["params"],
     )
-    assert m["size_after_bytes"] < record["output_size"] == out.stat().st_size
+    assert m["size_after_bytes"] < record.output_size == out.stat().st_size
     torch.load(out, weights_only=True)
 
 
@@ -150,7 +150,7 @@ def test_student_from_a_stored_model_keeps_its_arch(tmp_path, teacher_file, digi
         workspace=tmp_path / "ws",
     )
     assert torch.load(out, weights_only=True)["state_dict"]["0.weight"].shape == (24, 64)
-    assert record["params"]["student_key"] == key
+    assert record.params["student_key"] == key
 
 
 def test_mismatched_students_are_refused_naming_both(tmp_path, teacher_file, digits):

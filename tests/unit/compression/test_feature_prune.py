@@ -107,7 +107,7 @@ def test_step_writes_a_pipeline_and_reports(tmp_path, digits):
         output_path=out,
     )
     model = load_model_file(out).obj
-    m = record["metrics"]
+    m = record.metrics
     assert isinstance(model, Pipeline) and m["features_kept"] == 32 == model[-1].n_features_in_
     assert m["kept_feature_indices"] == kept_features(model).tolist()
     assert m["after"]["accuracy"] == pytest.approx(model.score(digits.X_test, digits.y_test))

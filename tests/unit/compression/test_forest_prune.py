@@ -144,7 +144,7 @@ def test_step_prunes_and_reports(tmp_path, forest_file):
         output_path=out,
     )
     small = load_model_file(out).obj
-    m = record["metrics"]
+    m = record.metrics
     assert isinstance(small, RandomForestClassifier) and len(small.estimators_) == 5
     assert max(t.get_depth() for t in small.estimators_) <= 8
     assert m["trees_before"] == 20 and m["trees_after"] == 5 and len(m["kept_trees"]) == 5
@@ -177,7 +177,7 @@ def test_only_a_sweep_passes_the_forest_through(forest_file):
         input_path=forest_file,
         output_path=None,
     )
-    m = record["metrics"]
+    m = record.metrics
     assert m["trees_after"] == m["trees_before"] == 20 and m["nodes_after"] == m["nodes_before"]
     assert m["sweep"][0]["n_trees"] == 3
 

@@ -108,7 +108,7 @@ def test_step_returns_a_smaller_knn_and_reports_it(tmp_path, knn_file):
         output_path=out,
     )
     small = load_model_file(out).obj
-    m = record["metrics"]
+    m = record.metrics
     assert isinstance(small, KNeighborsClassifier) and small.n_neighbors == 1
     assert m["prototypes_before"] == 1347 and m["prototypes_after"] == len(small._fit_X) < 140
     assert m["stored_bytes_after"] < m["stored_bytes_before"] / 9
@@ -124,7 +124,7 @@ def test_tolerance_mode_through_the_step(tmp_path, knn_file):
         input_path=knn_file,
         output_path=None,
     )
-    m = record["metrics"]
+    m = record.metrics
     assert m["ratio"] in (0.05, 0.2, None) and "search" in m
     if m["within_tolerance"]:
         assert m["kept_fraction"] <= m["ratio"] + 0.01

@@ -126,7 +126,7 @@ def test_prune_step_records_the_resolved_settings(model_file):
         input_path=model_file,
         output_path=None,
     )
-    metrics = record["metrics"]
+    metrics = record.metrics
     assert metrics["widths"] == {"0": [64, 48]}
     assert metrics["layer_settings"]["2"] == {"setting": "skip", "pattern": "2"}
 
@@ -177,7 +177,7 @@ def test_quantize_step_reports_each_layers_dtype(model_file, tmp_path):
         input_path=model_file,
         output_path=tmp_path / "q.pt",
     )
-    metrics = record["metrics"]
+    metrics = record.metrics
     assert metrics["layer_dtypes"] == {"0": "float16", "2": "int8", "4": "float32"}
     assert metrics["skipped_layers"] == ["4"] and metrics["quantized_layers"] == ["0", "2"]
 

@@ -114,8 +114,8 @@ def test_step_fine_tunes_and_reports_layers(tmp_path):
         input_path=src,
         output_path=out,
     )
-    m = record["metrics"]
+    m = record.metrics
     assert m["layers_replaced"] >= 1 and m["params_after"] < m["params_before"]
-    assert out.stat().st_size == record["output_size"] < record["input_size"]
+    assert out.stat().st_size == record.output_size < record.input_size
     assert m["size_after_bytes"] < m["size_before_bytes"]
     assert m["finetune"]["epochs"] == 2

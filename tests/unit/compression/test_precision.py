@@ -140,7 +140,7 @@ def test_step_reports_every_pathway(tmp_path, digits):
     record = run_single_step(
         "precision", {"dtype": "int8", "timing_runs": 2}, input_path=src, output_path=out
     )
-    m = record["metrics"]
+    m = record.metrics
     assert set(m["pathways"]) == {"float32", "float16", "int8"}
     assert m["pathways"]["float32"]["agreement_with_float32"] == 1.0
     sizes = [m["pathways"][d]["quantized"]["bytes"] for d in ("float32", "float16", "int8")]

@@ -193,11 +193,11 @@ def test_structured_step_writes_a_smaller_weights_only_file(tmp_path, mlp_file):
         input_path=mlp_file,
         output_path=out,
     )
-    m = record["metrics"]
+    m = record.metrics
     # The file's size is the record's; the metrics count tensor bytes, the file adds a header.
-    assert out.stat().st_size == record["output_size"] < record["input_size"]
+    assert out.stat().st_size == record.output_size < record.input_size
     assert m["size_after_bytes"] < m["size_before_bytes"]
-    assert m["size_after_bytes"] < record["output_size"] < m["size_after_bytes"] + 8192
+    assert m["size_after_bytes"] < record.output_size < m["size_after_bytes"] + 8192
     assert m["params_after"] < m["params_before"]
     assert m["widths"] == {"0": [64, 32], "2": [64, 32]}
     checkpoint = torch.load(out, weights_only=True)
@@ -213,7 +213,7 @@ def test_unstructured_step_reports_dense_and_sparse_sizes(tmp_path, mlp_file):
         input_path=mlp_file,
         output_path=out,
     )
-    m = record["metrics"]
+    m = record.metrics
     assert m["weight_sparsity"] == pytest.approx(0.9, abs=0.01)  # fine-tuning kept the mask
     assert m["size_dense_bytes"] == m["size_after_bytes"] < out.stat().st_size
     assert m["size_csr_estimate_bytes"] < 0.35 * m["size_dense_bytes"]

@@ -106,9 +106,9 @@ def test_step_reports_size_ratio_and_accuracy(tmp_path):
     src.write_bytes(blob(linear_mlp()))
     out = tmp_path / "out.pt"
     record = run_single_step("quantize_dynamic", {}, input_path=src, output_path=out)
-    m = record["metrics"]
+    m = record.metrics
     assert m["size_ratio"] == m["size_before_bytes"] / m["size_after_bytes"] > 3.5
-    assert out.stat().st_size == record["output_size"] < record["input_size"] / 3.5
+    assert out.stat().st_size == record.output_size < record.input_size / 3.5
     assert m["label_agreement"] >= 0.9
     assert m["accuracy_drop_pt"] == pytest.approx(100 * (m["accuracy_before"] - m["accuracy"]))
     torch.load(out, weights_only=True)

@@ -107,7 +107,7 @@ def test_failed_export_ends_the_job_rejected_with_the_converters_message(
     assert "step 1 (onnx_export) rejected" in result.reason
     assert "skl2onnx could not convert LabelSpreading" in result.reason
     assert "shape calculator" in result.reason  # skl2onnx's own words
-    assert ws.jobs.get("exp1")["status"] == "REJECTED"
+    assert ws.jobs.get("exp1").status == "REJECTED"
     assert len(result.records) == 2  # parity never ran
 
 

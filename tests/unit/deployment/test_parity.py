@@ -63,13 +63,13 @@ def test_identical_predictions_pass_and_write_the_deployment_report(tmp_path):
     )
     assert result.status == "COMPLETED", result.reason
     parity = result.records[-1]
-    assert parity["verdict"]["passed"] and parity["metrics"]["agreement"] == 1.0
-    assert parity["metrics"]["max_abs_prob_diff"] < 1e-4
-    report = json.loads(ws.store.get_bytes(parity["files"]["deployment_report.json"]))
+    assert parity.verdict["passed"] and parity.metrics["agreement"] == 1.0
+    assert parity.metrics["max_abs_prob_diff"] < 1e-4
+    report = json.loads(ws.store.get_bytes(parity.files["deployment_report.json"]))
     assert report["agreement"] == 1.0 and report["mismatched_indices_sample"] == []
     assert report["opset"]["ai.onnx"] >= 17
     assert report["native"]["framework"] == "torch"
-    assert report["native"]["key"] == result.records[0]["output_key"]  # the trained model
+    assert report["native"]["key"] == result.records[0].output_key  # the trained model
     for side in ("native", "onnxruntime"):
         b1 = report["latency_ms"][side]["b1"]
         # runs is the minimum: timing goes on until the median's CI is tight or capped.
@@ -108,10 +108,10 @@ def test_perturbed_onnx_model_is_rejected_with_the_reason(tmp_path, perturb_step
     assert result.status == "REJECTED"
     assert "step 3 (onnx_parity) rejected: ONNX parity failed: label agreement" in result.reason
     assert "< min 0.98" in result.reason and "> max 0.05" in result.reason
-    assert ws.jobs.get("par")["status"] == "REJECTED"
-    ran = [r["step"] for r in result.records]
+    assert ws.jobs.get("par").status == "REJECTED"
+    ran = [r.step for r in result.records]
     assert ran == ["train", "onnx_export", "t_perturb", "onnx_parity"]  # hardware_sim did not
-    report = json.loads(ws.store.get_bytes(result.records[-1]["files"]["deployment_report.json"]))
+    report = json.loads(ws.store.get_bytes(result.records[-1].files["deployment_report.json"]))
     assert report["passed"] is False and report["agreement"] < 0.5
     assert len(report["mismatched_indices_sample"]) == 20
 
@@ -155,5 +155,5 @@ def test_a_job_that_starts_from_an_uploaded_model_compares_against_it(tmp_path, 
     )
     result = ws.run(spec)
     assert result.status == "COMPLETED", result.reason
-    report = json.loads(ws.store.get_bytes(result.records[-1]["files"]["deployment_report.json"]))
+    report = json.loads(ws.store.get_bytes(result.records[-1].files["deployment_report.json"]))
     assert report["native"]["key"] == key and report["native"]["as"] == "input of the step"

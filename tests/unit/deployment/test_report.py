@@ -47,14 +47,14 @@ def test_report_holds_every_step_and_embeds_its_plots(tmp_path):
     )
     assert result.status == "COMPLETED", result.reason
     record = result.records[-1]
-    files = {name: ws.store.get_bytes(key) for name, key in record["files"].items()}
+    files = {name: ws.store.get_bytes(key) for name, key in record.files.items()}
     html = files["report.html"].decode()
     earlier = result.records[:-1]
 
     # Every step is in the summary table and in the details.
     for r in earlier:
-        assert f"step {r['index']}: {r['step']}" in html
-        assert f'<td class="l">{r["step"]}</td>' in html
+        assert f"step {r.index}: {r.step}" in html
+        assert f'<td class="l">{r.step}</td>' in html
     # Gate verdicts with their reasons.
     assert "ONNX parity passed: label agreement 1.0000" in html
     assert "onnx.checker passed" in html
@@ -67,7 +67,7 @@ def test_report_holds_every_step_and_embeds_its_plots(tmp_path):
         "02_sweep_tradeoff",
         "03_budget_sweep_budget",
     }
-    assert len(images) == len(expected) == len(record["metrics"]["plots"])
+    assert len(images) == len(expected) == len(record.metrics["plots"])
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert {f"{n}.png" for n in expected} <= files.keys()
     assert {f"{n}.svg" for n in expected} <= files.keys()
@@ -76,15 +76,15 @@ def test_report_holds_every_step_and_embeds_its_plots(tmp_path):
     assert EVIL not in html and "&lt;script&gt;" in html
 
     report = json.loads(files["report.json"])
-    assert [s["step"] for s in report["steps"]] == [r["step"] for r in earlier]
+    assert [s["step"] for s in report["steps"]] == [r.step for r in earlier]
     assert {v["step"] for v in report["verdicts"]} == {"onnx_export", "onnx_parity"}
     assert report["status"] == "COMPLETED"
     assert report["config"]["profile"]["name"] == "edge-8mb"
     assert [s["name"] for s in report["config"]["steps"]][-1] == "report"
-    assert report["dataset"]["fingerprint"] == earlier[0]["dataset"]["fingerprint"]
+    assert report["dataset"]["fingerprint"] == earlier[0].dataset["fingerprint"]
 
     rows = list(csv.DictReader(io.StringIO(files["steps.csv"].decode())))
-    assert [r["step"] for r in rows] == [r["step"] for r in earlier]
+    assert [r["step"] for r in rows] == [r.step for r in earlier]
     hw = rows[-1]
     assert hw["step"] == "hardware_sim" and float(hw["energy_mj_estimate"]) > 0
     assert rows[5]["agreement"] == "1.0" and rows[5]["verdict"] == "pass"
@@ -101,7 +101,7 @@ def test_a_report_before_the_last_step_says_in_progress(tmp_path):
     )
     assert result.status == "COMPLETED"
     record = result.records[1]
-    report = json.loads(ws.store.get_bytes(record["files"]["report.json"]))
+    report = json.loads(ws.store.get_bytes(record.files["report.json"]))
     assert report["status"] == "INPROGRESS" and len(report["steps"]) == 1
-    html = ws.store.get_bytes(record["files"]["report.html"]).decode()
+    html = ws.store.get_bytes(record.files["report.html"]).decode()
     assert "data:image/png" not in html and "step 0: train" in html

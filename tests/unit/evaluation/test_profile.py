@@ -155,7 +155,7 @@ def test_step_writes_json_and_csv_and_the_report_draws_it(small_mlp, digits, ctx
     table = list(csv.DictReader(io.StringIO(out.files["profile.csv"].decode())))
     assert [r["name"] for r in table] == [r["name"] for r in rows] == ["0", "1", "2"]
     assert int(table[0]["flops"]) == rows[0]["flops"] and ";" in table[0]["latency_ci95"]
-    record = {"index": 1, "step": "profile", "metrics": out.metrics}
+    record = {"job_id": "j", "index": 1, "step": "profile", "metrics": out.metrics}
     assert "01_profile_layers" in report_figures([record])
     with pytest.raises(ValidationError, match="runs"):
         ProfileParams(runs=1)
@@ -190,7 +190,7 @@ def test_profile_through_run_step_keeps_the_table_in_the_record(tmp_path, small_
     record = run_single_step(
         "profile", {}, input_path=path, output_path=None, workspace=tmp_path / "ws"
     )
-    assert record["output_key"] == record["input_key"]  # passes the model through
-    assert record["metrics"]["totals"]["framework"] == "sklearn"
-    csv_path = LocalWorkspace(tmp_path / "ws").path_of(record["files"]["profile.csv"])
-    assert csv_path.read_text().count("\n") == len(record["metrics"]["layers"]) + 1
+    assert record.output_key == record.input_key  # passes the model through
+    assert record.metrics["totals"]["framework"] == "sklearn"
+    csv_path = LocalWorkspace(tmp_path / "ws").path_of(record.files["profile.csv"])
+    assert csv_path.read_text().count("\n") == len(record.metrics["layers"]) + 1

@@ -60,18 +60,18 @@ def test_pipeline_writes_artifacts_and_records(tmp_path):
     result = ws.run(job())
     assert result.status == "COMPLETED"
     records = ws.log.records("j1")
-    assert [r["index"] for r in records] == [0, 1, 2]
+    assert [r.index for r in records] == [0, 1, 2]
     train, refit, gate = records
-    assert train["output_key"] == "users/local/edge-8mb/j1/00-train/model.skops"
-    assert refit["input_key"] == train["output_key"]
-    assert refit["files"]["note.txt"].endswith("01-t_refit/note.txt")
-    assert ws.store.get_bytes(refit["files"]["note.txt"]) == b"hello"
+    assert train.output_key == "users/local/edge-8mb/j1/00-train/model.skops"
+    assert refit.input_key == train.output_key
+    assert refit.files["note.txt"].endswith("01-t_refit/note.txt")
+    assert ws.store.get_bytes(refit.files["note.txt"]) == b"hello"
     # A gate passes its input through.
-    assert gate["output_key"] == refit["output_key"] and gate["verdict"]["passed"] is True
+    assert gate.output_key == refit.output_key and gate.verdict["passed"] is True
     for r in records:
-        assert r["dataset"]["fingerprint"] == train["dataset"]["fingerprint"]
-        assert r["versions"]["scikit-learn"] and r["profile"] == "edge-8mb" and r["seed"] == 0
-    assert ws.jobs.get("j1")["status"] == "COMPLETED"
+        assert r.dataset["fingerprint"] == train.dataset["fingerprint"]
+        assert r.versions["scikit-learn"] and r.profile == "edge-8mb" and r.seed == 0
+    assert ws.jobs.get("j1").status == "COMPLETED"
 
 
 def test_rerun_is_idempotent(tmp_path):
@@ -101,7 +101,7 @@ def test_failed_gate_rejects_and_stops(tmp_path):
     assert "accuracy" in result.reason and "floor 1.0" in result.reason
     assert CALLS == []
     stored = ws.jobs.get("j1")
-    assert stored["status"] == "REJECTED" and "floor 1.0" in stored["reason"]
+    assert stored.status == "REJECTED" and "floor 1.0" in stored.reason
     with pytest.raises(PipelineOrderError, match="rejected"):
         run_step(spec, 2, store=ws.store, log=ws.log)
 
@@ -127,7 +127,7 @@ def test_wrong_framework_fails_job_with_reason(tmp_path):
 def test_single_step_cli_runner_writes_only_on_success(tmp_path):
     out = tmp_path / "model.skops"
     record = run_single_step("train", {"model": "knn"}, input_path=None, output_path=out)
-    assert out.stat().st_size == record["output_size"]
+    assert out.stat().st_size == record.output_size
     bad = tmp_path / "model.pt"
     with pytest.raises(Exception, match="saved as"):
         run_single_step("train", {"model": "knn"}, input_path=None, output_path=bad)
@@ -163,9 +163,9 @@ def test_many_files_are_all_stored(tmp_path):
         spec = job(steps=[{"name": "train", "params": {"model": "logreg"}}, {"name": "t_files"}])
         assert ws.run(spec).status == "COMPLETED"
         record = ws.log.get("j1", 1)
-        assert len(record["files"]) == 12
+        assert len(record.files) == 12
         for i in range(12):
-            assert ws.store.get_bytes(record["files"][f"f{i:02d}.txt"]) == str(i).encode()
+            assert ws.store.get_bytes(record.files[f"f{i:02d}.txt"]) == str(i).encode()
     finally:
         unregister_step("t_files")
 

@@ -41,7 +41,7 @@ def spec(*steps, job_id="r1"):
 
 
 def stored_report(ws, result):
-    assert result.report_key == report_key(JobRecord.new(spec(job_id=result.job_id)).to_store())
+    assert result.report_key == report_key(JobRecord.new(spec(job_id=result.job_id)))
     return json.loads(ws.store.get_bytes(result.report_key))
 
 
@@ -55,7 +55,7 @@ def test_completed_job_has_its_one_report_beside_its_steps(tmp_path) -> None:
     report = stored_report(ws, result)
     assert report["status"] == "COMPLETED"
     assert [row["step"] for row in report["summary"]] == ["train", "r_gate"]
-    assert ws.jobs.get("r1")["status"] == "COMPLETED"
+    assert ws.jobs.get("r1").status == "COMPLETED"
 
 
 def test_a_failed_gate_rejects(tmp_path) -> None:
@@ -77,5 +77,5 @@ def test_bad_input_fails_the_job_and_a_rerun_starts_over(tmp_path) -> None:
     # The same job id, fixed: it runs again, reusing step 0's stored record.
     again = ws.run(spec({"name": "r_gate"}))
     assert again.status == JobStatus.COMPLETED and again.error is None
-    assert [r["index"] for r in again.records] == [0, 1]
-    assert ws.jobs.get("r1")["attempts"] == 4  # 0, 1 (failed), then 0 (its record), 1
+    assert [r.index for r in again.records] == [0, 1]
+    assert ws.jobs.get("r1").attempts == 4  # 0, 1 (failed), then 0 (its record), 1

@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from modules.core.jobspec import parse_job_spec
+from modules.core.records import StepRecord
 from modules.pipeline.local import LocalWorkspace
 from modules.pipeline.run import run_step
 from modules.pipeline.step_cache import CachingStepLog, CachingStore, StepCache
 
 
-def rec(index: int, **extra: Any) -> dict[str, Any]:
-    return {"job_id": "j", "index": index, **extra}
+def rec(index: int, **extra: Any) -> StepRecord:
+    return StepRecord(job_id="j", index=index, step="s", **extra)
 
 
 def test_known_records_need_the_whole_prefix() -> None:
@@ -58,14 +59,14 @@ class CountingLog:
     def __init__(self, inner: Any) -> None:
         self.inner, self.queries, self.appends = inner, 0, 0
 
-    def records(self, job_id: str) -> list[dict[str, Any]]:
+    def records(self, job_id: str) -> list[StepRecord]:
         self.queries += 1
         return list(self.inner.records(job_id))
 
-    def get(self, job_id: str, index: int) -> dict[str, Any] | None:
+    def get(self, job_id: str, index: int) -> StepRecord | None:
         return self.inner.get(job_id, index)
 
-    def append(self, record: dict[str, Any]) -> bool:
+    def append(self, record: StepRecord) -> bool:
         self.appends += 1
         return bool(self.inner.append(record))
 
@@ -112,8 +113,8 @@ def test_run_step_with_a_cache_skips_the_query_and_the_download(tmp_path) -> Non
     records = [cached_run(job, i, store=store, log=log, cache=cache) for i in range(3)]
     # Step 0 asks the log; steps 1 and 2 know records 0..i-1 and the model this process wrote.
     assert (log.queries, store.downloads, log.appends) == (1, 0, 3)
-    assert [r["index"] for r in ws.log.records("cj")] == [0, 1, 2]
-    assert records[1]["input_size"] == records[0]["output_size"]
+    assert [r.index for r in ws.log.records("cj")] == [0, 1, 2]
+    assert records[1].input_size == records[0].output_size
     # Running a step again returns its stored record without running it.
     assert cached_run(job, 2, store=store, log=log, cache=cache) == records[2]
     assert log.appends == 3
@@ -131,10 +132,10 @@ def test_a_blob_of_the_wrong_size_is_downloaded_again(tmp_path) -> None:
     store, cache = CountingStore(ws.store), StepCache()
     job = spec()
     first = cached_run(job, 0, store=store, log=ws.log, cache=cache)
-    cache.keep_blob(first["output_key"], b"not the model")
+    cache.keep_blob(first.output_key, b"not the model")
     record = cached_run(job, 1, store=store, log=ws.log, cache=cache)
     assert store.downloads == 1
-    assert record["input_size"] == first["output_size"]
+    assert record.input_size == first.output_size
 
 
 def test_a_record_stored_by_another_process_wins(tmp_path) -> None:
@@ -146,5 +147,5 @@ def test_a_record_stored_by_another_process_wins(tmp_path) -> None:
     theirs = run_step(job, 1, store=ws.store, log=ws.log)
     ours = cached_run(job, 1, store=ws.store, log=ws.log, cache=cache)
     assert ours == theirs
-    assert [r["index"] for r in ws.log.records("cj")] == [0, 1]
+    assert [r.index for r in ws.log.records("cj")] == [0, 1]
     assert cache.known_records("cj", 2) is not None

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from modules.core.records import StepRecord
 from modules.errors import BadInputError
 from modules.storage.steplog import CSV_COLUMNS, CsvStepLog, StepLog, TeeStepLog
 
 
-def make_record(job_id: str = "job1", index: int = 0, **extra: Any) -> dict[str, Any]:
+def make_record(job_id: str = "job1", index: int = 0, **extra: Any) -> StepRecord:
     record: dict[str, Any] = {
         "job_id": job_id,
         "index": index,
@@ -37,7 +39,7 @@ def make_record(job_id: str = "job1", index: int = 0, **extra: Any) -> dict[str,
         "duration_s": 1.5,
     }
     record.update(extra)
-    return record
+    return StepRecord.model_validate(record)
 
 
 @pytest.fixture
@@ -85,8 +87,8 @@ def test_records_are_ordered_by_index_and_scoped_to_job(log: CsvStepLog) -> None
     for index in (10, 2, 0):
         log.append(make_record(index=index))
     log.append(make_record(job_id="other", index=1))
-    assert [r["index"] for r in log.records("job1")] == [0, 2, 10]
-    assert [r["index"] for r in log.records("other")] == [1]
+    assert [r.index for r in log.records("job1")] == [0, 2, 10]
+    assert [r.index for r in log.records("other")] == [1]
     assert log.records("missing") == []
     assert log.get("job1", 3) is None
 
@@ -115,8 +117,14 @@ def test_large_record_json_round_trips(log: CsvStepLog) -> None:
     ],
 )
 def test_invalid_records_are_rejected(log: CsvStepLog, bad: dict[str, Any]) -> None:
-    with pytest.raises(BadInputError):
-        log.append(bad)
+    with pytest.raises((BadInputError, ValidationError)):
+        log.append(StepRecord.model_validate(bad))
+    assert not log.path.exists()
+
+
+def test_a_dict_is_not_a_record(log: CsvStepLog) -> None:
+    with pytest.raises(BadInputError, match="StepRecord"):
+        log.append(make_record().model_dump())  # type: ignore[arg-type]
     assert not log.path.exists()
 
 
@@ -131,7 +139,7 @@ def test_concurrent_processes_write_each_pair_once(tmp_path: Path) -> None:
         results = pool.starmap(_append_from_process, args)
     assert sum(results) == 3
     log = CsvStepLog(path)
-    assert [r["index"] for r in log.records("job1")] == [0, 1, 2]
+    assert [r.index for r in log.records("job1")] == [0, 1, 2]
     with open(path, newline="") as handle:
         assert len(list(csv.reader(handle))) == 4
 
@@ -158,12 +166,12 @@ def test_measure_latency_fills_the_latency_column(tmp_path):
     log = CsvStepLog(tmp_path / "steps.csv")
     stat = {"mean": 2.0, "median": 1.5, "ci95": [1.0, 3.0], "n": 30}
     log.append(
-        {
-            "job_id": "j",
-            "index": 0,
-            "step": "measure",
-            "metrics": {"latency_ms": {"b1": stat, "b64": {**stat, "median": 9.0}}},
-        }
+        StepRecord(
+            job_id="j",
+            index=0,
+            step="measure",
+            metrics={"latency_ms": {"b1": stat, "b64": {**stat, "median": 9.0}}},
+        )
     )
     with open(tmp_path / "steps.csv", newline="") as fh:
         row = next(csv.DictReader(fh))
@@ -178,7 +186,7 @@ def test_another_instance_sees_new_rows_and_cannot_duplicate_them(tmp_path: Path
     assert second.append(make_record("job1", 1))
     # first only reads the bytes appended since it last looked, and sees second's row.
     assert first.append(make_record("job1", 1)) is False
-    assert [r["index"] for r in first.records("job1")] == [0, 1]
+    assert [r.index for r in first.records("job1")] == [0, 1]
     assert len(list(csv.DictReader(path.open(newline="")))) == 2
 
 
@@ -200,7 +208,7 @@ def test_a_torn_last_row_is_not_a_record_and_is_cut_before_the_next_append(
         handle.write(b'job1,1,prune_structured,alice,mcu-8mb,ok,"{""unterminated')
     fresh = CsvStepLog(log.path)
     assert fresh.get("job1", 1) is None
-    assert [r["index"] for r in fresh.records("job1")] == [0]
+    assert [r.index for r in fresh.records("job1")] == [0]
     assert fresh.append(make_record("job1", 1))
     assert log.path.read_bytes().startswith(whole)
     rows = list(csv.DictReader(log.path.open(newline="")))
@@ -215,7 +223,7 @@ def test_a_replaced_or_truncated_file_is_indexed_again(log: CsvStepLog) -> None:
     assert log.get("job1", 0) is None
     assert log.append(make_record("job2", 0))
     assert log.records("job1") == []
-    assert [r["job_id"] for r in log.records("job2")] == ["job2"]
+    assert [r.job_id for r in log.records("job2")] == ["job2"]
 
 
 def test_append_reads_only_what_was_appended_since(

@@ -54,14 +54,14 @@ def test_create_fills_defaults_and_get_returns_them(store: SqliteJobStore) -> No
     assert store.create(make_job()) is True
     job = store.get("job1")
     assert job is not None
-    assert job["status"] == "QUEUED"
-    assert job["spec"] == make_job()["spec"]
-    assert job["n_steps"] == 1
-    assert job["step_index"] == 0
-    assert job["attempts"] == 0
-    assert job["reason"] is None
-    assert job["created_at"] == job["updated_at"]
-    assert job["created_at"].endswith("+00:00")
+    assert job.status == "QUEUED"
+    assert job.spec == make_job()["spec"]
+    assert job.n_steps == 1
+    assert job.step_index == 0
+    assert job.attempts == 0
+    assert job.reason is None
+    assert job.created_at == job.updated_at
+    assert job.created_at.endswith("+00:00")
     assert store.get("missing") is None
 
 
@@ -70,8 +70,8 @@ def test_create_is_conditional(store: SqliteJobStore) -> None:
     assert store.create(make_job(user_id="mallory", n_steps=9)) is False
     job = store.get("job1")
     assert job is not None
-    assert job["user_id"] == "alice"
-    assert job["n_steps"] == 1
+    assert job.user_id == "alice"
+    assert job.n_steps == 1
 
 
 def test_update_sets_fields_and_updated_at(store: SqliteJobStore) -> None:
@@ -81,20 +81,20 @@ def test_update_sets_fields_and_updated_at(store: SqliteJobStore) -> None:
     after = store.update(
         "job1", status=JobStatus.REJECTED, reason="onnx parity failed", step_index=3, attempts=2
     )
-    assert after["status"] == "REJECTED"
-    assert after["reason"] == "onnx parity failed"
-    assert after["step_index"] == 3
-    assert after["attempts"] == 2
-    assert after["updated_at"] > before["updated_at"]
-    assert after["created_at"] == before["created_at"]
+    assert after.status == "REJECTED"
+    assert after.reason == "onnx parity failed"
+    assert after.step_index == 3
+    assert after.attempts == 2
+    assert after.updated_at > before.updated_at
+    assert after.created_at == before.created_at
     assert store.get("job1") == after
 
 
 def test_update_keeps_extra_fields(store: SqliteJobStore) -> None:
     store.create(make_job(model_key="users/alice/models/m1/model.pt"))
     updated = store.update("job1", report_key="users/alice/r.html", metrics={"acc": 0.9})
-    assert updated["model_key"] == "users/alice/models/m1/model.pt"
-    assert updated["metrics"] == {"acc": 0.9}
+    assert updated.model_key == "users/alice/models/m1/model.pt"
+    assert updated.metrics == {"acc": 0.9}
     assert store.get("job1") == updated
 
 
@@ -112,7 +112,7 @@ def test_update_rejects_bad_fields(store: SqliteJobStore) -> None:
         store.update("job1", spec="not a dict")
     job = store.get("job1")
     assert job is not None
-    assert job["status"] == "QUEUED"
+    assert job.status == "QUEUED"
 
 
 @pytest.mark.parametrize(
@@ -137,18 +137,18 @@ def test_list_is_newest_first_with_cursor_pages(store: SqliteJobStore) -> None:
         store.create(make_job(job_id=f"j{i}", created_at=created, updated_at=created))
     store.create(make_job(job_id="bobs", user_id="bob"))
     page1, cursor = store.list("alice", limit=2)
-    assert [j["job_id"] for j in page1] == ["j4", "j3"]
+    assert [j.job_id for j in page1] == ["j4", "j3"]
     assert cursor is not None
     page2, cursor = store.list("alice", limit=2, cursor=cursor)
-    assert [j["job_id"] for j in page2] == ["j2", "j1"]
+    assert [j.job_id for j in page2] == ["j2", "j1"]
     assert cursor is not None
     page3, cursor = store.list("alice", limit=2, cursor=cursor)
-    assert [j["job_id"] for j in page3] == ["j0"]
+    assert [j.job_id for j in page3] == ["j0"]
     assert cursor is None
     exact, cursor = store.list("alice", limit=5)
     assert len(exact) == 5
     assert cursor is None
-    assert [j["job_id"] for j in store.list("bob")[0]] == ["bobs"]
+    assert [j.job_id for j in store.list("bob")[0]] == ["bobs"]
     assert store.list("carol") == ([], None)
 
 
@@ -168,7 +168,7 @@ def test_threads_share_one_store(store: SqliteJobStore) -> None:
             for _ in range(10):
                 job = store.get("job1")
                 assert job is not None
-                store.update("job1", step_index=job["step_index"])
+                store.update("job1", step_index=job.step_index)
                 store.create(make_job(job_id=f"t{worker}"))
         except BaseException as exc:
             errors.append(exc)
@@ -213,7 +213,7 @@ def test_a_job_record_is_stored_as_before(store: SqliteJobStore) -> None:
     assert not store.create(record)
     stored = store.get("typed")
     assert stored is not None
-    assert (stored["status"], stored["step_index"], stored["attempts"]) == ("QUEUED", 0, 0)
-    assert stored["spec"] == spec.model_dump(mode="json") and stored["model_id"] == "m1"
+    assert (stored.status, stored.step_index, stored.attempts) == ("QUEUED", 0, 0)
+    assert stored.spec == spec.model_dump(mode="json") and stored.model_id == "m1"
     assert record.profile_name == "mobile"
-    assert report_key(record.to_store()) == "users/alice/mobile/typed/report.json"
+    assert report_key(record) == "users/alice/mobile/typed/report.json"

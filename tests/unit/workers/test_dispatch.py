@@ -99,7 +99,7 @@ def test_ecs_dispatcher_passes_the_env_contract(settings_for, services, make_job
     assert vpc["subnets"] == ["subnet-1", "subnet-2"] and vpc["securityGroups"] == ["sg-1"]
     assert env_of(second) == {
         "MODEL_BUCKET": "models-bucket",
-        "MODEL_S3_KEY": services.log.get(job_id, 0)["output_key"],
+        "MODEL_S3_KEY": services.log.get(job_id, 0).output_key,
         "USER_ID": "alice",
         "PROFILE": "edge-8mb",
         "JOB_ID": job_id,
@@ -110,7 +110,7 @@ def test_ecs_dispatcher_passes_the_env_contract(settings_for, services, make_job
     }
     # Step 0 is `train`: it has no input model.
     assert env_of(first)["MODEL_S3_KEY"] == "" and env_of(first)["STEP"] == "train"
-    assert services.jobs.get(job_id)["ecs_tasks"] == ["arn:task/1", "arn:task/2"]
+    assert services.jobs.get(job_id).ecs_tasks == ["arn:task/1", "arn:task/2"]
 
 
 def test_ecs_failures_become_dispatch_errors(settings_for, services, make_job) -> None:

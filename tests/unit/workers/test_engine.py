@@ -31,10 +31,10 @@ def test_inline_dispatcher_runs_the_chain(services, make_job) -> None:
     job_id = make_job({"name": "w_refit"}, {"name": "w_gate"})
     InlineDispatcher(services, background=False).submit(job_id)
     job = services.jobs.get(job_id)
-    assert job["status"] == "COMPLETED" and job["reason"] is None
-    assert job["attempts"] == 3
+    assert job.status == "COMPLETED" and job.reason is None
+    assert job.attempts == 3
     records = services.log.records(job_id)
-    assert [(r["index"], r["step"]) for r in records] == [
+    assert [(r.index, r.step) for r in records] == [
         (0, "train"),
         (1, "w_refit"),
         (2, "w_gate"),
@@ -49,8 +49,8 @@ def test_failed_gate_rejects_and_ends_the_chain(services, make_job, calls) -> No
     assert advance(job_id, 0, services).next_index == 1
     assert advance(job_id, 1, services).next_index is None
     job = services.jobs.get(job_id)
-    assert job["status"] == "REJECTED"
-    assert "told to pass=False" in job["reason"]
+    assert job.status == "REJECTED"
+    assert "told to pass=False" in job.reason
     assert calls["w_refit"] == 0
     assert len(services.log.records(job_id)) == 2
 
@@ -65,7 +65,7 @@ def test_redelivery_after_hand_off_is_dropped(services, make_job, calls) -> None
     assert advance(job_id, 1, services).next_index is None
     assert queued == [(job_id, 2)]
     assert calls["w_refit"] == 1
-    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+    assert [r.index for r in services.log.records(job_id)] == [0, 1]
 
 
 def test_redelivery_before_hand_off_continues_the_chain(services, make_job, calls) -> None:
@@ -75,8 +75,8 @@ def test_redelivery_before_hand_off_continues_the_chain(services, make_job, call
     assert advance(job_id, 1, services).next_index == 2
     assert advance(job_id, 1, services).next_index == 2  # not lost: queued again
     assert calls["w_refit"] == 1  # but the step body ran once
-    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
-    assert services.jobs.get(job_id)["attempts"] == 3
+    assert [r.index for r in services.log.records(job_id)] == [0, 1]
+    assert services.jobs.get(job_id).attempts == 3
 
 
 def test_an_owners_message_delivered_again_resumes_where_its_worker_died(
@@ -90,10 +90,10 @@ def test_an_owners_message_delivered_again_resumes_where_its_worker_died(
     # The broker delivers t-1's message (step 0) again: it goes on at step 2, where it died.
     assert advance(job_id, 0, services, owner="t-1").next_index is None
     job = services.jobs.get(job_id)
-    assert job["status"] == "COMPLETED"
+    assert job.status == "COMPLETED"
     assert (calls["w_refit"], calls["w_gate"]) == (1, 1)
-    assert [r["index"] for r in services.log.records(job_id)] == [0, 1, 2]
-    assert job["attempts"] == 4  # steps 0 and 1 once, step 2 twice
+    assert [r.index for r in services.log.records(job_id)] == [0, 1, 2]
+    assert job.attempts == 4  # steps 0 and 1 once, step 2 twice
 
 
 def test_steps_in_a_row_begin_each_after_the_records_before_it(services, make_job, calls) -> None:
@@ -106,16 +106,16 @@ def test_steps_in_a_row_begin_each_after_the_records_before_it(services, make_jo
         return begin(job_id, index, **kwargs)
 
     def spy_append(record):
-        order.append(f"record {record['index']}")
+        order.append(f"record {record.index}")
         return append(record)
 
     services.jobs.begin_step, services.log.append = spy_begin, spy_append
     assert advance_in_a_row(job_id, 0, services, owner="t-1", continue_s=60) is None
-    assert services.jobs.get(job_id)["status"] == "COMPLETED"
+    assert services.jobs.get(job_id).status == "COMPLETED"
     # Step i + 1 is begun (in a second thread, while its body runs) only after step i's
     # record is stored, and its record only after that begin succeeded.
     assert order == ["begin 0", "record 0", "begin 1", "record 1", "begin 2", "record 2"]
-    assert services.jobs.get(job_id)["attempts"] == 3
+    assert services.jobs.get(job_id).attempts == 3
     assert (calls["w_refit"], calls["w_gate"]) == (1, 1)
 
 
@@ -127,7 +127,7 @@ def test_past_the_budget_the_next_step_is_handed_on(services, make_job, calls) -
         == 1
     )
     job = services.jobs.get(job_id)
-    assert (job["step_index"], job["attempts"]) == (0, 1)  # step 1 not begun: it is queued
+    assert (job.step_index, job.attempts) == (0, 1)  # step 1 not begun: it is queued
 
 
 def test_a_duplicate_message_of_an_owned_step_is_dropped(services, make_job, calls) -> None:
@@ -144,7 +144,7 @@ def test_a_duplicate_message_of_an_owned_step_is_dropped(services, make_job, cal
     assert advance(job_id, 0, services, owner="t-1").next_index is None
     assert advance(job_id, 1, services, owner="t-2").next_index is None  # the last step
     assert calls["w_refit"] == 1
-    assert services.jobs.get(job_id)["status"] == "COMPLETED"
+    assert services.jobs.get(job_id).status == "COMPLETED"
 
 
 def test_a_stopped_job_runs_no_further_step(services, make_job, calls) -> None:
@@ -153,7 +153,7 @@ def test_a_stopped_job_runs_no_further_step(services, make_job, calls) -> None:
     services.jobs.update(job_id, status=JobStatus.STOPPED.value, reason="stopped by the user")
     assert advance(job_id, 1, services).next_index is None
     assert calls["w_refit"] == 0
-    assert services.jobs.get(job_id)["status"] == "STOPPED"
+    assert services.jobs.get(job_id).status == "STOPPED"
 
 
 def test_unknown_job_is_dropped(services) -> None:
@@ -166,13 +166,13 @@ def test_transient_error_leaves_the_job_for_a_retry(services, make_job, flaky_er
     flaky_errors.append(EndpointConnectionError(endpoint_url="http://s3"))
     with pytest.raises(TransientInfraError, match="EndpointConnectionError"):
         advance(job_id, 1, services)
-    assert services.jobs.get(job_id)["status"] == "INPROGRESS"
+    assert services.jobs.get(job_id).status == "INPROGRESS"
     assert services.log.get(job_id, 1) is None
     assert advance(job_id, 1, services).next_index is None  # the retry
     job = services.jobs.get(job_id)
-    assert job["status"] == "COMPLETED"
-    assert job["attempts"] == 3
-    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+    assert job.status == "COMPLETED"
+    assert job.attempts == 3
+    assert [r.index for r in services.log.records(job_id)] == [0, 1]
 
 
 def test_a_real_error_fails_the_job_and_propagates(services, make_job, flaky_errors) -> None:
@@ -182,18 +182,18 @@ def test_a_real_error_fails_the_job_and_propagates(services, make_job, flaky_err
     with pytest.raises(ClientError):
         advance(job_id, 1, services)
     job = services.jobs.get(job_id)
-    assert job["status"] == "FAILED"
-    assert job["reason"].startswith("step 1 (w_flaky) crashed: ClientError")
+    assert job.status == "FAILED"
+    assert job.reason.startswith("step 1 (w_flaky) crashed: ClientError")
 
 
 def test_fail_job_leaves_finished_jobs_alone(services, make_job) -> None:
     job_id = make_job()
     InlineDispatcher(services, background=False).submit(job_id)
     fail_job(services, job_id, "late")
-    assert services.jobs.get(job_id)["status"] == "COMPLETED"
+    assert services.jobs.get(job_id).status == "COMPLETED"
     other = make_job(job_id="job2")
     fail_job(services, other, "gave up")
-    assert services.jobs.get(other)["reason"] == "gave up"
+    assert services.jobs.get(other).reason == "gave up"
 
 
 @pytest.mark.parametrize(
@@ -239,6 +239,6 @@ def test_with_a_step_cache_the_log_is_queried_once_per_job(
     assert queries == [job_id]  # step 0's; steps 1, 2 and the report used the cache
     assert calls["w_refit"] == 1
     job = services.jobs.get(job_id)
-    assert job["status"] == "COMPLETED"
+    assert job.status == "COMPLETED"
     report = json.loads(services.store.get_bytes(report_key(job)))
     assert [row["step"] for row in report["summary"]] == ["train", "w_refit", "w_gate"]

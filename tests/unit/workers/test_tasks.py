@@ -109,10 +109,10 @@ def test_task_runs_the_next_steps_itself_within_its_budget(
     assert result.successful()
     assert _queued("mcaas.steps") == []  # nothing handed to the broker
     job = services.jobs.get(job_id)
-    assert (job["status"], job["owner"], job["attempts"]) == ("COMPLETED", "task-1", 3)
+    assert (job.status, job.owner, job.attempts) == ("COMPLETED", "task-1", 3)
     assert "handed_off" not in job
     assert (calls["w_refit"], calls["w_gate"]) == (1, 1)
-    assert [r["index"] for r in services.log.records(job_id)] == [0, 1, 2]
+    assert [r.index for r in services.log.records(job_id)] == [0, 1, 2]
 
 
 def test_a_stop_between_steps_ends_the_task(worker_env, services, make_job, calls) -> None:
@@ -120,7 +120,7 @@ def test_a_stop_between_steps_ends_the_task(worker_env, services, make_job, call
     def stop_here(model, data, params, ctx):
         """Stand in for the user pressing stop while this step runs (once it has begun)."""
         deadline = time.monotonic() + 30
-        while services.jobs.get(ctx.job_id)["step_index"] != ctx.step_index:
+        while services.jobs.get(ctx.job_id).step_index != ctx.step_index:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         services.jobs.update(ctx.job_id, status="STOPPED", reason="stopped by the user")
@@ -132,11 +132,11 @@ def test_a_stop_between_steps_ends_the_task(worker_env, services, make_job, call
     finally:
         unregister_step("w_stop_here")
     job = services.jobs.get(job_id)
-    assert (job["status"], job["step_index"]) == ("STOPPED", 1)
+    assert (job.status, job.step_index) == ("STOPPED", 1)
     # Step 2 was run in a row: its body started while its begin was on the way, and the
     # refused begin dropped its result. Nothing after the stop is stored.
     assert calls["w_refit"] == 1
-    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+    assert [r.index for r in services.log.records(job_id)] == [0, 1]
     prefix = f"users/alice/edge-8mb/{job_id}/"
     assert services.store.list(prefix + "00-train/") != []  # where the steps do store
     assert services.store.list(prefix + "02-w_refit/") == []
@@ -150,9 +150,9 @@ def test_task_runs_a_step_and_queues_the_next(worker_env, services, make_job, mo
     assert result.successful()
     assert _queued("mcaas.steps") == [[job_id, 1]]
     job = services.jobs.get(job_id)
-    assert job["handed_off"] == 1 and job["status"] == "INPROGRESS"
+    assert job.handed_off == 1 and job.status == "INPROGRESS"
     assert run_step_task.apply(args=[job_id, 1]).successful()
-    assert services.jobs.get(job_id)["status"] == "COMPLETED"
+    assert services.jobs.get(job_id).status == "COMPLETED"
     assert _queued("mcaas.steps") == []
 
 
@@ -164,7 +164,7 @@ def test_task_retries_transient_errors(worker_env, services, make_job, calls, fl
     assert result.successful()
     assert calls["w_flaky"] == 3
     job = services.jobs.get(job_id)
-    assert job["status"] == "COMPLETED" and job["attempts"] == 4
+    assert job.status == "COMPLETED" and job.attempts == 4
     assert len(services.log.records(job_id)) == 2
 
 
@@ -184,12 +184,12 @@ def test_a_transient_error_beginning_the_next_step_is_retried(
     jobs.begin_step = flaky_begin
     assert run_step_task.apply(args=[job_id, 0], task_id="task-1").successful()
     job = services.jobs.get(job_id)
-    assert job["status"] == "COMPLETED" and failures == []
+    assert job.status == "COMPLETED" and failures == []
     # Step 1 was begun while its body ran; the error came before anything of it was stored.
     # The retry begins step 0 again (attempt 2), finds its record, and runs step 1 again
     # (attempt 3), which stores its one record this time.
-    assert job["attempts"] == 3 and calls["w_refit"] == 2
-    assert [r["index"] for r in services.log.records(job_id)] == [0, 1]
+    assert job.attempts == 3 and calls["w_refit"] == 2
+    assert [r.index for r in services.log.records(job_id)] == [0, 1]
 
 
 def test_task_gives_up_after_the_retry_budget(
@@ -201,8 +201,8 @@ def test_task_gives_up_after_the_retry_budget(
     assert result.failed()
     assert calls["w_flaky"] == 3  # the first try and MCAAS_TASK_MAX_RETRIES=2 retries
     job = services.jobs.get(job_id)
-    assert job["status"] == "FAILED"
-    assert "infrastructure error after 2 retries" in job["reason"]
+    assert job.status == "FAILED"
+    assert "infrastructure error after 2 retries" in job.reason
 
 
 def test_hard_time_limit_fails_the_job(worker_env, services, make_job) -> None:
@@ -211,8 +211,8 @@ def test_hard_time_limit_fails_the_job(worker_env, services, make_job) -> None:
     # The task was sent for step 0 and had gone on to step 1: the reason names step 1.
     run_step_task.on_failure(TimeLimitExceeded(120), "task-1", (job_id, 0), {}, None)
     job = services.jobs.get(job_id)
-    assert job["status"] == "FAILED"
-    assert job["reason"] == "step 1 exceeded the hard time limit and was killed"
+    assert job.status == "FAILED"
+    assert job.reason == "step 1 exceeded the hard time limit and was killed"
 
 
 def test_the_step_cache_follows_its_setting(worker_env, monkeypatch) -> None:
