@@ -53,19 +53,24 @@ class DynamoTable:
                 raise
         self.client.get_waiter("table_exists").wait(TableName=self.table_name)
 
-    def _put_new(self, item: dict[str, Any]) -> bool:
-        """Put `item` unless an item with its key exists (attribute_not_exists(job_id));
-        False when one does: the first write is the truth, which makes retries idempotent."""
+    def _conditional(self, call: Any, **request: Any) -> Any:
+        """`call(**request)`'s response, or None when its ConditionExpression did not hold."""
         from botocore.exceptions import ClientError
 
         try:
-            self.client.put_item(
-                TableName=self.table_name,
-                Item=item,
-                ConditionExpression="attribute_not_exists(job_id)",
-            )
+            return call(**request)
         except ClientError as exc:
             if error_code(exc) == "ConditionalCheckFailedException":
-                return False
+                return None
             raise
-        return True
+
+    def _put_new(self, item: dict[str, Any]) -> bool:
+        """Put `item` unless an item with its key exists (attribute_not_exists(job_id));
+        False when one does: the first write is the truth, which makes retries idempotent."""
+        response = self._conditional(
+            self.client.put_item,
+            TableName=self.table_name,
+            Item=item,
+            ConditionExpression="attribute_not_exists(job_id)",
+        )
+        return response is not None

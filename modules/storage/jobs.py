@@ -15,7 +15,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from modules.core.records import TERMINAL, JobRecord, JobStatus
 from modules.errors import BadInputError, NotFoundError
-from modules.storage.aws import error_code
 from modules.storage.dynamo import DynamoTable
 from modules.storage.keys import validate_user_id
 from modules.storage.ttl import ttl_attribute
@@ -496,7 +495,6 @@ class DynamoJobStore(DynamoTable):
         add: str | None = None,
     ) -> JobRecord | None:
         """One UpdateItem on an existing job; None when it or `condition` does not hold."""
-        from botocore.exceptions import ClientError
 
         changes = {**changes, "updated_at": now_iso()}
         names = dict(names or {})
@@ -514,21 +512,19 @@ class DynamoJobStore(DynamoTable):
         expression = "SET " + ", ".join(assignments) + (f" ADD {add}" if add else "")
         if condition is not None:
             names["#status"] = "status"
-        try:
-            response = self.client.update_item(
-                TableName=self.table_name,
-                Key={"job_id": {"S": job_id}},
-                UpdateExpression=expression,
-                ConditionExpression="attribute_exists(job_id)"
-                + (f" AND {condition}" if condition else ""),
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return None
-            raise
+        response = self._conditional(
+            self.client.update_item,
+            TableName=self.table_name,
+            Key={"job_id": {"S": job_id}},
+            UpdateExpression=expression,
+            ConditionExpression="attribute_exists(job_id)"
+            + (f" AND {condition}" if condition else ""),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+            ReturnValues="ALL_NEW",
+        )
+        if response is None:
+            return None
         return JobRecord.model_validate(self._from_item(response["Attributes"]))
 
     def list(

@@ -25,11 +25,11 @@ def workspace(tmp_path_factory):
         spec = parse_job_spec(
             {"job_id": f"base-{kind}", "steps": [{"name": "train", "params": train}]}
         )
-        keys[kind] = run_step(spec, 0, store=ws.store, log=ws.log)["output_key"]
+        keys[kind] = run_step(spec, 0, store=ws.store, log=ws.log).output_key
     spec = parse_job_spec(
         {"job_id": "base-onnx", "model": keys["sklearn"], "steps": [{"name": "onnx_export"}]}
     )
-    keys["onnx"] = run_step(spec, 0, store=ws.store, log=ws.log)["output_key"]
+    keys["onnx"] = run_step(spec, 0, store=ws.store, log=ws.log).output_key
     return ws, keys
 
 

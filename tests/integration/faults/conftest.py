@@ -99,7 +99,7 @@ def orphan_keys(stack: DevStack, services: Services, job_id: str) -> list[str]:
     """Keys under the job's folder that no step record (or the job report) points at."""
     records = services.log.records(job_id)
     referenced = {r.output_key for r in records if r.output_key}
-    referenced |= {key for r in records for key in (r.get("files") or {}).values()}
+    referenced |= {key for r in records for key in (r.files or {}).values()}
     keys = [k for k in s3_keys(stack, "users/alice/") if f"/{job_id}/" in k]
     return [k for k in keys if k not in referenced and not k.endswith(f"/{job_id}/report.json")]
 

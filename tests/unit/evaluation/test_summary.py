@@ -26,6 +26,7 @@ def _latency(median: float, lo: float, hi: float, *, noisy: bool) -> dict:
 
 def _record() -> dict:
     return {
+        "job_id": "j",
         "index": 0,
         "step": "measure",
         "output_framework": "torch",

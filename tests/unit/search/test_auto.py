@@ -121,7 +121,7 @@ def test_a_model_that_does_not_fit_the_data_is_a_clear_error(tmp_path):
     train = parse_job_spec(
         {"job_id": "b", "steps": [{"name": "train", "params": {"model": "logreg"}}]}
     )
-    key = run_step(train, 0, store=ws.store, log=ws.log)["output_key"]  # 64 digits features
+    key = run_step(train, 0, store=ws.store, log=ws.log).output_key  # 64 digits features
     job = parse_job_spec(
         {"job_id": "a", "model": key, "dataset": "iris", "steps": [{"name": "auto"}]}
     )
