@@ -1,4 +1,4 @@
-"""The embedded default: one directory with the artifact store, CSV step log and jobs."""
+"""The embedded default: one directory with the artifact store, step log and jobs."""
 
 from __future__ import annotations
 
@@ -18,19 +18,19 @@ from modules.storage.artifacts import LocalStore
 from modules.storage.jobs import SqliteJobStore
 from modules.storage.keys import model_key
 from modules.storage.model_formats import load_model_file, save_model
-from modules.storage.steplog import CsvStepLog
+from modules.storage.steplog import SqliteStepLog
 
 
 @dataclass
 class LocalWorkspace:
-    """store/ for artifacts, steps.csv for step records, jobs.sqlite for job records."""
+    """store/ for artifacts, steps.sqlite (and its steps.csv export), jobs.sqlite for jobs."""
 
     root: Path
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = LocalStore(self.root / "store")
-        self.log = CsvStepLog(self.root / "steps.csv")
+        self.log = SqliteStepLog(self.root / "steps.sqlite", csv_export=self.root / "steps.csv")
         self.jobs = SqliteJobStore(self.root / "jobs.sqlite")
 
     def import_model(self, path: Path, *, user_id: str, trust_pickle: bool = False) -> str:

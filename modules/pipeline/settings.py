@@ -18,7 +18,7 @@ from modules.errors import McaasError
 from modules.storage.artifacts import ArtifactStore, S3Store, make_store
 from modules.storage.jobs import DynamoJobStore, JobStore, SqliteJobStore
 from modules.storage.keys import validate_user_id
-from modules.storage.steplog import CsvStepLog, DynamoStepLog, StepLog, TeeStepLog
+from modules.storage.steplog import DynamoStepLog, SqliteStepLog, StepLog, TeeStepLog
 from modules.storage.ttl import MAX_TTL_DAYS
 
 Role = Literal["api", "worker", "ecs"]
@@ -74,7 +74,12 @@ class Settings(BaseSettings):
         ),
     )
     csv_log: Path | None = _env(
-        "MCAAS_CSV_LOG", default=None, description="CSV file of step records."
+        "MCAAS_CSV_LOG",
+        default=None,
+        description=(
+            "CSV export of the step records; the records themselves are kept in an SQLite "
+            "file beside it (same name, .sqlite)."
+        ),
     )
     redis_url: str | None = _env(
         "REDIS_URL", default=None, description="Celery broker, e.g. redis://redis:6379/0."
@@ -351,8 +356,13 @@ def build_store(settings: Settings) -> ArtifactStore:
     return store
 
 
+def steps_db_path(csv_log: Path) -> Path:
+    """The SQLite step log kept beside a CSV export: steps.csv -> steps.sqlite."""
+    return csv_log.with_suffix(".sqlite")
+
+
 def build_step_log(settings: Settings, *, store: ArtifactStore | None) -> StepLog:
-    """DynamoDB, CSV, or both (DynamoDB is then the one read back)."""
+    """DynamoDB, SQLite with its CSV export, or both (DynamoDB is then the one read back)."""
     logs: list[StepLog] = []
     if "dynamodb" in settings.step_log:
         if settings.steps_table is None:
@@ -368,7 +378,7 @@ def build_step_log(settings: Settings, *, store: ArtifactStore | None) -> StepLo
     if "csv" in settings.step_log:
         if settings.csv_log is None:
             raise SettingsError(f"set MCAAS_CSV_LOG (MCAAS_STEP_LOG={settings.step_log})")
-        logs.append(CsvStepLog(settings.csv_log))
+        logs.append(SqliteStepLog(steps_db_path(settings.csv_log), csv_export=settings.csv_log))
     return logs[0] if len(logs) == 1 else TeeStepLog(logs[0], *logs[1:])
 
 

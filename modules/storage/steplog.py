@@ -1,12 +1,13 @@
-"""Step records: one per (job_id, index), written once, in DynamoDB and/or a CSV file."""
+"""Step records: one per (job_id, index), written once, in DynamoDB and/or SQLite (+ CSV export)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import json
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -136,132 +137,161 @@ def csv_row(typed: StepRecord, record_json: str) -> dict[str, str]:
     return {name: _cell(flat[name]) for name in CSV_COLUMNS}
 
 
-class CsvStepLog:
-    """Step records as rows of one CSV file; safe across processes through an fcntl lock.
+class SqliteStepLog:
+    """Step records in one SQLite file, with an optional CSV export written beside them.
 
-    Each instance keeps an index of where every (job_id, index) row starts and ends in the
-    file, and brings it up to date by reading only the bytes appended since it last looked
-    (another process may have appended). So append, get and records cost the new rows plus
-    the rows they return, not a scan of the whole file. A file that shrank or was replaced
-    is indexed again from the start.
+    SQLite is the record of truth: (job_id, index) is the primary key, so a second append of
+    the same step is a no-op, and its write lock orders writers across processes. The CSV is
+    an export for people and spreadsheets, one flattened row per record plus the full record
+    as JSON. Its row is written inside the same transaction as the insert, and the file's
+    size after each committed append is kept in the database; a CSV that does not have that
+    size (a writer died between writing the row and committing, or someone edited the file)
+    is rewritten from the database before the next row goes on, never patched in place.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, csv_export: Path | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
-        # record_json cells can exceed csv's default 128 KiB field limit.
-        csv.field_size_limit(2**31 - 1)
-        self._rows_at: dict[tuple[str, int], tuple[int, int]] = {}  # -> (offset, length)
-        self._by_job: dict[str, set[int]] = {}
-        self._header: list[str] | None = None
-        self._indexed = 0  # bytes of the file indexed so far (always a row boundary)
-        self._inode: int | None = None
+        self.csv_export = None if csv_export is None else Path(csv_export)
+        with self._connect() as conn:
+            self._use_wal(conn)
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS steps (job_id TEXT NOT NULL, idx INTEGER NOT NULL,"
+                " record_json TEXT NOT NULL, PRIMARY KEY (job_id, idx))"
+            )
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS csv_export (path TEXT PRIMARY KEY, size INTEGER)"
+            )
+            if self.csv_export is not None:
+                self._adopt_csv(conn, self.csv_export)
+
+    @staticmethod
+    def _use_wal(conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL once; processes opening it at the same moment may race."""
+        for attempt in range(100):
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                # Changing the journal mode does not wait on the busy timeout.
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.05)
+
+    @staticmethod
+    def _adopt_csv(conn: sqlite3.Connection, path: Path) -> None:
+        """Take in the records of a CSV log this database has not seen (an older CSV-only log).
+
+        Its rows go into the database; the next append then rewrites the CSV from it.
+        """
+        known = conn.execute("SELECT 1 FROM csv_export WHERE path = ?", (str(path),)).fetchone()
+        if known is not None or not path.exists():
+            return
+        csv.field_size_limit(2**31 - 1)  # record_json cells can exceed the 128 KiB default
+        with open(path, newline="", encoding="utf-8") as handle:
+            try:
+                for row in csv.DictReader(handle):
+                    text = row.get("record_json")
+                    try:
+                        record = _parse(text or "")
+                    except ValueError:
+                        continue  # a torn or hand-edited row holds no record
+                    conn.execute(
+                        "INSERT OR IGNORE INTO steps (job_id, idx, record_json) VALUES (?, ?, ?)",
+                        (record.job_id, record.index, text),
+                    )
+            except csv.Error:
+                pass  # a torn last row: the rows before it are in
 
     @contextlib.contextmanager
-    def _locked(self, mode: int) -> Iterator[None]:
-        with open(self.lock_path, "a+b") as lock:
-            fcntl.flock(lock.fileno(), mode)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-    def _forget(self) -> None:
-        self._rows_at.clear()
-        self._by_job.clear()
-        self._header = None
-        self._indexed = 0
-
-    def _catch_up(self) -> None:
-        """Index the rows appended since the last call; call with the lock held."""
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # isolation_level=None: append issues BEGIN IMMEDIATE itself.
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            self._forget()
-            self._inode = None
-            return
-        if stat.st_ino != self._inode or stat.st_size < self._indexed:
-            self._forget()
-            self._inode = stat.st_ino
-        if stat.st_size == self._indexed:
-            return
-        with open(self.path, "rb") as handle:
-            handle.seek(self._indexed)
-            tail = handle.read(stat.st_size - self._indexed)
-        position = self._indexed
-
-        def lines() -> Iterator[str]:
-            # The csv reader pulls exactly the lines of one row per step, so `position`
-            # after each row is where that row ends (quoted cells may span lines).
-            nonlocal position
-            for line in tail.splitlines(keepends=True):
-                position += len(line)
-                yield line.decode("utf-8")
-
-        base = row_start = position
-        reader = csv.reader(lines())
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error:
-                break  # a torn last row (a writer died inside a quoted cell)
-            if tail[position - base - 1 : position - base] not in (b"\n", b"\r"):
-                break  # a torn last row (a writer died mid-row): not a record
-            if self._header is None:
-                self._header = row
-            elif row:
-                fields = dict(zip(self._header, row, strict=False))
-                key = (fields["job_id"], int(fields["index"]))
-                self._rows_at.setdefault(key, (row_start, position - row_start))
-                self._by_job.setdefault(key[0], set()).add(key[1])
-            self._indexed = row_start = position
-
-    def _read_record(self, offset: int, length: int) -> StepRecord:
-        with open(self.path, "rb") as handle:
-            handle.seek(offset)
-            raw = handle.read(length).decode("utf-8")
-        assert self._header is not None  # a row was indexed, so the header was read
-        row = next(csv.reader(raw.splitlines(keepends=True)))
-        return _parse(row[self._header.index("record_json")])
+            yield conn
+        finally:
+            conn.close()
 
     def append(self, record: StepRecord) -> bool:
-        """Append one row unless (job_id, index) is already present; flush and fsync."""
+        """Insert the record unless (job_id, index) has one; then add its CSV export row."""
         _, record_json = check_record(record)
-        key = (record.job_id, record.index)
-        with self._locked(fcntl.LOCK_EX):
-            self._catch_up()
-            if key in self._rows_at:
-                return False
-            if self.path.exists() and os.path.getsize(self.path) > self._indexed:
-                # Bytes past the last whole row are a row a writer died writing (it never
-                # returned True): cut them, or this row would be glued onto them.
-                os.truncate(self.path, self._indexed)
-            with open(self.path, "a", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-                if handle.tell() == 0:
-                    writer.writeheader()
-                writer.writerow(csv_row(record, record_json))
-                handle.flush()
-                os.fsync(handle.fileno())
-            self._catch_up()
-        return True
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO steps (job_id, idx, record_json) VALUES (?, ?, ?)",
+                    (record.job_id, record.index, record_json),
+                ).rowcount
+                if inserted and self.csv_export is not None:
+                    self._export_row(conn, record, record_json)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return bool(inserted)
+
+    def _export_row(self, conn: sqlite3.Connection, record: StepRecord, record_json: str) -> None:
+        """Append one CSV row (the export rewritten first if it is not as last committed)."""
+        assert self.csv_export is not None
+        path = self.csv_export
+        row = conn.execute("SELECT size FROM csv_export WHERE path = ?", (str(path),)).fetchone()
+        committed = None if row is None else row[0]
+        size = path.stat().st_size if path.exists() else None
+        if size != committed or (size is None and self._has_rows(conn, but=record)):
+            self._rewrite_csv(conn, exclude=(record.job_id, record.index))
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            if handle.tell() == 0:
+                writer.writeheader()
+            writer.writerow(csv_row(record, record_json))
+            handle.flush()
+            os.fsync(handle.fileno())
+        conn.execute(
+            "INSERT OR REPLACE INTO csv_export (path, size) VALUES (?, ?)",
+            (str(path), path.stat().st_size),
+        )
+
+    @staticmethod
+    def _has_rows(conn: sqlite3.Connection, *, but: StepRecord) -> bool:
+        found = conn.execute(
+            "SELECT 1 FROM steps WHERE NOT (job_id = ? AND idx = ?) LIMIT 1",
+            (but.job_id, but.index),
+        ).fetchone()
+        return found is not None
+
+    def _rewrite_csv(self, conn: sqlite3.Connection, *, exclude: tuple[str, int]) -> None:
+        """Write the whole export from the database to a temp file and swap it in."""
+        assert self.csv_export is not None
+        path = self.csv_export
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(temp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            rows = conn.execute("SELECT job_id, idx, record_json FROM steps ORDER BY rowid")
+            for job_id, index, record_json in rows:
+                if (job_id, index) != exclude:
+                    writer.writerow(csv_row(_parse(record_json), record_json))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
 
     def get(self, job_id: str, index: int) -> StepRecord | None:
-        """Return the record for (job_id, index), parsed from record_json, or None."""
-        with self._locked(fcntl.LOCK_SH):
-            self._catch_up()
-            where = self._rows_at.get((job_id, int(index)))
-            return None if where is None else self._read_record(*where)
+        """Return the record for (job_id, index), or None."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT record_json FROM steps WHERE job_id = ? AND idx = ?", (job_id, int(index))
+            ).fetchone()
+        return None if row is None else _parse(row[0])
 
     def records(self, job_id: str) -> list[StepRecord]:
         """Return the job's records ordered by index."""
-        with self._locked(fcntl.LOCK_SH):
-            self._catch_up()
-            indexes = sorted(self._by_job.get(job_id, ()))
-            return [self._read_record(*self._rows_at[(job_id, i)]) for i in indexes]
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT record_json FROM steps WHERE job_id = ? ORDER BY idx", (job_id,)
+            ).fetchall()
+        return [_parse(text) for (text,) in rows]
 
 
 def _number(value: Any) -> str | None:

@@ -17,7 +17,7 @@ from modules.pipeline.settings import (
 )
 from modules.storage.artifacts import LocalStore, S3Store
 from modules.storage.jobs import DynamoJobStore, SqliteJobStore
-from modules.storage.steplog import CsvStepLog, DynamoStepLog, TeeStepLog
+from modules.storage.steplog import DynamoStepLog, SqliteStepLog, TeeStepLog
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_embedded_services(clean_env, tmp_path: Path) -> None:
     )
     store, log, jobs = build_services(settings)
     assert isinstance(store, LocalStore)
-    assert isinstance(log, CsvStepLog)
+    assert isinstance(log, SqliteStepLog)
     assert isinstance(jobs, SqliteJobStore)
 
 
@@ -125,7 +125,7 @@ def test_aws_services(clean_env, tmp_path: Path) -> None:
     assert isinstance(log, TeeStepLog)
     assert isinstance(log.primary, DynamoStepLog) and log.primary.table_name == "steps-t"
     assert log.primary.overflow_store is store
-    assert [type(o) for o in log.others] == [CsvStepLog]
+    assert [type(o) for o in log.others] == [SqliteStepLog]
     assert isinstance(jobs, DynamoJobStore) and jobs.table_name == "jobs-t"
 
 
