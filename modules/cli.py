@@ -45,7 +45,12 @@ def _fmt_size(n: Any) -> str:
 
 
 def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    from modules.evaluation.summary import NOISY_MARK, fmt_latency
+    from modules.evaluation.summary import (
+        NOISY_MARK,
+        batch_column_title,
+        fmt_batch_latency,
+        fmt_latency,
+    )
 
     table = Table(title=title)
     for col in (
@@ -55,7 +60,7 @@ def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
         "size",
         "acc",
         "b1 ms",
-        "b64 ms",
+        f"{batch_column_title(rows)} ms",
         "verdict",
     ):
         table.add_column(col, no_wrap=col in {"step", "fw", "size", "acc"})
@@ -71,7 +76,7 @@ def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
             _fmt_size(row["size_bytes"]),
             "-" if acc is None else f"{acc * 100:.2f}%",
             fmt_latency(row["latency_b1_ms"], row["latency_b1_ci95"], row["latency_b1_noisy"]),
-            fmt_latency(row["latency_b64_ms"], row["latency_b64_ci95"], row["latency_b64_noisy"]),
+            fmt_batch_latency(row, rows),
             row["verdict"] or "-",
         )
     return table
