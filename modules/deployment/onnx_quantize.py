@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
-from modules.core.step import StepContext, StepOutput, Verdict
+from modules.core.step import StepContext, StepOutput, Verdict, report_progress
 from modules.deployment.onnx_export import onnx_artifact
 from modules.deployment.onnx_int8 import (
     QuantSettings,
@@ -337,6 +337,7 @@ def _search(
             threads=params.threads,
         ),
         batch_sizes=sizes,
+        progress=report_progress,
     )
     summary = {
         "quantized": result.model is not None,

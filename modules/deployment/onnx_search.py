@@ -277,9 +277,17 @@ class _Search:
         if self.progress is None:
             return
         best = self.smallest_passing()
+        done = record["trial"] + 1
+        passed = record.get("passed")
+        verdict = "ranked" if passed is None else ("passed" if passed else "failed")
+        text = f"int8 search: trial {done} (at most {self.budget.max_trials}), {record['phase']} "
+        text += verdict
+        if best is not None:
+            text += f"; best passing {best['size_bytes']:,} bytes"
         self.progress(
             {
-                "trial": record["trial"] + 1,
+                "text": text,
+                "trial": done,
                 "max_trials": self.budget.max_trials,
                 "phase": record["phase"],
                 "label": record["label"],
