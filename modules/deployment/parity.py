@@ -27,6 +27,13 @@ inferred from the graph and its outputs:
   output) and R² of the outputs against the reference (mean over output columns).
 
 The report names the worst rows and, for graphs with several outputs, the worst output.
+
+How rows are fed: the candidate graph runs `b` rows per ONNX Runtime call for every `b` in
+`batch_sizes` (default 1 and the profile's auto-batch, see deploy_batch_sizes), because
+dynamic int8 computes activation scales per call and so a row's output depends on the rest
+of its call. Each size is compared with the reference (run once) and the worst one decides;
+the report has every size's numbers (`by_batch_size`) and how the sizes were chosen
+(`batching`).
 """
 
 from __future__ import annotations
