@@ -284,8 +284,8 @@ def held_out_split(
     rows = n_rows(feeds)
     if rows < 2:
         raise BadInputError(
-            f"the inputs file has {rows} row; the search needs at least 2 to score on rows it "
-            "does not calibrate on (or give calibration_inputs)"
+            f"the inputs file has {rows} row(s); the search needs at least 2 to score on rows "
+            "it does not calibrate on (or give calibration_inputs)"
         )
     order = np.random.default_rng(seed).permutation(rows)
     held = min(max(1, round(rows * fraction)), rows - 1)

@@ -337,7 +337,9 @@ def deploy_batch_sizes(
     """The batch sizes outputs are compared at, and how they were chosen (for the report)."""
     rows = n_rows(feeds)
     info: dict[str, Any] = {"rows": rows}
-    fixed = OrtRunner.of(proto, threads=1).fixed_batch
+    # As OrtRunner reads it, without starting a session for it.
+    dims = [s.shape[0] for s in onnx_inputs(proto) if s.shape and isinstance(s.shape[0], int)]
+    fixed = min((d for d in dims if d > 0), default=None)
     if fixed:
         return [fixed], {**info, "from": f"the graph's fixed batch dimension ({fixed})"}
     if wanted is not None:

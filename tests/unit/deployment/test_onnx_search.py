@@ -392,3 +392,12 @@ def test_a_rejected_search_still_stores_its_trials_and_a_parity_report(
     for trial in stored["trials"]:
         if trial["candidate"]:
             assert set(trial["by_batch_size"]) == {"b1", "b32"}
+
+
+def test_one_row_cannot_be_split_into_scored_and_calibration_rows(digits, ctx_factory, tmp_path):
+    from modules.errors import BadInputError
+
+    ctx = with_inputs(ctx_factory(), tmp_path, features(rows=1))
+    params = OnnxQuantizeParams(inputs="feats", **QUICK_PARAMS)
+    with pytest.raises(BadInputError, match=r"has 1 row\(s\); the search needs at least 2"):
+        onnx_quantize(ModelArtifact("onnx", fragile_graph(), {}), digits, params, ctx)
