@@ -15,9 +15,10 @@ as in the gate). The step scores on rows it does not calibrate on.
    and a node's damage is how much it raises the relative error of its tensor:
    err(output) - err(input), with err = ||int8 - fp32|| / ||fp32||. Units are single
    nodes, or op types when there are more than max_sensitivity_nodes candidate nodes.
-3. exclude: the base with the k most damaging units left in float, k found by bisection:
-   first k at the cap (max_excluded_nodes nodes; at least one node stays int8), then halving
-   the gap between the largest failing and the smallest passing k. Leaving fewer nodes in
+3. exclude: the base with the k most damaging units left in float, k found by galloping
+   and bisection: k = 1, 2, 4, ... up to the cap (max_excluded_nodes nodes; at least one
+   node stays int8) until one passes, then halving the gap between the largest failing and
+   the smallest passing k. Leaving fewer nodes in
    float makes a smaller graph, so once the gap is closed no untried k can beat the best
    passing graph and the search stops. This assumes that leaving more of the most damaging
    nodes in float never hurts parity, which the ranking makes the usual case.
@@ -484,15 +485,18 @@ def _exclusion_phase(search: _Search, base: dict[str, Any], prepared: Any) -> No
         record["units_in_float"] = k
         return bool(record.get("passed"))
 
-    high = len(prefixes)
-    if not excluded(high):
-        search.stop(
-            "exclusion_cap",
-            f"still failing with the {len(prefixes[-1])} most damaging nodes in float "
-            f"(max_excluded_nodes {search.budget.max_excluded_nodes})",
-        )
-        return
-    low = 0  # the base itself, with nothing in float, failed in the grid
+    # Galloping: k = 1, 2, 4, ... up to the cap until one passes (a lone culprit costs one
+    # trial), then bisect between the last failing and the first passing k.
+    low, high = 0, 1  # the base itself, with nothing in float, failed in the grid
+    while not excluded(high):
+        if high == len(prefixes):
+            search.stop(
+                "exclusion_cap",
+                f"still failing with the {len(prefixes[-1])} most damaging nodes in float "
+                f"(max_excluded_nodes {search.budget.max_excluded_nodes})",
+            )
+            return
+        low, high = high, min(2 * high, len(prefixes))
     while high - low > 1:
         middle = (low + high) // 2
         if excluded(middle):

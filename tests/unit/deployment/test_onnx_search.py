@@ -165,12 +165,14 @@ def test_a_spent_time_budget_stops_the_search_and_says_so(tmp_path):
     assert "time budget" in result.verdict.reason
 
 
-def chain_graph(depth: int = 12, fragile: int = 7, width: int = 64) -> onnx.ModelProto:
+def chain_graph(
+    depth: int = 12, fragile: tuple[int, ...] = (7,), width: int = 64
+) -> onnx.ModelProto:
     """features (batch, 16) -> `depth` x (MatMul `layer{i}` -> Add -> Relu) -> embedding.
 
-    Layer fragile-1 keeps its unit 0 dead (zero weights, negative bias) and layer `fragile`
-    reads that unit with weights of 1000: harmless in float, ruinous in int8 (as in
-    fragile_graph).
+    For each f in `fragile`, layer f-1 keeps its unit 0 dead (zero weights, negative bias)
+    and layer f reads that unit with weights of 1000: harmless in float, ruinous in int8 (as
+    in fragile_graph).
     """
     rng = np.random.default_rng(3)
     nodes, inits, x = [], [], "features"
@@ -178,9 +180,9 @@ def chain_graph(depth: int = 12, fragile: int = 7, width: int = 64) -> onnx.Mode
         fan_in = 16 if i == 0 else width
         w = (rng.normal(size=(fan_in, width)) * np.sqrt(2 / fan_in)).astype(np.float32)
         b = np.full(width, 0.1, np.float32)
-        if i == fragile - 1:
+        if i + 1 in fragile:
             w[:, 0], b[0] = 0.0, -1.0
-        if i == fragile:
+        if i in fragile:
             w[0, :] = 1000.0
         out = "embedding" if i == depth - 1 else f"h{i}"
         nodes += [
@@ -217,11 +219,29 @@ def test_bisection_finds_a_planted_fragile_node_in_fewer_trials_than_nodes(tmp_p
     excluded = result.chosen["settings"]["nodes_to_exclude"]
     assert [name.split("/")[0] for name in excluded] == ["layer7"]
     after_grid = [t for t in result.trials if t["phase"] != "grid"]
-    # One sensitivity pass and a bisection over at most 8 units: far fewer than 12 nodes.
+    # One sensitivity pass, then the lone culprit in float passes at once: 2 trials, not 12.
     assert len(after_grid) < 12 and after_grid[0]["phase"] == "sensitivity"
     assert after_grid[0]["ranking"][0]["unit"].startswith("layer7")
-    assert [t["units_in_float"] for t in after_grid[1:]] == [8, 4, 2, 1]
+    assert [t["units_in_float"] for t in after_grid[1:]] == [1]
     assert result.stop_reason == "cannot_beat_best"
+
+
+def test_several_culprits_are_found_by_galloping_then_bisecting(tmp_path):
+    result = search_int8(
+        chain_graph(fragile=(3, 7, 10)),
+        feeds=features(),
+        calibration=None,
+        thresholds=OnnxQuantizeParams(),
+        meta={},
+        workdir=tmp_path,
+        budget=QUICK,
+    )
+    assert result.verdict.passed, result.verdict.reason
+    excluded = sorted(name.split("/")[0] for name in result.chosen["settings"]["nodes_to_exclude"])
+    assert excluded == ["layer10", "layer3", "layer7"]
+    tried = [t["units_in_float"] for t in result.trials if t["phase"] == "exclude"]
+    assert tried == [1, 2, 4, 3] and result.stop_reason == "cannot_beat_best"
+    assert "3 unit(s) in float pass and 2 fail" in result.stopped
 
 
 def test_every_trial_reports_progress(tmp_path):
@@ -257,7 +277,7 @@ def test_a_candidate_that_passes_only_on_its_calibration_rows_is_not_chosen(tmp_
         "meta": {},
         "budget": QUICK,
     }
-    proto = chain_graph(depth=2, fragile=5)  # no fragile layer: two plain layers
+    proto = chain_graph(depth=2, fragile=())  # two plain layers
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     on_calibration = search_int8(proto, feeds=calibrated, workdir=tmp_path / "a", **common)
