@@ -45,7 +45,12 @@ def _fmt_size(n: Any) -> str:
 
 
 def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    from modules.evaluation.summary import NOISY_MARK, fmt_latency
+    from modules.evaluation.summary import (
+        NOISY_MARK,
+        batch_column_title,
+        fmt_batch_latency,
+        fmt_latency,
+    )
 
     table = Table(title=title)
     for col in (
@@ -55,7 +60,7 @@ def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
         "size",
         "acc",
         "b1 ms",
-        "b64 ms",
+        f"{batch_column_title(rows)} ms",
         "verdict",
     ):
         table.add_column(col, no_wrap=col in {"step", "fw", "size", "acc"})
@@ -71,7 +76,7 @@ def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
             _fmt_size(row["size_bytes"]),
             "-" if acc is None else f"{acc * 100:.2f}%",
             fmt_latency(row["latency_b1_ms"], row["latency_b1_ci95"], row["latency_b1_noisy"]),
-            fmt_latency(row["latency_b64_ms"], row["latency_b64_ci95"], row["latency_b64_noisy"]),
+            fmt_batch_latency(row, rows),
             row["verdict"] or "-",
         )
     return table
@@ -89,6 +94,8 @@ def step_progress() -> Progress:
 
 
 def run_with_progress(ws: Any, spec: Any, *, label: str, trust_pickle: bool = False) -> Any:
+    from modules.core.step import reporting_progress
+
     with step_progress() as progress:
         task = progress.add_task(f"{label}: {spec.steps[0].name}", total=len(spec.steps))
 
@@ -96,7 +103,14 @@ def run_with_progress(ws: Any, spec: Any, *, label: str, trust_pickle: bool = Fa
             nxt = spec.steps[done].name if done < total else "done"
             progress.update(task, completed=done, description=f"{label}: {nxt}")
 
-        return ws.run(spec, trust_pickle=trust_pickle, progress=advance)
+        def detail(info: dict[str, Any]) -> None:
+            # What the running step reports of itself, e.g. an int8 search's trial count.
+            done = int(progress.tasks[0].completed)
+            step = spec.steps[min(done, len(spec.steps) - 1)].name
+            progress.update(task, description=f"{label}: {step} ({info.get('text', '')})")
+
+        with reporting_progress(detail):
+            return ws.run(spec, trust_pickle=trust_pickle, progress=advance)
 
 
 @app.command()
@@ -805,6 +819,8 @@ def follow_job(client: Any, job_id: str) -> dict[str, Any]:
                     for kind, event in sse_frames(response.iter_lines()):
                         last = event
                         doing = event.get("current_step") or event["status"].lower()
+                        if event.get("detail"):
+                            doing += f" ({event['detail']})"
                         progress.update(
                             task,
                             total=event["total"],
