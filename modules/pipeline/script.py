@@ -38,7 +38,20 @@ ParamsReader = Callable[[argparse.Namespace, Path], dict[str, Any]]
 
 # Options every script has; a params field with one of these names would be shadowed.
 BASE_DESTS = frozenset(
-    {"input_model", "output_model", "dataset", "profile", "seed", "trust_pickle", "params"}
+    {
+        "input_model",
+        "output_model",
+        "input_arch",
+        "dataset",
+        "profile",
+        "seed",
+        "trust_pickle",
+        "params",
+    }
+)
+ARCH_HELP = (
+    "Architecture of a bare state_dict input: a built-in name (resnet18, resnet34, resnet50, "
+    'mobilenet_v2, vgg11, vgg16, ...) or a JSON arch like \'{"name":"resnet18","num_classes":10}\'.'
 )
 _SCALARS: dict[Any, type] = {int: int, float: float, str: str}
 
@@ -88,6 +101,7 @@ def base_parser(
         parser.add_argument(
             *out_flags, dest="output_model", type=Path, help="Where to write the result."
         )
+    parser.add_argument("--arch", dest="input_arch", metavar="ARCH", help=ARCH_HELP)
     parser.add_argument("--dataset", default="digits", help="Built-in name, .npz or IDX dir.")
     parser.add_argument("--profile", default=DEFAULT_PROFILE, help="Hardware profile name.")
     parser.add_argument("--seed", type=int, default=0, help="Seed.")
@@ -334,6 +348,7 @@ def script_main(
                 step,
                 read_params(args, workspace),
                 input_path=args.input_model,
+                input_arch=args.input_arch,
                 output_path=output,
                 dataset=args.dataset,
                 profile=args.profile,

@@ -497,7 +497,7 @@ def _load_torch(
     try:
         model = build_model_with_state(arch, state)
     except IncompatibleError as exc:
-        raise ModelFormatError(f"checkpoint state_dict does not fit its arch: {exc}") from exc
+        raise ModelFormatError(str(exc)) from exc
     except BadInputError as exc:
         raise ModelFormatError(f"arch {show_arch(arch)} is invalid: {exc}") from exc
     model.eval()
