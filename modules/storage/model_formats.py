@@ -430,17 +430,17 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def _checkpoint_parts(
-    obj: Any, given_arch: dict[str, Any] | None
-) -> tuple[dict[str, Any], Any, Any]:
+def _checkpoint_parts(obj: Any, given_arch: dict[str, Any] | None) -> tuple[Any, Any, Any]:
     """(arch, state_dict, meta) of a loaded checkpoint, with `given_arch` for a bare one."""
     if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
-        if given_arch is not None and given_arch != obj["arch"]:
+        # {"arch": "resnet18", ...} names a built-in arch with its defaults.
+        own = parse_arch(obj["arch"]) if isinstance(obj["arch"], str) else obj["arch"]
+        if given_arch is not None and given_arch != own:
             raise IncompatibleError(
-                f"the checkpoint names arch {show_arch(obj['arch'])} but the arch given with it "
+                f"the checkpoint names arch {show_arch(own)} but the arch given with it "
                 f"is {show_arch(given_arch)}; give no arch for a checkpoint that has one"
             )
-        return obj["arch"], obj["state_dict"], obj.get("meta") or {}
+        return own, obj["state_dict"], obj.get("meta") or {}
     if given_arch is not None and isinstance(obj, dict):
         if "state_dict" in obj and set(obj) <= {"state_dict", "meta"}:
             return given_arch, obj["state_dict"], obj.get("meta") or {}
