@@ -868,8 +868,9 @@ def _job_body(
 @handles_errors
 def submit(
     model: Path | None = typer.Argument(
-        None, help="Model file to upload (.pt/.pth, .skops, .onnx); omit with --model-id."
+        None, help="Model file to upload (.pt/.pth, .pt2, .skops, .onnx); omit with --model-id."
     ),
+    arch: ModelArchOption = None,
     preset: str | None = typer.Option(None, "--preset", help="A preset pipeline by name."),
     job_file: Path | None = typer.Option(
         None, "--job", help="JSON/YAML job spec (steps, profile, dataset, seed, repeats)."
@@ -896,6 +897,8 @@ def submit(
     body = _job_body(job_file=job_file, preset=preset, profile=profile, dataset=dataset, seed=seed)
     if model is not None and model_id is not None:
         raise BadInputError("give a model file or --model-id, not both")
+    if arch is not None and model is None:
+        raise BadInputError("--arch names the architecture of the model file to upload")
     timeout = httpx.Timeout(30.0, read=120.0)  # read > the stream's 15 s keep-alive
     headers = {"X-API-Key": api_key}
     with httpx.Client(base_url=api_url, headers=headers, timeout=timeout) as client:
@@ -904,7 +907,11 @@ def submit(
                 raise BadInputError(f"model file {model} does not exist")
             with open(model, "rb") as handle:
                 uploaded = _api_call(
-                    client, "POST", "/v1/models", files={"file": (model.name, handle)}
+                    client,
+                    "POST",
+                    "/v1/models",
+                    files={"file": (model.name, handle)},
+                    data=None if arch is None else {"arch": arch},
                 )
             model_id = uploaded["id"]
             err_console.print(f"uploaded {model.name} as model {model_id}", highlight=False)
