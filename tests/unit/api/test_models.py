@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -247,3 +248,29 @@ def test_hostile_pt2_uploads_are_refused_and_run_nothing(api, tmp_path: Path) ->
         assert "Traceback" not in response.text
     assert not marker.exists(), "a .pt2 payload ran"
     assert api.stored_keys() == []
+
+
+def test_mcaas_submit_uploads_a_bare_state_dict_with_arch(api, tmp_path: Path, monkeypatch) -> None:
+    """`mcaas submit sd.pt --arch ...` sends the arch field; without it the API's 422 is exit 2."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from modules.cli import app
+
+    def client_on_the_app(base_url: str, headers: dict[str, str], timeout: object) -> object:
+        api.client.headers.update(headers)
+        return contextlib.nullcontext(api.client)  # the fixture's client, already started
+
+    monkeypatch.setattr(httpx, "Client", client_on_the_app)
+    sd = tmp_path / "sd.pt"
+    sd.write_bytes(_bare_state_dict(SMALL_MLP))
+    args = ["submit", str(sd), "--preset", "measure", "--api-key", ALICE["X-API-Key"]]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert "bare state_dict" in refused.output
+    done = CliRunner().invoke(app, [*args, "--arch", json.dumps(SMALL_MLP)])
+    assert done.exit_code == 0, done.output
+    listing = api.client.get("/v1/models", headers=ALICE).json()
+    assert listing["count"] == 1 and listing["data"][0]["num_classes"] == 10
+    (job,) = api.client.get("/v1/jobs", headers=ALICE).json()["data"]
+    assert api.wait_for(job["id"])["status"] == "COMPLETED"
