@@ -410,7 +410,7 @@ def parse_arch(value: Any) -> dict[str, Any] | None:
     if text.startswith("{"):
         try:
             parsed = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BadInputError(f"arch: not valid JSON ({exc})") from None
         if not isinstance(parsed, dict):
             raise BadInputError("arch: the JSON must be an object with a 'name'")
