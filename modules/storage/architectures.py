@@ -241,19 +241,19 @@ def check_state_dict(arch: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     for key, shape in expected.items():
         if key not in state:
             raise IncompatibleError(
-                f"state_dict does not match arch '{name}': key {key!r} (shape {list(shape)}) is "
+                f"state_dict does not fit arch '{name}': key {key!r} (shape {list(shape)}) is "
                 f"missing ({len(state)} keys given, {len(expected)} expected)"
             )
         given = tuple(getattr(state[key], "shape", ()))
         if given != shape:
             raise IncompatibleError(
-                f"state_dict does not match arch '{name}': key {key!r} has shape {list(given)}, "
+                f"state_dict does not fit arch '{name}': key {key!r} has shape {list(given)}, "
                 f"the arch expects {list(shape)}"
             )
     extra = [key for key in state if key not in expected]
     if extra:
         raise IncompatibleError(
-            f"state_dict does not match arch '{name}': key {extra[0]!r} is not in the arch "
+            f"state_dict does not fit arch '{name}': key {extra[0]!r} is not in the arch "
             f"({len(extra)} unexpected key(s))"
         )
 
