@@ -26,7 +26,7 @@ from api.schemas import (
 from modules.core.jobspec import DEFAULT_PROFILE
 from modules.core.records import JobRecord, JobStatus, StepRecord
 from modules.errors import NotFoundError
-from modules.pipeline.engine import fail_if_stale, finish, report_key, stop
+from modules.pipeline.engine import StepTerminator, fail_if_stale, finish, report_key, stop
 from modules.pipeline.settings import Services, stale_after_s
 from modules.storage.inputs_catalog import check_job_inputs
 from modules.storage.keys import key_in_user
@@ -155,12 +155,18 @@ def get_job(
 
 
 @router.post("/{job_id}/stop", response_model=JobPublic)
-def stop_job(job_id: str, user: CurrentUser, services: ServicesDep) -> JobPublic:
-    """Stop a queued or running job; the running step finishes, no later step starts."""
+def stop_job(
+    job_id: str, user: CurrentUser, services: ServicesDep, dispatcher: DispatcherDep
+) -> JobPublic:
+    """Stop a queued or running job: no later step starts, and the running one is ended
+    (its worker process killed) where the dispatcher can, else at its next stop check."""
     job = owned_job(services, job_id, user)
     if job.terminal:
         raise ConflictError(f"job {job_id} is already {job.status}")
-    return job_public(stop(services, job_id))
+    stopped = stop(services, job_id)
+    if isinstance(dispatcher, StepTerminator):
+        dispatcher.terminate(stopped)
+    return job_public(stopped)
 
 
 def job_artifacts(services: Services, job: JobRecord, *, expires_s: int) -> list[ArtifactPublic]:

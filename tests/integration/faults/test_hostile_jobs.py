@@ -1,0 +1,184 @@
+"""Jobs that attack the worker: past the memory cap, killing their own process, holding
+the CPU after a stop. Each must end with a clear status and leave the worker serving the
+next job (a real Celery worker on Redis, moto for S3 and DynamoDB, uvicorn for the stop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.devstack import DevStack, Process
+from tests.integration.faults.conftest import TERMINAL, dump_result, submit_job, wait_until
+from tests.integration.faults.hostile_steps import (
+    ALLOCATE,
+    HOLD_CPU,
+    KILL_SELF,
+    register_hostile_steps,
+    unregister_hostile_steps,
+)
+
+pytestmark = pytest.mark.integration
+
+HOSTILE_WORKER = ("-I", "tests.integration.faults.hostile_worker_steps")
+# The pool process starts with about 1 GiB of address space mapped (torch, NumPy, ONNX
+# Runtime); 2 GiB leaves a normal small job room and refuses a 3 GiB array at once.
+MEMORY_CAP_MB = 2048
+QUICK_JOB = [
+    {
+        "name": "train",
+        "params": {"model": "mlp", "epochs": 2, "arch": {"name": "mlp", "hidden": [32]}},
+    },
+    {"name": "measure", "params": {"runs": 3, "warmup": 1}},
+]
+ALICE = {"X-API-Key": "dev-key-alice-0001"}
+
+
+@pytest.fixture
+def hostile_steps() -> Iterator[None]:
+    """The hostile steps in this process too (job specs are checked against the registry)."""
+    register_hostile_steps()
+    try:
+        yield
+    finally:
+        unregister_hostile_steps()
+
+
+def pool_children(worker: Process) -> list[int]:
+    path = Path(f"/proc/{worker.popen.pid}/task/{worker.popen.pid}/children")
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A /proc/PID/status memory field (VmHWM: peak resident set) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def ended(services: Any, job_id: str, *, timeout_s: float) -> Any:
+    return wait_until(
+        lambda: (job := services.jobs.get(job_id)).status in TERMINAL and job,
+        timeout_s=timeout_s,
+        every_s=0.2,
+        what=f"job {job_id} to end",
+    )
+
+
+def assert_serves_next_job(stack: DevStack, worker: Process) -> float:
+    """A normal job submitted now completes on the same worker; return its time in s."""
+    started = time.monotonic()
+    services, job_id = submit_job(stack, QUICK_JOB)
+    job = ended(services, job_id, timeout_s=180)
+    assert job.status == "COMPLETED", job.reason
+    assert worker.alive(), worker.log_tail()
+    assert "Unrecoverable error" not in worker.log_tail(1_000_000)
+    return time.monotonic() - started
+
+
+def test_a_job_past_the_memory_cap_fails_and_the_worker_serves_the_next(
+    fault_stack: DevStack, hostile_steps: None
+) -> None:
+    fault_stack.overrides["MCAAS_WORKER_MEMORY_LIMIT_MB"] = str(MEMORY_CAP_MB)
+    fault_stack.service_env()
+    worker = fault_stack.start_worker(extra_args=HOSTILE_WORKER)
+    for pid in pool_children(worker):
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        (line,) = [row for row in limits.splitlines() if row.startswith("Max address space")]
+        assert line.split()[3] == str(MEMORY_CAP_MB * 2**20), line
+
+    services, job_id = submit_job(fault_stack, [{"name": ALLOCATE, "params": {"megabytes": 3072}}])
+    job = ended(services, job_id, timeout_s=120)
+
+    assert job.status == "FAILED"
+    assert "step 0 (h_allocate) ran out of memory" in job.reason
+    assert worker.alive(), worker.log_tail()
+    peaks = {pid: status_kib(pid, "VmHWM") for pid in pool_children(worker)}
+    assert peaks and all(kib < MEMORY_CAP_MB * 1024 for kib in peaks.values()), peaks
+    next_job_s = assert_serves_next_job(fault_stack, worker)
+    dump_result(
+        "memory_cap",
+        {
+            "cap_mb": MEMORY_CAP_MB,
+            "asked_mb": 3072,
+            "status": job.status,
+            "reason": job.reason,
+            "pool_peak_rss_mb": max(peaks.values()) / 1024,
+            "worker_main_peak_rss_mb": status_kib(worker.popen.pid, "VmHWM") / 1024,
+            "next_job_s": next_job_s,
+        },
+    )
+
+
+def test_a_step_that_kills_its_worker_each_time_fails_past_the_redelivery_cap(
+    fault_stack: DevStack, hostile_steps: None
+) -> None:
+    fault_stack.overrides["MCAAS_MAX_REDELIVERIES"] = "2"
+    fault_stack.service_env()
+    worker = fault_stack.start_worker(extra_args=HOSTILE_WORKER)
+
+    started = time.monotonic()
+    services, job_id = submit_job(fault_stack, [{"name": KILL_SELF, "params": {}}])
+    job = ended(services, job_id, timeout_s=180)
+    held_s = time.monotonic() - started
+
+    assert job.status == "FAILED"
+    assert "was started again 3 times" in job.reason and "MCAAS_MAX_REDELIVERIES" in job.reason
+    # Begun four times: three ran and killed their pool process, the fourth was refused.
+    assert job.attempts == 4
+    assert services.log.records(job_id) == []
+    next_job_s = assert_serves_next_job(fault_stack, worker)
+    dump_result(
+        "kill_self",
+        {"status": job.status, "reason": job.reason, "held_s": held_s, "next_job_s": next_job_s},
+    )
+
+
+def test_stop_kills_a_step_that_never_checks_and_frees_the_worker(
+    fault_stack: DevStack, hostile_steps: None
+) -> None:
+    # Limits far above the time the test allows, so only the stop can free the worker.
+    fault_stack.overrides.update(
+        {
+            "MCAAS_TASK_SOFT_TIME_LIMIT_S": "600",
+            "MCAAS_TASK_TIME_LIMIT_S": "620",
+            "MCAAS_VISIBILITY_TIMEOUT_S": "700",
+        }
+    )
+    fault_stack.service_env()
+    worker = fault_stack.start_worker(extra_args=HOSTILE_WORKER)
+    api_url = fault_stack.start_api()
+
+    services, job_id = submit_job(fault_stack, [{"name": HOLD_CPU, "params": {"seconds": 600}}])
+    wait_until(
+        lambda: services.jobs.get(job_id).status == "INPROGRESS",
+        timeout_s=90,
+        what="the spinning step to start",
+    )
+    (spinning,) = pool_children(worker)
+    response = httpx.post(f"{api_url}/v1/jobs/{job_id}/stop", headers=ALICE, timeout=30)
+    stopped_at = time.monotonic()
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "STOPPED"
+
+    wait_until(
+        lambda: spinning not in pool_children(worker),
+        timeout_s=60,
+        what="the pool process running the stopped step to be killed",
+    )
+    freed_s = time.monotonic() - stopped_at
+    next_job_s = assert_serves_next_job(fault_stack, worker)
+    served_after_stop_s = time.monotonic() - stopped_at
+    # The step would have held the worker for 600 s and the hard limit is 620 s.
+    assert served_after_stop_s < 300
+    assert services.jobs.get(job_id).status == "STOPPED"
+    dump_result(
+        "stop_frees_worker",
+        {"freed_s": freed_s, "next_job_s": next_job_s, "served_after_stop_s": served_after_stop_s},
+    )
