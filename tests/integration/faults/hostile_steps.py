@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from modules.core.registry import register_step, unregister_step
 from modules.core.step import StepOutput
 from modules.errors import McaasError
-from workers.process_limits import CONCURRENCY_ENV
+from workers.process_limits import CONCURRENCY_ENV, CPUS_ENV
 
 ALLOCATE, KILL_SELF, HOLD_CPU = "h_allocate", "h_kill_self", "h_hold_cpu"
 NAMES = (ALLOCATE, KILL_SELF, HOLD_CPU)
@@ -50,10 +50,18 @@ class HoldCpuParams(BaseModel):
 
 def allocate(model: Any, data: Any, params: AllocateParams, ctx: Any) -> StepOutput:
     """Allocate and touch one array of `megabytes` MiB."""
+    import torch
+
     block = np.ones(params.megabytes * 2**20, dtype=np.uint8)
-    return StepOutput(
-        metrics={"allocated_bytes": int(block.nbytes), "sum": int(block[::4096].sum())}
-    )
+    metrics = {
+        "allocated_bytes": int(block.nbytes),
+        "sum": int(block[::4096].sum()),
+        # What the pool process was given (workers/process_limits.py).
+        "worker_concurrency": os.environ.get(CONCURRENCY_ENV),
+        "worker_cpus": os.environ.get(CPUS_ENV),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return StepOutput(metrics=metrics)
 
 
 def kill_self(model: Any, data: Any, params: KillSelfParams, ctx: Any) -> StepOutput:

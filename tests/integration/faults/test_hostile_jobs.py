@@ -5,6 +5,7 @@ next job (a real Celery worker on Redis, moto for S3 and DynamoDB, uvicorn for t
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,15 @@ def test_a_job_past_the_memory_cap_fails_and_the_worker_serves_the_next(
     peaks = {pid: status_kib(pid, "VmHWM") for pid in pool_children(worker)}
     assert peaks and all(kib < MEMORY_CAP_MB * 1024 for kib in peaks.values()), peaks
     next_job_s = assert_serves_next_job(fault_stack, worker)
+
+    # A job within the cap runs, and sees the pool shape the worker exported.
+    services, small = submit_job(fault_stack, [{"name": ALLOCATE, "params": {"megabytes": 64}}])
+    assert ended(services, small, timeout_s=120).status == "COMPLETED"
+    (record,) = services.log.records(small)
+    cpus = len(os.sched_getaffinity(0))
+    assert record.metrics["allocated_bytes"] == 64 * 2**20
+    assert (record.metrics["worker_concurrency"], record.metrics["worker_cpus"]) == ("1", str(cpus))
+    assert record.metrics["torch_threads"] == cpus
     dump_result(
         "memory_cap",
         {

@@ -74,3 +74,27 @@ def test_an_allocation_past_the_cap_is_a_memory_error() -> None:
     ).stdout.split("\n")
     assert out[0] == str(1024 * 2**20)
     assert out[1].startswith("MemoryError")
+
+
+def test_compose_and_the_ecs_worker_run_one_pool_process_under_a_memory_cap() -> None:
+    import yaml
+    from cfnlint.decode import cfn_yaml
+
+    from modules.pipeline.settings import Settings
+
+    root = Path(__file__).resolve().parents[3]
+    worker = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["worker"]
+    assert "--concurrency=1" in worker["command"]
+    cap_mb = Settings(**worker["environment"]).worker_memory_limit_mb
+    assert 0 < cap_mb < int(worker["mem_limit"].removesuffix("g")) * 1024
+
+    template = cfn_yaml.load(str(root / "infra" / "mcaas.yaml"))
+    (container,) = template["Resources"]["WorkerTaskDefinition"]["Properties"][
+        "ContainerDefinitions"
+    ]
+    assert "--concurrency=1" in container["Command"]
+    env = {item["Name"]: item["Value"] for item in container["Environment"]}
+    assert env["MCAAS_WORKER_MEMORY_LIMIT_MB"] == {"Ref": "WorkerMemoryLimitMb"}
+    parameters = template["Parameters"]
+    default_cap = parameters["WorkerMemoryLimitMb"]["Default"]
+    assert default_cap < parameters["StepRunnerMemory"]["Default"]
