@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from api.deps import CurrentUser, DispatcherDep, ServicesDep, SettingsDep
 from api.errors import ConflictError, UnavailableError
+from api.quotas import LimitsDep
 from api.schemas import (
     ID_PATTERN,
     ArtifactPublic,
@@ -92,10 +93,17 @@ def job_public(job: JobRecord, records: list[StepRecord] | None = None) -> JobPu
 
 @router.post("", status_code=202, response_model=JobPublic)
 def create_job(
-    body: JobCreate, user: CurrentUser, services: ServicesDep, dispatcher: DispatcherDep
+    body: JobCreate,
+    user: CurrentUser,
+    services: ServicesDep,
+    dispatcher: DispatcherDep,
+    limits: LimitsDep,
 ) -> JobPublic:
-    """Validate the job against the step registry, store it, and queue its first step."""
+    """Validate the job against the step registry, store it, and queue its first step
+    (429 while the user has too many jobs running or queued)."""
     from modules.core.jobspec import parse_job_spec
+
+    limits.check_jobs(services, user)
 
     model_key, model_meta = None, None
     if body.model_id is not None:
