@@ -72,15 +72,34 @@ def ended(services: Any, job_id: str, *, timeout_s: float) -> Any:
     )
 
 
-def assert_serves_next_job(stack: DevStack, worker: Process) -> float:
-    """A normal job submitted now completes on the same worker; return its time in s."""
-    started = time.monotonic()
-    services, job_id = submit_job(stack, QUICK_JOB)
-    job = ended(services, job_id, timeout_s=180)
-    assert job.status == "COMPLETED", job.reason
-    assert worker.alive(), worker.log_tail()
-    assert "Unrecoverable error" not in worker.log_tail(1_000_000)
-    return time.monotonic() - started
+class SecondUser:
+    """Bob's normal job, submitted while an attack holds the worker; it must complete."""
+
+    def __init__(self, stack: DevStack) -> None:
+        self.stack = stack
+        self.started = time.monotonic()
+        self.services, self.job_id = submit_job(stack, QUICK_JOB, user="bob")
+
+    def completed_s(self, worker: Process) -> float:
+        job = ended(self.services, self.job_id, timeout_s=180)
+        assert job.status == "COMPLETED", job.reason
+        assert worker.alive(), worker.log_tail()
+        assert "Unrecoverable error" not in worker.log_tail(1_000_000)
+        return time.monotonic() - self.started
+
+
+def normal_job_s(stack: DevStack, worker: Process) -> float:
+    """The same normal job alone on the worker afterwards: its normal time."""
+    return SecondUser(stack).completed_s(worker)
+
+
+def peak_rss_mb(worker: Process) -> dict[str, float]:
+    """Peak resident memory of the worker's main process and of its pool process now."""
+    out = {"worker_main_peak_rss_mb": status_kib(worker.popen.pid, "VmHWM") / 1024}
+    children = pool_children(worker)
+    if children:
+        out["pool_peak_rss_mb"] = max(status_kib(pid, "VmHWM") for pid in children) / 1024
+    return out
 
 
 def test_a_job_past_the_memory_cap_fails_and_the_worker_serves_the_next(
@@ -94,15 +113,18 @@ def test_a_job_past_the_memory_cap_fails_and_the_worker_serves_the_next(
         (line,) = [row for row in limits.splitlines() if row.startswith("Max address space")]
         assert line.split()[3] == str(MEMORY_CAP_MB * 2**20), line
 
+    started = time.monotonic()
     services, job_id = submit_job(fault_stack, [{"name": ALLOCATE, "params": {"megabytes": 3072}}])
+    bob = SecondUser(fault_stack)
     job = ended(services, job_id, timeout_s=120)
+    held_s = time.monotonic() - started
 
     assert job.status == "FAILED"
     assert "step 0 (h_allocate) ran out of memory" in job.reason
     assert worker.alive(), worker.log_tail()
-    peaks = {pid: status_kib(pid, "VmHWM") for pid in pool_children(worker)}
-    assert peaks and all(kib < MEMORY_CAP_MB * 1024 for kib in peaks.values()), peaks
-    next_job_s = assert_serves_next_job(fault_stack, worker)
+    rss = peak_rss_mb(worker)
+    assert rss["pool_peak_rss_mb"] < MEMORY_CAP_MB, rss
+    bob_s = bob.completed_s(worker)
 
     # A job within the cap runs, and sees the pool shape the worker exported.
     services, small = submit_job(fault_stack, [{"name": ALLOCATE, "params": {"megabytes": 64}}])
@@ -113,15 +135,15 @@ def test_a_job_past_the_memory_cap_fails_and_the_worker_serves_the_next(
     assert (record.metrics["worker_concurrency"], record.metrics["worker_cpus"]) == ("1", str(cpus))
     assert record.metrics["torch_threads"] == cpus
     dump_result(
-        "memory_cap",
+        "attack_memory_cap",
         {
-            "cap_mb": MEMORY_CAP_MB,
-            "asked_mb": 3072,
+            "attack": f"a step allocating 3072 MiB, pool process capped at {MEMORY_CAP_MB} MiB",
             "status": job.status,
             "reason": job.reason,
-            "pool_peak_rss_mb": max(peaks.values()) / 1024,
-            "worker_main_peak_rss_mb": status_kib(worker.popen.pid, "VmHWM") / 1024,
-            "next_job_s": next_job_s,
+            "held_s": held_s,
+            **rss,
+            "second_user_job_s": bob_s,
+            "normal_job_s": normal_job_s(fault_stack, worker),
         },
     )
 
@@ -135,6 +157,7 @@ def test_a_step_that_kills_its_worker_each_time_fails_past_the_redelivery_cap(
 
     started = time.monotonic()
     services, job_id = submit_job(fault_stack, [{"name": KILL_SELF, "params": {}}])
+    bob = SecondUser(fault_stack)
     job = ended(services, job_id, timeout_s=180)
     held_s = time.monotonic() - started
 
@@ -143,10 +166,18 @@ def test_a_step_that_kills_its_worker_each_time_fails_past_the_redelivery_cap(
     # Begun four times: three ran and killed their pool process, the fourth was refused.
     assert job.attempts == 4
     assert services.log.records(job_id) == []
-    next_job_s = assert_serves_next_job(fault_stack, worker)
+    bob_s = bob.completed_s(worker)
     dump_result(
-        "kill_self",
-        {"status": job.status, "reason": job.reason, "held_s": held_s, "next_job_s": next_job_s},
+        "attack_kill_self",
+        {
+            "attack": "a step that SIGKILLs its own pool process, MCAAS_MAX_REDELIVERIES=2",
+            "status": job.status,
+            "reason": job.reason,
+            "held_s": held_s,
+            **peak_rss_mb(worker),
+            "second_user_job_s": bob_s,
+            "normal_job_s": normal_job_s(fault_stack, worker),
+        },
     )
 
 
@@ -164,13 +195,16 @@ def test_stop_kills_a_step_that_never_checks_and_frees_the_worker(
     fault_stack.service_env()
     worker = fault_stack.start_worker(extra_args=HOSTILE_WORKER)
     api_url = fault_stack.start_api()
+    api = next(p for p in fault_stack.processes if p.name == "api")
 
+    started = time.monotonic()
     services, job_id = submit_job(fault_stack, [{"name": HOLD_CPU, "params": {"seconds": 600}}])
     wait_until(
         lambda: services.jobs.get(job_id).status == "INPROGRESS",
         timeout_s=90,
         what="the spinning step to start",
     )
+    bob = SecondUser(fault_stack)
     (spinning,) = pool_children(worker)
     response = httpx.post(f"{api_url}/v1/jobs/{job_id}/stop", headers=ALICE, timeout=30)
     stopped_at = time.monotonic()
@@ -183,12 +217,21 @@ def test_stop_kills_a_step_that_never_checks_and_frees_the_worker(
         what="the pool process running the stopped step to be killed",
     )
     freed_s = time.monotonic() - stopped_at
-    next_job_s = assert_serves_next_job(fault_stack, worker)
+    bob_s = bob.completed_s(worker)
     served_after_stop_s = time.monotonic() - stopped_at
     # The step would have held the worker for 600 s and the hard limit is 620 s.
     assert served_after_stop_s < 300
     assert services.jobs.get(job_id).status == "STOPPED"
     dump_result(
-        "stop_frees_worker",
-        {"freed_s": freed_s, "next_job_s": next_job_s, "served_after_stop_s": served_after_stop_s},
+        "attack_stop_spinning_step",
+        {
+            "attack": "a step spinning 600 s without a stop check, then POST /stop",
+            "status": services.jobs.get(job_id).status,
+            "held_s": stopped_at - started + freed_s,
+            "freed_after_stop_s": freed_s,
+            "api_peak_rss_mb": status_kib(api.popen.pid, "VmHWM") / 1024,
+            **peak_rss_mb(worker),
+            "second_user_job_s": bob_s,
+            "normal_job_s": normal_job_s(fault_stack, worker),
+        },
     )
