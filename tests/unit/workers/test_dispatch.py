@@ -156,3 +156,28 @@ def test_celery_terminate_revokes_the_owner_task_with_sigkill() -> None:
     assert app.control.revoked == []
     dispatcher.terminate(job.model_copy(update={"owner": "task-42"}))
     assert app.control.revoked == [("task-42", {"terminate": True, "signal": "SIGKILL"})]
+
+
+class _StoppingEcs(RecordingEcs):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: list[dict[str, object]] = []
+
+    def stop_task(self, **kwargs: object) -> None:
+        self.stopped.append(kwargs)
+
+
+def test_ecs_terminate_stops_the_jobs_latest_task(settings_for, services, make_job) -> None:
+    job_id = make_job({"name": "w_refit"})
+    advance(job_id, 0, services)
+    client = _StoppingEcs()
+    ecs_services = services._replace(store=S3Store("models-bucket"))
+    dispatcher = EcsDispatcher(settings_for(**ECS), ecs_services, client=client)
+    dispatcher.terminate(services.jobs.get(job_id))  # no task started yet
+    assert client.stopped == []
+    dispatcher.submit(job_id)
+    dispatcher.enqueue(job_id, 1)
+    dispatcher.terminate(services.jobs.get(job_id))
+    assert client.stopped == [
+        {"cluster": "mcaas", "task": "arn:task/2", "reason": "stopped by the user"}
+    ]
