@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.quotas import QuotaExceededError
 from modules.errors import (
     BadInputError,
     IncompatibleError,
@@ -49,6 +50,7 @@ class UnavailableError(McaasError):
 # Most specific first: NotFoundError and the model errors are BadInputErrors too.
 STATUS_OF: tuple[tuple[type[McaasError], int], ...] = (
     (UnauthorizedError, 401),
+    (QuotaExceededError, 429),
     (PayloadTooLargeError, 413),
     (ConflictError, 409),
     (UnavailableError, 503),
@@ -67,6 +69,7 @@ _HTTP_CODES = {
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
+    429: "quota_exceeded",
 }
 
 
@@ -95,6 +98,8 @@ async def _mcaas_error(request: Request, exc: Exception) -> JSONResponse:
         "refused %s %s: %d %s: %.300s", request.method, request.url.path, status, exc.code, exc
     )
     headers = {"WWW-Authenticate": "ApiKey"} if status == 401 else None
+    if isinstance(exc, QuotaExceededError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     return JSONResponse(error_body(exc.code, str(exc)), status_code=status, headers=headers)
 
 

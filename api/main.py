@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from api.auth import KeyResolver
 from api.errors import install_error_handlers
+from api.quotas import ApiLimits
 from api.routes import catalog, events, health, inputs, jobs, models
 from api.ui.routes import install_ui
 from modules.pipeline.settings import (
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         app.state.keys = keys
         app.state.dispatcher = dispatcher
+        app.state.limits = ApiLimits(resolved)
         try:
             yield
         finally:

@@ -265,11 +265,12 @@ class DevStack:
         self.env = env
         return env
 
-    def start_worker(self, name: str = "worker") -> Process:
-        """A Celery worker with compose's worker command; waits for 'ready'."""
+    def start_worker(self, name: str = "worker", *, extra_args: tuple[str, ...] = ()) -> Process:
+        """A Celery worker with compose's worker command (plus `extra_args`, e.g. `-I` a
+        module of test steps); waits for 'ready'."""
         env = self.env or self.service_env()
         argv = local_argv(compose_command("worker"), port=0)
-        argv += ["-n", f"{name}-{self.run_id}@%h"]
+        argv += ["-n", f"{name}-{self.run_id}@%h", *extra_args]
         process = self._spawn(name, argv, env)
         self._wait(process, lambda: " ready." in process.log_tail(100_000), "'ready.' in its log")
         return process

@@ -11,6 +11,9 @@ Why each option (see DESIGN.md's reliability notes):
   Redis would hand a still-running step to a second worker. A step whose whole worker
   died comes back after the visibility timeout (plus one restore sweep).
 * JSON only: tasks carry ids, never objects or pickles.
+* Each pool process gets an address-space cap and its share of the cores
+  (workers/process_limits.py); a pool process still bloated after a task (resident memory
+  above half its cap) is replaced by a fresh one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ from kombu import Queue
 
 from modules.pipeline.settings import Settings, get_settings, restore_interval_s
 from workers.names import TASK_NAME
+from workers.process_limits import (
+    PoolShape,
+    apply_memory_cap,
+    cgroup_memory_bytes,
+    export_pool_shape,
+    memory_cap_bytes,
+    pool_shape,
+    set_timing_threads,
+)
 from workers.services import worker_services, worker_step_cache
 
 __all__ = ["celery_app", "celery_config", "make_celery", "restore_interval_s"]
@@ -75,8 +87,15 @@ def _configure(sender: Celery, **_: Any) -> None:
     sender.conf.update(celery_config(get_settings().require("worker")))
 
 
+class _PoolLimits:
+    """What the main process decided for its pool processes; they inherit it at fork."""
+
+    shape: PoolShape | None = None
+    memory_cap: int | None = None
+
+
 @worker_init.connect
-def _check_and_warm(**_: Any) -> None:
+def _check_and_warm(sender: Any = None, **_: Any) -> None:
     """Fail start-up with a message naming a missing setting; load the steps before forking.
 
     Celery logs and swallows an Exception from a signal handler (the app's on_configure
@@ -93,6 +112,23 @@ def _check_and_warm(**_: Any) -> None:
     if settings.dev_mode:
         create_dev_resources(worker_services())
     load_builtin_steps()
+    if sender is not None:
+        _plan_pool(sender, settings)
+
+
+def _plan_pool(worker: Any, settings: Settings) -> None:
+    """Export the pool shape, decide each pool process's memory cap, and have billiard
+    replace a pool process whose resident memory stays above half of it after a task."""
+    shape = pool_shape(worker.concurrency)
+    export_pool_shape(shape)
+    cap = memory_cap_bytes(
+        settings.worker_memory_limit_mb,
+        concurrency=shape.concurrency,
+        cgroup_bytes=cgroup_memory_bytes(),
+    )
+    _PoolLimits.shape, _PoolLimits.memory_cap = shape, cap
+    if cap is not None and not worker.max_memory_per_child:
+        worker.max_memory_per_child = cap // 2 // 1024  # billiard counts KiB
 
 
 @worker_process_init.connect
@@ -101,3 +137,7 @@ def _fresh_clients(**_: Any) -> None:
     # pool process has cached.
     worker_services.cache_clear()
     worker_step_cache.cache_clear()
+    if _PoolLimits.memory_cap is not None:
+        apply_memory_cap(_PoolLimits.memory_cap)
+    if _PoolLimits.shape is not None:
+        set_timing_threads(_PoolLimits.shape.threads_per_process)

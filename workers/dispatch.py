@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from modules.core.jobspec import DEFAULT_PROFILE
+from modules.core.records import JobRecord
 from modules.errors import McaasError, NotFoundError
 from modules.pipeline.engine import Dispatcher, advance_to_end
 from modules.pipeline.settings import Services, Settings
@@ -65,6 +66,19 @@ class CeleryDispatcher:
         """Send one task with JSON args (ids only)."""
         priority = NEXT_STEP_PRIORITY if index > 0 else NEW_JOB_PRIORITY
         self.app.send_task(TASK_NAME, args=[job_id, index], queue=self.queue, priority=priority)
+
+    def terminate(self, job: JobRecord) -> None:
+        """Revoke the message that runs the job's steps, killing the pool process that runs
+        it (billiard replaces it): a step that never checks for a stop would otherwise hold
+        the worker until the hard time limit. A queued message is dropped when it arrives."""
+        if not job.owner:
+            return
+        try:
+            self.app.control.revoke(job.owner, terminate=True, signal="SIGKILL")
+        except Exception:
+            # The job is STOPPED either way; its step then ends at the next stop check or
+            # at the hard time limit.
+            logger.exception("job %s: could not revoke task %s", job.job_id, job.owner)
 
 
 def _csv(value: str | None) -> list[str]:
@@ -158,6 +172,18 @@ class EcsDispatcher:
         current = self.services.jobs.get(job_id)
         earlier = (current.model_extra or {}).get("ecs_tasks", []) if current is not None else []
         self.services.jobs.update(job_id, ecs_tasks=[*earlier, *arns])
+
+    def terminate(self, job: JobRecord) -> None:
+        """StopTask on the job's latest ECS task (the one that runs its current step)."""
+        arns = (job.model_extra or {}).get("ecs_tasks") or []
+        if not arns:
+            return
+        try:
+            self.client.stop_task(
+                cluster=self.settings.ecs_cluster, task=arns[-1], reason="stopped by the user"
+            )
+        except Exception:
+            logger.exception("job %s: could not stop ECS task %s", job.job_id, arns[-1])
 
 
 class InlineDispatcher:

@@ -11,6 +11,12 @@ JobStore.begin_step (sent while its body runs; its outputs are stored only once 
 holds, so a stop is still seen between steps), and the task's message id is the job's
 owner there, so a redelivery resumes the job at the step its worker died in.
 Past the budget the next step is queued as its own task, which gets the full time limits.
+
+A MemoryError leaves the task as StepOutOfMemory: Celery's main process re-raises a task's
+MemoryError as an unrecoverable error of its own and the whole worker exits, leaving every
+other queued job waiting. The job is already FAILED with the reason by then (the engine
+records it); the pool process serves the next task, or is replaced when its resident memory
+stayed high (workers/celery_app.py).
 """
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ from workers.dispatch import CeleryDispatcher
 from workers.names import TASK_NAME
 from workers.services import worker_services, worker_step_cache
 
-__all__ = ["backoff_s", "broker_failed", "run_step_task", "worker_services", "worker_step_cache"]
+__all__ = [
+    "StepOutOfMemory",
+    "backoff_s",
+    "broker_failed",
+    "run_step_task",
+    "worker_services",
+    "worker_step_cache",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +67,10 @@ def broker_failed(exc: BaseException) -> bool:
 def backoff_s(retries: int) -> float:
     """Exponential backoff with jitter: about 1, 2, 4, ... seconds, capped at a minute."""
     return min(MAX_BACKOFF_S, 2.0**retries) * (0.5 + random.random() / 2)
+
+
+class StepOutOfMemory(RuntimeError):
+    """A step ran out of memory in this pool process; its job is already FAILED."""
 
 
 class StepTask(Task):
@@ -82,23 +99,40 @@ class StepTask(Task):
 def run_step_task(self: Any, job_id: str, index: int) -> None:
     """Run step `index` through run_step, and the next ones while within
     MCAAS_CONTINUE_INLINE_S; then queue the next one unless the job ended."""
+    try:
+        _advance(self, job_id, index)
+    except MemoryError as exc:
+        detail = str(exc) or "an allocation was refused"
+    else:
+        return
+    # Raised outside the except block: nothing the step held stays reachable through the
+    # MemoryError's traceback once this task has ended.
+    raise StepOutOfMemory(f"job {job_id} step {index}: out of memory: {detail}")
+
+
+def _advance(task: Any, job_id: str, index: int) -> None:
     settings = get_settings()
     services = worker_services()
+    retries = int(task.request.retries or 0)
     try:
         next_index = advance_in_a_row(
             job_id,
             index,
             services,
-            owner=self.request.id,
+            owner=task.request.id,
             continue_s=settings.continue_inline_s,
             trust_pickle=settings.trust_pickle,
             cache=worker_step_cache(),
+            # This message's own retries are restarts too; MCAAS_TASK_MAX_RETRIES caps those.
+            max_restarts=settings.max_redeliveries + retries,
         )
         if next_index is not None:
-            dispatcher = CeleryDispatcher(self.app, queue=settings.queue)
+            dispatcher = CeleryDispatcher(task.app, queue=settings.queue)
             hand_off(job_id, next_index, jobs=services.jobs, enqueue=dispatcher.enqueue)
     except Exception as exc:
-        if not isinstance(exc, TransientInfraError) and not is_transient(exc):
+        if isinstance(exc, MemoryError) or (
+            not isinstance(exc, TransientInfraError) and not is_transient(exc)
+        ):
             raise
         if broker_failed(exc):
             # Redis itself failed (e.g. while queueing the next step): self.retry would have to
@@ -107,7 +141,6 @@ def run_step_task(self: Any, job_id: str, index: int) -> None:
             # visibility timeout) and the step re-runs idempotently.
             logger.warning("job %s step %d: broker error, message requeued: %s", job_id, index, exc)
             raise Reject(exc, requeue=True) from exc
-        retries = int(self.request.retries)
         if retries >= settings.task_max_retries:
             fail_job(
                 services,
@@ -116,4 +149,4 @@ def run_step_task(self: Any, job_id: str, index: int) -> None:
             )
             raise
         logger.warning("job %s step %d: transient error, retry %d: %s", job_id, index, retries, exc)
-        raise self.retry(exc=exc, countdown=backoff_s(retries)) from exc
+        raise task.retry(exc=exc, countdown=backoff_s(retries)) from exc

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentUser, ServicesDep, SettingsDep
+from api.quotas import LimitsDep, declared_length
 from api.routes.models import UPLOAD_BODY
 from api.schemas import InputsListPublic, InputsPublic
 from api.uploads import INPUTS_SUFFIXES, receive_upload
@@ -30,9 +31,16 @@ def to_public(meta: dict[str, Any]) -> InputsPublic:
 
 @router.post("", status_code=201, response_model=InputsPublic, openapi_extra=UPLOAD_BODY)
 async def upload_inputs(
-    request: Request, user: CurrentUser, settings: SettingsDep, services: ServicesDep
+    request: Request,
+    user: CurrentUser,
+    settings: SettingsDep,
+    services: ServicesDep,
+    limits: LimitsDep,
 ) -> InputsPublic:
     """Upload an inputs file (.npz, one array per model input) as the multipart field `file`."""
+    await run_in_threadpool(
+        limits.check_upload, services, user, declared_bytes=declared_length(request)
+    )
     upload = await receive_upload(
         request, limit=settings.max_upload_bytes, suffixes=INPUTS_SUFFIXES, what="inputs file"
     )

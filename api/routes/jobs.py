@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from api.deps import CurrentUser, DispatcherDep, ServicesDep, SettingsDep
 from api.errors import ConflictError, UnavailableError
+from api.quotas import LimitsDep
 from api.schemas import (
     ID_PATTERN,
     ArtifactPublic,
@@ -26,7 +27,7 @@ from api.schemas import (
 from modules.core.jobspec import DEFAULT_PROFILE
 from modules.core.records import JobRecord, JobStatus, StepRecord
 from modules.errors import NotFoundError
-from modules.pipeline.engine import fail_if_stale, finish, report_key, stop
+from modules.pipeline.engine import StepTerminator, fail_if_stale, finish, report_key, stop
 from modules.pipeline.settings import Services, stale_after_s
 from modules.storage.inputs_catalog import check_job_dataset, check_job_inputs
 from modules.storage.keys import key_in_user
@@ -92,10 +93,17 @@ def job_public(job: JobRecord, records: list[StepRecord] | None = None) -> JobPu
 
 @router.post("", status_code=202, response_model=JobPublic)
 def create_job(
-    body: JobCreate, user: CurrentUser, services: ServicesDep, dispatcher: DispatcherDep
+    body: JobCreate,
+    user: CurrentUser,
+    services: ServicesDep,
+    dispatcher: DispatcherDep,
+    limits: LimitsDep,
 ) -> JobPublic:
-    """Validate the job against the step registry, store it, and queue its first step."""
+    """Validate the job against the step registry, store it, and queue its first step
+    (429 while the user has too many jobs running or queued)."""
     from modules.core.jobspec import parse_job_spec
+
+    limits.check_jobs(services, user)
 
     model_key, model_meta = None, None
     if body.model_id is not None:
@@ -156,12 +164,18 @@ def get_job(
 
 
 @router.post("/{job_id}/stop", response_model=JobPublic)
-def stop_job(job_id: str, user: CurrentUser, services: ServicesDep) -> JobPublic:
-    """Stop a queued or running job; the running step finishes, no later step starts."""
+def stop_job(
+    job_id: str, user: CurrentUser, services: ServicesDep, dispatcher: DispatcherDep
+) -> JobPublic:
+    """Stop a queued or running job: no later step starts, and the running one is ended
+    (its worker process killed) where the dispatcher can, else at its next stop check."""
     job = owned_job(services, job_id, user)
     if job.terminal:
         raise ConflictError(f"job {job_id} is already {job.status}")
-    return job_public(stop(services, job_id))
+    stopped = stop(services, job_id)
+    if isinstance(dispatcher, StepTerminator):
+        dispatcher.terminate(stopped)
+    return job_public(stopped)
 
 
 def job_artifacts(services: Services, job: JobRecord, *, expires_s: int) -> list[ArtifactPublic]:

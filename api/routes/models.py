@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentUser, ServicesDep, SettingsDep
+from api.quotas import LimitsDep, declared_length
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import MODEL_TEXT_FIELDS, receive_upload
 from modules.storage.model_catalog import (
@@ -56,10 +57,17 @@ def to_public(meta: dict[str, Any]) -> ModelPublic:
 
 @router.post("", status_code=201, response_model=ModelPublic, openapi_extra=UPLOAD_BODY)
 async def upload_model(
-    request: Request, user: CurrentUser, settings: SettingsDep, services: ServicesDep
+    request: Request,
+    user: CurrentUser,
+    settings: SettingsDep,
+    services: ServicesDep,
+    limits: LimitsDep,
 ) -> ModelPublic:
     """Upload a model (.pt checkpoint, .pt2 torch.export program, .skops or .onnx) as the
     multipart field `file`; a bare state_dict needs the field `arch` too."""
+    await run_in_threadpool(
+        limits.check_upload, services, user, declared_bytes=declared_length(request)
+    )
     upload = await receive_upload(
         request, limit=settings.max_upload_bytes, text_fields=MODEL_TEXT_FIELDS
     )

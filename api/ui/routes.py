@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import DispatcherDep, ServicesDep, SettingsDep
 from api.errors import status_for
+from api.quotas import ApiLimits, QuotaExceededError, declared_length, get_limits
 from api.routes.events import job_event, step_states
 from api.routes.jobs import create_job, get_report, job_artifacts, owned_job
 from api.schemas import JobCreate
@@ -160,18 +161,39 @@ def login(
             {"next": "/ui/jobs", "error": None, "enabled": False},
             status_code=503,
         )
+    limits = get_limits(request)
+    address = request.client.host if request.client is not None else "unknown"
+    refused = limits.login_blocked(address=address, api_key=api_key)
+    if refused is not None:
+        return _throttled_login(request, next, refused)
     user = request.app.state.keys.user_for(api_key) if api_key else None
     if user is None:
+        limits.login_failed(address=address, api_key=api_key)
         return page(
             request,
             "login.html",
             {"next": _safe_next(next), "error": "That API key is not valid.", "enabled": True},
             status_code=401,
         )
+    refused = limits.login_succeeded(user)
+    if refused is not None:
+        return _throttled_login(request, next, refused)
     response = RedirectResponse(_safe_next(next), status_code=303)
     set_session_cookie(
         response, new_session(user), secret=secret, secure=request.url.scheme == "https"
     )
+    return response
+
+
+def _throttled_login(request: Request, next: str, refused: QuotaExceededError) -> HTMLResponse:
+    """The login form again, with the throttle's message, as a 429 with Retry-After."""
+    response = page(
+        request,
+        "login.html",
+        {"next": _safe_next(next), "error": f"Too many login attempts: {refused}", "enabled": True},
+        status_code=429,
+    )
+    response.headers["Retry-After"] = str(refused.retry_after_s)
     return response
 
 
@@ -384,6 +406,7 @@ def _start_job(
     services: Services,
     dispatcher: Any,
     *,
+    limits: ApiLimits,
     user: str,
     model_id: str,
     framework: str,
@@ -403,7 +426,7 @@ def _start_job(
     except ValidationError as exc:
         problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise BadInputError(problems) from None
-    return create_job(body, user, services, dispatcher).id
+    return create_job(body, user, services, dispatcher, limits).id
 
 
 @router.post("/upload")
@@ -412,7 +435,16 @@ async def upload_and_start(
 ) -> Response:
     """Store the uploaded model (the API's safe loaders), start the preset, show the job."""
     session = require_session(request)
+    limits = get_limits(request)
     try:
+        # Both limits before anything is read or stored: a refused job leaves no upload.
+        await run_in_threadpool(limits.check_jobs, services, session.user_id)
+        await run_in_threadpool(
+            limits.check_upload,
+            services,
+            session.user_id,
+            declared_bytes=declared_length(request),
+        )
         form = await receive_upload_form(request, limit=settings.max_upload_bytes)
         if not csrf_ok(session, form.texts.get("csrf")):
             raise BadInputError("the form is out of date; reload the page and try again")
@@ -434,6 +466,7 @@ async def upload_and_start(
             lambda: _start_job(
                 services,
                 dispatcher,
+                limits=limits,
                 user=session.user_id,
                 model_id=meta["id"],
                 framework=artifact.framework,
@@ -465,6 +498,7 @@ def start_job(
         job_id = _start_job(
             services,
             dispatcher,
+            limits=get_limits(request),
             user=session.user_id,
             model_id=meta["id"],
             framework=meta["framework"],

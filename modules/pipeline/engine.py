@@ -15,6 +15,13 @@ JobStore.begin_step lets only one of the two run the step).
 A task may run several steps of its job in a row (`advance_in_a_row`); it passes its
 message id as `owner`, so its message, delivered again after its worker died, resumes the
 job where it stopped.
+
+Redeliveries are capped from the job's attempt counter: each begin of a step counts one
+attempt, so a job on step i whose steps each began once has i + 1; what is above that is
+restarts (a worker that died mid-step, or a retry after a transient error). Past
+`max_redeliveries` restarts (plus the retries of the message now running, which
+MCAAS_TASK_MAX_RETRIES caps on its own) the job FAILS with the reason instead of being run
+again: a step that kills its own worker each time is not retried without end.
 """
 
 from __future__ import annotations
@@ -70,6 +77,16 @@ class Dispatcher(Protocol):
 
     def enqueue(self, job_id: str, index: int) -> None:
         """Queue step `index` of the stored job."""
+        ...
+
+
+@runtime_checkable
+class StepTerminator(Protocol):
+    """A dispatcher that can end a stopped job's running step at once (Celery: revoke with
+    terminate; ECS: StopTask), so a step that never checks for a stop frees its worker."""
+
+    def terminate(self, job: JobRecord) -> None:
+        """End whatever runs the job's current step now; never raises."""
         ...
 
 
@@ -191,8 +208,9 @@ def finish(
 
 
 def stop(services: Services, job_id: str, reason: str = "stopped by the user") -> JobRecord:
-    """Mark the job STOPPED and write its report: the running step finishes (its record
-    is kept), no later step starts."""
+    """Mark the job STOPPED and write its report: no later step starts; the running step
+    finishes (its record is kept) unless the API also has its dispatcher end it
+    (StepTerminator)."""
     stopped = services.jobs.update(job_id, status=JobStatus.STOPPED.value, reason=reason)
     _write_report_quietly(services, stopped)
     return stopped
@@ -300,6 +318,22 @@ def _begin(
     return current, index
 
 
+def restarts(job: JobRecord, index: int) -> int:
+    """How many times the job's steps up to `index` were begun again (see module doc)."""
+    return max(0, job.attempts - (index + 1))
+
+
+def _restarted_too_often(job: JobRecord, index: int, allowed: int) -> str | None:
+    """The FAILED reason when the job has been restarted more than `allowed` times."""
+    done = restarts(job, index)
+    if done <= allowed:
+        return None
+    return (
+        f"step {index} ({job.step_name(index)}) was started again {done} times after its "
+        f"worker died or it failed (limit {allowed}, MCAAS_MAX_REDELIVERIES): not run again"
+    )
+
+
 def _resumes(current: JobRecord, index: int, owner: str) -> bool:
     """Whether `owner`'s message for step `index` is its own chain delivered again: the job
     still names it as owner, is on a later step, and was not handed on to another message."""
@@ -337,6 +371,7 @@ def advance(
     owner: str | None = None,
     job: JobRecord | None = None,
     begun: Future[JobRecord | None] | None = None,
+    max_restarts: int | None = None,
 ) -> Advanced:
     """Run step `index` of the stored job and record the outcome on the job.
 
@@ -350,7 +385,9 @@ def advance(
 
     Our errors (bad params, wrong framework, unsafe model) fail the job with their message;
     a transient infrastructure error is raised as TransientInfraError for a retry; any
-    other exception fails the job with its type and message, then propagates.
+    other exception fails the job with its type and message, then propagates (a
+    MemoryError as "ran out of memory"). With `max_restarts`, a step begun by a new message
+    of a job restarted more often than that FAILS the job instead of running.
     """
     from modules.pipeline.run import run_step
 
@@ -362,6 +399,13 @@ def advance(
             if started is None:
                 return _DONE
             job, index = started
+            too_often = (
+                None if max_restarts is None else _restarted_too_often(job, index, max_restarts)
+            )
+            if too_often is not None:
+                logger.warning("job %s: %s", job_id, too_often)
+                finish(services, job_id, JobStatus.FAILED, too_often, job=job)
+                return _DONE
             if (job.handed_off or 0) > index and services.log.get(job_id, index) is not None:
                 logger.info("job %s step %d: ran and was handed off; dropped", job_id, index)
                 return _DONE
@@ -407,7 +451,11 @@ def advance(
     except Exception as exc:
         if is_transient(exc):
             raise TransientInfraError(f"{type(exc).__name__}: {exc}") from exc
-        reason = f"step {index} ({name}) crashed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, MemoryError):
+            detail = str(exc) or "an allocation was refused"
+            reason = f"step {index} ({name}) ran out of memory: {type(exc).__name__}: {detail}"
+        else:
+            reason = f"step {index} ({name}) crashed: {type(exc).__name__}: {exc}"
         _fail_quietly(services, job_id, reason)
         raise
 
@@ -422,6 +470,7 @@ def advance_in_a_row(
     trust_pickle: bool = False,
     cache: StepCache | None = None,
     clock: Callable[[], float] = time.monotonic,
+    max_restarts: int | None = None,
 ) -> int | None:
     """Advance step `index`, then the job's next steps in a row while less than `continue_s`
     has passed; return the step to queue as a new task, or None when the job is done.
@@ -431,7 +480,8 @@ def advance_in_a_row(
     was stopped meanwhile) discards them, and a long body stops at its next
     `check_cancelled()` (the training loop's next epoch). Each begin still follows the
     previous step's record, so a redelivered message resumes exactly as for one step per
-    task.
+    task. `max_restarts` caps the job's restarts (see `advance`); steps begun in a row are
+    first begins, so only the first step of the call is checked.
     """
     deadline = clock() + continue_s
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcaas-begin") as beside:
@@ -447,6 +497,7 @@ def advance_in_a_row(
                 owner=owner,
                 job=job,
                 begun=begun,
+                max_restarts=max_restarts if begun is None else None,
             )
             if step.next_index is None or clock() >= deadline:
                 return step.next_index

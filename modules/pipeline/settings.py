@@ -142,6 +142,70 @@ class Settings(BaseSettings):
         le=50,
         description="Retries of a step after transient S3/DynamoDB/Redis errors.",
     )
+    max_redeliveries: int = _env(
+        "MCAAS_MAX_REDELIVERIES",
+        default=3,
+        ge=0,
+        le=100,
+        description=(
+            "How many times a job's steps may be started again after their worker died (a "
+            "crash, the OOM killer, a lost pool process); past this the job FAILS with the "
+            "reason instead of being delivered again. Counted from the job's attempts."
+        ),
+    )
+    worker_memory_limit_mb: int = _env(
+        "MCAAS_WORKER_MEMORY_LIMIT_MB",
+        default=0,
+        ge=0,
+        le=1_048_576,
+        description=(
+            "Address-space cap (RLIMIT_AS) of each worker pool process, so a step that "
+            "allocates past it gets a MemoryError and its job FAILS while the worker lives "
+            "on. 0: derived from the container's cgroup memory limit (memory.max) shared "
+            "among the pool processes, or no cap outside a memory-limited cgroup."
+        ),
+    )
+    max_concurrent_jobs: int = _env(
+        "MCAAS_MAX_CONCURRENT_JOBS",
+        default=2,
+        ge=1,
+        le=10_000,
+        description="Jobs one user may have running (INPROGRESS) at once; more is a 429.",
+    )
+    max_queued_jobs: int = _env(
+        "MCAAS_MAX_QUEUED_JOBS",
+        default=10,
+        ge=1,
+        le=100_000,
+        description="Jobs one user may have waiting (QUEUED) at once; more is a 429.",
+    )
+    uploads_per_minute: int = _env(
+        "MCAAS_UPLOADS_PER_MINUTE",
+        default=30,
+        ge=1,
+        le=100_000,
+        description="Model and inputs uploads one user may make in any 60 s; more is a 429.",
+    )
+    max_stored_mb: float = _env(
+        "MCAAS_MAX_STORED_MB",
+        default=5_120.0,
+        gt=0,
+        le=10_485_760,
+        description=(
+            "Bytes one user may keep in uploaded models and inputs (MB); an upload past it "
+            "is a 429 naming the limit."
+        ),
+    )
+    login_attempts_per_minute: int = _env(
+        "MCAAS_LOGIN_ATTEMPTS_PER_MINUTE",
+        default=10,
+        ge=1,
+        le=10_000,
+        description=(
+            "Failed dashboard logins allowed in any 60 s for one user name, and (twice as "
+            "many) for one client address; past them logins get a 429 until the window moves."
+        ),
+    )
     continue_inline_s: float = _env(
         "MCAAS_CONTINUE_INLINE_S",
         default=60.0,

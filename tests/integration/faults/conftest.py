@@ -74,14 +74,18 @@ def settings_of(stack: DevStack) -> Settings:
 
 
 def submit_job(
-    stack: DevStack, steps: list[dict[str, Any]], *, create_resources: bool = True
+    stack: DevStack,
+    steps: list[dict[str, Any]],
+    *,
+    create_resources: bool = True,
+    user: str = "alice",
 ) -> tuple[Services, str]:
     """Store and queue a job the way the API does; return the stack's services and the id."""
     settings = settings_of(stack)
     services = build_services(settings)
     if create_resources:  # the API or worker may not have created the bucket and tables yet
         create_dev_resources(services)
-    spec = parse_job_spec({"user_id": "alice", "steps": steps})
+    spec = parse_job_spec({"user_id": user, "steps": steps})
     services.jobs.create(JobRecord.new(spec))
     make_dispatcher(settings, services).submit(spec.job_id)
     return services, spec.job_id

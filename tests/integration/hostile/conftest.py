@@ -45,6 +45,8 @@ def hostile_stack(
         tmp_path_factory.mktemp("hostile"), moto_url=moto_endpoint, redis_url=redis_url
     )
     stack.overrides["MCAAS_MAX_UPLOAD_MB"] = UPLOAD_CAP_MB
+    # The whole corpus goes to one user within seconds; the rate limit has its own test.
+    stack.overrides["MCAAS_UPLOADS_PER_MINUTE"] = "100000"
     try:
         stack.service_env()
         stack.start_api()

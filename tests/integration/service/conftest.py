@@ -23,6 +23,12 @@ from tests.devstack import DevStack, StackError
 ALICE = {"X-API-Key": "dev-key-alice-0001"}
 BOB = {"X-API-Key": "dev-key-bob-00002"}
 TERMINAL = {"COMPLETED", "FAILED", "REJECTED", "STOPPED"}
+SESSION_LIMITS = {
+    "MCAAS_UPLOADS_PER_MINUTE": "10000",
+    "MCAAS_MAX_QUEUED_JOBS": "1000",
+    "MCAAS_MAX_CONCURRENT_JOBS": "1000",
+    "MCAAS_LOGIN_ATTEMPTS_PER_MINUTE": "1000",
+}
 
 
 @dataclass
@@ -104,6 +110,9 @@ def service(
     stack.overrides["MCAAS_API_KEYS_TABLE"] = f"mcaas-keys-{stack.run_id}"
     # A small cap keeps the over-the-limit upload test light.
     stack.overrides["MCAAS_MAX_UPLOAD_MB"] = "5"
+    # One user runs the whole session's tests (and the dashboard's browser logins) on this
+    # stack; the per-user limits have tests of their own (tests/unit/api/test_quotas.py).
+    stack.overrides.update(SESSION_LIMITS)
     try:
         stack.service_env()
         stack.start_worker()

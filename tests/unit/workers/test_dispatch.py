@@ -124,3 +124,60 @@ def test_ecs_failures_become_dispatch_errors(settings_for, services, make_job) -
         dispatcher.enqueue(job_id, 1)
     with pytest.raises(DispatchError, match="no step 2"):
         dispatcher.enqueue(job_id, 2)
+
+
+class _Control:
+    def __init__(self) -> None:
+        self.revoked: list[tuple[str, dict[str, object]]] = []
+
+    def revoke(self, task_id: str, **options: object) -> None:
+        self.revoked.append((task_id, options))
+
+
+class _App:
+    def __init__(self) -> None:
+        self.control = _Control()
+
+
+def test_celery_terminate_revokes_the_owner_task_with_sigkill() -> None:
+    from modules.core.jobspec import parse_job_spec
+    from modules.core.records import JobRecord
+    from modules.pipeline.engine import StepTerminator
+    from workers.dispatch import CeleryDispatcher
+
+    app = _App()
+    dispatcher = CeleryDispatcher(app, queue="q")
+    assert isinstance(dispatcher, StepTerminator)
+    spec = parse_job_spec(
+        {"user_id": "alice", "steps": [{"name": "train", "params": {"model": "knn"}}]}
+    )
+    job = JobRecord.new(spec)
+    dispatcher.terminate(job)  # never begun: nothing to revoke
+    assert app.control.revoked == []
+    dispatcher.terminate(job.model_copy(update={"owner": "task-42"}))
+    assert app.control.revoked == [("task-42", {"terminate": True, "signal": "SIGKILL"})]
+
+
+class _StoppingEcs(RecordingEcs):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: list[dict[str, object]] = []
+
+    def stop_task(self, **kwargs: object) -> None:
+        self.stopped.append(kwargs)
+
+
+def test_ecs_terminate_stops_the_jobs_latest_task(settings_for, services, make_job) -> None:
+    job_id = make_job({"name": "w_refit"})
+    advance(job_id, 0, services)
+    client = _StoppingEcs()
+    ecs_services = services._replace(store=S3Store("models-bucket"))
+    dispatcher = EcsDispatcher(settings_for(**ECS), ecs_services, client=client)
+    dispatcher.terminate(services.jobs.get(job_id))  # no task started yet
+    assert client.stopped == []
+    dispatcher.submit(job_id)
+    dispatcher.enqueue(job_id, 1)
+    dispatcher.terminate(services.jobs.get(job_id))
+    assert client.stopped == [
+        {"cluster": "mcaas", "task": "arn:task/2", "reason": "stopped by the user"}
+    ]

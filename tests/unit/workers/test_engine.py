@@ -242,3 +242,41 @@ def test_with_a_step_cache_the_log_is_queried_once_per_job(
     assert job.status == "COMPLETED"
     report = json.loads(services.store.get_bytes(report_key(job)))
     assert [row["step"] for row in report["summary"]] == ["train", "w_refit", "w_gate"]
+
+
+def test_a_job_restarted_past_the_cap_fails_instead_of_running(services, make_job, calls) -> None:
+    job_id = make_job({"name": "w_refit"})
+    assert advance(job_id, 0, services, owner="m0").next_index == 1
+    # Two deliveries of step 1 began and died with their worker (nothing recorded).
+    for _ in range(2):
+        assert services.jobs.begin_step(job_id, 1, owner="m1") is not None
+    assert advance(job_id, 1, services, owner="m1", max_restarts=1).next_index is None
+    job = services.jobs.get(job_id)
+    assert job.status == "FAILED"
+    assert "step 1 (w_refit) was started again 2 times" in job.reason
+    assert "limit 1, MCAAS_MAX_REDELIVERIES" in job.reason
+    assert calls["w_refit"] == 0
+    assert services.log.get(job_id, 1) is None
+
+
+def test_restarts_within_the_cap_still_run(services, make_job, calls) -> None:
+    job_id = make_job({"name": "w_refit"})
+    assert advance(job_id, 0, services, owner="m0").next_index == 1
+    assert services.jobs.begin_step(job_id, 1, owner="m1") is not None
+    assert advance(job_id, 1, services, owner="m1", max_restarts=1).next_index is None
+    job = services.jobs.get(job_id)
+    assert (job.status, job.attempts) == ("COMPLETED", 3)
+    assert calls["w_refit"] == 1
+
+
+def test_a_memory_error_fails_the_job_as_out_of_memory(services, make_job, flaky_errors) -> None:
+    job_id = make_job({"name": "w_flaky"})
+    flaky_errors.append(MemoryError("Unable to allocate 8.00 PiB"))
+    assert advance(job_id, 0, services).next_index == 1
+    with pytest.raises(MemoryError):
+        advance(job_id, 1, services)
+    job = services.jobs.get(job_id)
+    assert job.status == "FAILED"
+    assert job.reason == (
+        "step 1 (w_flaky) ran out of memory: MemoryError: Unable to allocate 8.00 PiB"
+    )

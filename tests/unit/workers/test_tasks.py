@@ -19,7 +19,13 @@ from modules.pipeline.settings import SettingsError, get_settings
 from tests.unit.workers.conftest import ToyParams
 from workers.celery_app import celery_app, celery_config
 from workers.names import TASK_NAME
-from workers.tasks import backoff_s, run_step_task, worker_services, worker_step_cache
+from workers.tasks import (
+    StepOutOfMemory,
+    backoff_s,
+    run_step_task,
+    worker_services,
+    worker_step_cache,
+)
 
 
 def test_celery_config_is_made_for_long_idempotent_steps(settings_for) -> None:
@@ -227,3 +233,34 @@ def test_the_step_cache_follows_its_setting(worker_env, monkeypatch) -> None:
     worker_step_cache.cache_clear()
     with pytest.raises(SettingsError, match="MCAAS_WORKER_CACHE_MB"):
         worker_step_cache()
+
+
+def test_a_memory_error_leaves_the_task_as_a_plain_failure(
+    worker_env, services, make_job, flaky_errors
+) -> None:
+    """Celery's main process would re-raise a task's MemoryError and exit the worker."""
+    job_id = make_job({"name": "w_flaky"})
+    flaky_errors.append(MemoryError())
+    result = run_step_task.apply(args=[job_id, 0], task_id="task-oom")
+    assert result.failed()
+    assert isinstance(result.result, StepOutOfMemory)
+    assert not isinstance(result.result, MemoryError)
+    assert "out of memory: an allocation was refused" in str(result.result)
+    job = services.jobs.get(job_id)
+    assert job.status == "FAILED"
+    assert (
+        job.reason == "step 1 (w_flaky) ran out of memory: MemoryError: an allocation was refused"
+    )
+
+
+def test_the_task_caps_restarts_from_the_setting(
+    worker_env, monkeypatch, services, make_job, calls
+) -> None:
+    monkeypatch.setenv("MCAAS_MAX_REDELIVERIES", "0")
+    get_settings.cache_clear()
+    job_id = make_job({"name": "w_refit"})
+    assert services.jobs.begin_step(job_id, 0, owner="task-dies") is not None  # it died
+    assert run_step_task.apply(args=[job_id, 0], task_id="task-dies").successful()
+    job = services.jobs.get(job_id)
+    assert job.status == "FAILED" and "MCAAS_MAX_REDELIVERIES" in job.reason
+    assert calls["w_refit"] == 0
