@@ -13,6 +13,7 @@ prints its index as JSON; the tests call `build_corpus(dest, marker)` from a fix
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -48,6 +49,7 @@ class Specimen:
     body: Any = None  # JSON body for POST /v1/jobs (jobspec kind)
     cli: bool = True  # also tried against the CLI loaders
     tags: list[str] = field(default_factory=list)
+    refusal: str | None = None  # a phrase the refusal's message must hold, where it is known
 
 
 class _Reduce:
@@ -253,6 +255,147 @@ def _npz_object_arrays(marker: Path) -> bytes:
     return buffer.getvalue()
 
 
+def npy_bytes(header: str, data: bytes = b"", *, version: int = 1) -> bytes:
+    """A `.npy` member with exactly this header text (padded, as numpy pads) and data."""
+    text = header.encode("latin1")
+    size_bytes = 2 if version == 1 else 4
+    pad = -(6 + 2 + size_bytes + len(text) + 1) % 64
+    text += b" " * pad + b"\n"
+    length = struct.pack("<H" if version == 1 else "<I", len(text))
+    return b"\x93NUMPY" + bytes([version, 0]) + length + text + data
+
+
+def npy_header(descr: str, shape: str, *, fortran: bool = False) -> str:
+    return f"{{'descr': {descr!r}, 'fortran_order': {fortran}, 'shape': {shape}, }}"
+
+
+def npz_with(members: dict[str, bytes]) -> bytes:
+    """An `.npz` (stored zip) whose members are these raw `.npy` bytes."""
+    return _zip_with({f"{name}.npy": data for name, data in members.items()})
+
+
+# 250 MB of float32 zeros: deflated, about 243 KB (the 255 KB upload of the report).
+NPZ_BOMB_BYTES = 250_000_000
+
+
+@functools.cache
+def _bomb_member() -> tuple[bytes, int, int]:
+    """(raw deflate, CRC-32, size) of the bomb's member, built once: deflating takes ~2 s."""
+    import zlib
+
+    head = npy_bytes(npy_header("<f4", f"({NPZ_BOMB_BYTES // 4},)"))
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts, crc = [compressor.compress(head)], zlib.crc32(head)
+    chunk = bytes(8 * 1024 * 1024)
+    left = NPZ_BOMB_BYTES
+    while left:
+        piece = chunk[: min(left, len(chunk))]
+        parts.append(compressor.compress(piece))
+        crc = zlib.crc32(piece, crc)
+        left -= len(piece)
+    parts.append(compressor.flush())
+    return b"".join(parts), crc, len(head) + NPZ_BOMB_BYTES
+
+
+def npz_deflate_bomb(*, declared_file_size: int | None = None) -> bytes:
+    """One deflated member: a header declaring NPZ_BOMB_BYTES of float32, then that many zeros.
+
+    declared_file_size: the uncompressed size the zip headers claim (default: the true one);
+    a small lie gets past a reader that trusts the zip's own sizes.
+    """
+    data, crc, true_size = _bomb_member()
+    size = true_size if declared_file_size is None else declared_file_size
+    name = b"X_train.npy"
+    local = struct.pack(
+        "<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(data), size, len(name), 0
+    )
+    central = struct.pack(
+        "<IHHHHHHIIIHHHHHII",
+        0x02014B50,
+        20,
+        20,
+        0,
+        8,
+        0,
+        0,
+        crc,
+        len(data),
+        size,
+        len(name),
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
+    body = local + name + data
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central) + len(name), len(body), 0)
+    return body + central + name + end
+
+
+def hostile_npz_files(marker: Path) -> dict[str, tuple[str, bytes, str]]:
+    """name -> (what it is, its bytes, a phrase its refusal must hold).
+
+    Each hostile array is named X_train, so the dataset loader meets it as the inputs
+    reader does.
+    """
+    f8 = npy_header("<f8", "(4,)")
+    quoted = str(marker).replace("'", "")
+    run = f"__import__('os').system('touch {quoted}')"
+    return {
+        "npz_8_pib.npz": (
+            "npz whose header declares an 8 PiB float64 array",
+            npz_with({"X_train": npy_bytes(npy_header("<f8", f"({2**50},)"))}),
+            "refusing to allocate it",
+        ),
+        "npz_truncated_header.npz": (
+            "npz whose .npy header stops after 20 of its 118 bytes",
+            npz_with({"X_train": npy_bytes(f8)[:30]}),
+            "truncated .npy header",
+        ),
+        "npz_unterminated_header.npz": (
+            "npz whose .npy header dict is never closed",
+            npz_with(
+                {"X_train": npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (4,")}
+            ),
+            "malformed .npy header",
+        ),
+        "npz_code_in_header.npz": (
+            "npz whose .npy header calls os.system",
+            npz_with(
+                {"X_train": npy_bytes(f"{{'descr': {run}, 'fortran_order': False, 'shape': (1,)}}")}
+            ),
+            "malformed .npy header",
+        ),
+        "npz_truncated_data.npz": (
+            "npz declaring 4 float64 holding 10 bytes",
+            npz_with({"X_train": npy_bytes(f8, bytes(10))}),
+            "truncated data",
+        ),
+        "npz_negative_shape.npz": (
+            "npz declaring shape (-1, 4)",
+            npz_with({"X_train": npy_bytes(npy_header("<f8", "(-1, 4)"), bytes(32))}),
+            "not a non-negative int",
+        ),
+        "npz_object_header.npz": (
+            "npz declaring an object dtype",
+            npz_with({"X_train": npy_bytes(npy_header("|O", "(1,)"), b"\x80\x02N.")}),
+            "holds Python objects",
+        ),
+        "npz_deflate_bomb.npz": (
+            f"deflate of {NPZ_BOMB_BYTES // 10**6} MB of zeros",
+            npz_deflate_bomb(),
+            "expands to over",
+        ),
+        "npz_deflate_bomb_lying.npz": (
+            f"deflate of {NPZ_BOMB_BYTES // 10**6} MB of zeros, zip sizes claiming 1 MB",
+            npz_deflate_bomb(declared_file_size=1_000_000),
+            "refusing to allocate it",
+        ),
+    }
+
+
 def _nested(depth: int) -> str:
     return '{"a":' * depth + "1" + "}" * depth
 
@@ -431,7 +574,10 @@ def build_corpus(dest: Path, marker: Path) -> list[Specimen]:
         what="npz whose arrays are pickled objects running os.system",
         kind="dataset",
         tags=["rce"],
+        refusal="holds Python objects",
     )
+    for name, (what, data, refusal) in hostile_npz_files(marker).items():
+        add(name, data, upload_name="data.npz", what=what, kind="dataset", refusal=refusal)
     for name, (what, text) in _job_specs().items():
         path = dest / f"{name}.json"
         path.write_text(text, encoding="utf-8")
