@@ -245,6 +245,153 @@ def _onnx_custom_op() -> bytes:
     return bytes(model.SerializeToString())
 
 
+def _onnx_model(nodes: list[Any], inputs: list[Any], outputs: list[Any], **kw: Any) -> bytes:
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "hostile", inputs, outputs, **kw)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString())
+
+
+def _loop_body() -> Any:
+    from onnx import TensorProto, helper
+
+    return helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1]),
+        ],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
+
+
+def onnx_loop(trips: int | None, *, trips_from_input: bool = False) -> bytes:
+    """A Loop adding 1 per iteration: `trips` constant, from an input, or none (None)."""
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1])]
+    init = [helper.make_tensor("cond", TensorProto.BOOL, [], [True])]
+    trip = ""
+    if trips_from_input:
+        inputs.append(helper.make_tensor_value_info("M", TensorProto.INT64, []))
+        trip = "M"
+    elif trips is not None:
+        init.append(helper.make_tensor("M", TensorProto.INT64, [], [trips]))
+        trip = "M"
+    loop = helper.make_node("Loop", [trip, "cond", "X"], ["Y"], body=_loop_body())
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1])]
+    return _onnx_model([loop], inputs, outputs, initializer=init)
+
+
+def onnx_constant_of_shape(n: int, *, as_constant_node: bool = False) -> bytes:
+    """ConstantOfShape of n float32 ones, its shape an initializer or a Constant node."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["Y"], value=value)]
+    init = []
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [n])
+    if as_constant_node:
+        nodes.insert(0, helper.make_node("Constant", [], ["shape"], value=shape))
+    else:
+        init.append(shape)
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None])]
+    return _onnx_model(nodes, inputs, outputs, initializer=init)
+
+
+def onnx_expand_from_data() -> bytes:
+    """Expand whose target shape is an input tensor's values: no static bound."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Expand", ["X", "S"], ["Y"])]
+    inputs = [
+        helper.make_tensor_value_info("X", TensorProto.FLOAT, [1]),
+        helper.make_tensor_value_info("S", TensorProto.INT64, [1]),
+    ]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None])]
+    return _onnx_model(nodes, inputs, outputs)
+
+
+def onnx_tile(repeats: int) -> bytes:
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Tile", ["X", "R"], ["Y"])]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])]
+    init = [helper.make_tensor("R", TensorProto.INT64, [2], [1, repeats])]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", None])]
+    return _onnx_model(nodes, inputs, outputs, initializer=init)
+
+
+def onnx_broadcast(n: int) -> bytes:
+    """(n, 1) + (1, n) constants: two small initializers, an n*n float output."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = numpy_helper.from_array(np.zeros((n, 1), np.float32), "A")
+    b = numpy_helper.from_array(np.zeros((1, n), np.float32), "B")
+    nodes = [helper.make_node("Add", ["A", "B"], ["S"]), helper.make_node("Add", ["X", "S"], ["Y"])]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 1])]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, None])]
+    return _onnx_model(nodes, inputs, outputs, initializer=[a, b])
+
+
+def hostile_onnx_files() -> dict[str, tuple[str, bytes, str]]:
+    """name -> (what it is, its bytes, a phrase its refusal must hold): valid graphs, all."""
+    return {
+        "onnx_constant_of_shape.onnx": (
+            "ConstantOfShape of 3 * 2**28 float32 (3 GiB) from an initializer",
+            onnx_constant_of_shape(3 * 2**28),
+            "3,221,225,472 bytes, over the",
+        ),
+        "onnx_constant_of_shape_node.onnx": (
+            "ConstantOfShape of 3 * 2**28 float32 from a Constant node",
+            onnx_constant_of_shape(3 * 2**28, as_constant_node=True),
+            "3,221,225,472 bytes, over the",
+        ),
+        "onnx_loop_2_62.onnx": (
+            "Loop with a trip count of 2**62",
+            onnx_loop(2**62),
+            "runs 4,611,686,018,427,387,904 iterations",
+        ),
+        "onnx_loop_no_count.onnx": (
+            "Loop that stops only on a condition that stays true",
+            onnx_loop(None),
+            "has no trip count",
+        ),
+        "onnx_loop_count_input.onnx": (
+            "Loop whose trip count is an input",
+            onnx_loop(None, trips_from_input=True),
+            "trip count 'M' from run-time data",
+        ),
+        "onnx_expand_from_data.onnx": (
+            "Expand to a shape read from an input's values",
+            onnx_expand_from_data(),
+            "depends on tensor data",
+        ),
+        "onnx_tile.onnx": (
+            "Tile repeating a row 2**31 times",
+            onnx_tile(2**31),
+            "over the",
+        ),
+        "onnx_broadcast.onnx": (
+            "(40000, 1) + (1, 40000) constants: a 6.4 GB sum from 320 KB",
+            onnx_broadcast(40_000),
+            "6,400,000,000 bytes, over the",
+        ),
+    }
+
+
 def _npz_object_arrays(marker: Path) -> bytes:
     import numpy as np
 
@@ -576,6 +723,8 @@ def build_corpus(dest: Path, marker: Path) -> list[Specimen]:
         tags=["rce"],
         refusal="holds Python objects",
     )
+    for name, (what, data, refusal) in hostile_onnx_files().items():
+        add(name, data, upload_name="model.onnx", what=what, refusal=refusal)
     for name, (what, data, refusal) in hostile_npz_files(marker).items():
         add(name, data, upload_name="data.npz", what=what, kind="dataset", refusal=refusal)
     for name, (what, text) in _job_specs().items():

@@ -155,6 +155,20 @@ def test_unsafe_onnx_uploads_are_422(api, data, needle) -> None:
     assert api.stored_keys() == []
 
 
+@pytest.mark.parametrize(
+    "name", ["onnx_constant_of_shape.onnx", "onnx_loop_2_62.onnx", "onnx_expand_from_data.onnx"]
+)
+def test_onnx_uploads_that_would_allocate_or_loop_without_bound_are_422(api, name) -> None:
+    from tests.corpus.make_corpus import hostile_onnx_files
+
+    _, data, refusal = hostile_onnx_files()[name]
+    response = api.upload(data, "model.onnx")
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsafe_model" and refusal in error["message"], error
+    assert api.stored_keys() == []
+
+
 def test_an_onnx_upload_lists_its_named_inputs(api, encoder_onnx) -> None:
     body = api.upload(encoder_onnx, "encoder.onnx").json()
     assert body["framework"] == "onnx" and body["in_features"] is None
