@@ -726,7 +726,17 @@ def build_corpus(dest: Path, marker: Path) -> list[Specimen]:
     for name, (what, data, refusal) in hostile_onnx_files().items():
         add(name, data, upload_name="model.onnx", what=what, refusal=refusal)
     for name, (what, data, refusal) in hostile_npz_files(marker).items():
-        add(name, data, upload_name="data.npz", what=what, kind="dataset", refusal=refusal)
+        # The bombs are over the inputs cap (128 MiB), not over a local dataset's (2 GiB).
+        tags = ["over-inputs-cap"] if "bomb" in name else []
+        add(
+            name,
+            data,
+            upload_name="data.npz",
+            what=what,
+            kind="dataset",
+            refusal=refusal,
+            tags=tags,
+        )
     for name, (what, text) in _job_specs().items():
         path = dest / f"{name}.json"
         path.write_text(text, encoding="utf-8")

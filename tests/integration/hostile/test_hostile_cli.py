@@ -88,7 +88,9 @@ def test_hostile_dataset_files_are_refused(
     model = tmp_path / "valid.pt"
     model.write_bytes(checkpoint_bytes())
     for specimen in cli_specimens(corpus, "dataset"):
-        with pytest.raises(McaasError, match=re.escape(specimen.refusal or "")):
+        # A local dataset may hold 2 GiB: the bombs are refused there, but not for their size.
+        known = specimen.refusal and "over-inputs-cap" not in specimen.tags
+        with pytest.raises(McaasError, match=re.escape(specimen.refusal or "") if known else ""):
             load_dataset(str(specimen.path))
         out = tmp_path / "out.pt"
         assert quantize_main([str(model), str(out), "--dataset", str(specimen.path)]) == 2
