@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -336,10 +336,11 @@ class ForestPruneParams(BaseModel):
     val_fraction: float = Field(
         default=0.2, ge=0.05, le=0.5, description="Share of the train split used as holdout."
     )
-    sweep_trees: list[int] = Field(
+    sweep_trees: list[Annotated[int, Field(ge=1, le=10_000)]] = Field(
         default_factory=list,
         max_length=32,
-        description="Tree counts to report validation accuracy, nodes and size for (greedy order).",
+        description="Tree counts to report validation accuracy, nodes and size for (greedy "
+        "order; each 1 to 10000).",
     )
     timing_runs: int = Field(
         default=10, ge=2, le=1000, description="Timed runs per batch size for the latencies."

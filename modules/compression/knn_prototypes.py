@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -331,11 +331,11 @@ class KnnPrototypesParams(BaseModel):
         description="Instead of a ratio: the largest validation-accuracy drop allowed, in "
         "percentage points; the smallest ratio of search_ratios within it is used.",
     )
-    search_ratios: list[float] = Field(
+    search_ratios: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default=list(DEFAULT_SEARCH_RATIOS),
         min_length=1,
         max_length=32,
-        description="Ratios tried, smallest first, by the tolerance search.",
+        description="Ratios tried, smallest first, by the tolerance search (each in (0, 1]).",
     )
     val_fraction: float = Field(
         default=0.2,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import ConfigDict, Field, field_validator
@@ -346,11 +346,12 @@ class HardwareSimParams(TimingFields):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    memory_batch_sizes: list[int] = Field(
+    memory_batch_sizes: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(
         default=[1, 8, 64, 256],
         min_length=1,
         max_length=12,
-        description="Batch sizes at which peak inference memory is measured for the fit.",
+        description="Batch sizes at which peak inference memory is measured for the fit "
+        "(each 1 to 65536 rows).",
     )
     max_batch: int = Field(
         default=DEFAULT_MAX_BATCH,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -62,11 +63,37 @@ def _sklearn_predictor(artifact: ModelArtifact) -> Predictor:
     return Predictor("sklearn", one_hot, n_features)
 
 
+# Uploaded graphs are untrusted: every session allocates from one CPU arena capped at this
+# size, so a run that asks for more fails with ORT's allocation error (an IncompatibleError
+# from OrtRunner.run) instead of growing the process. modules.storage.onnx_bounds refuses
+# what static shapes reveal; this bounds the rest. The arena keeps what it has grown to
+# (at most the cap) for the next session rather than returning it after each run, which
+# would add page faults to every timed run.
+ORT_ARENA_MAX_BYTES = 4 * 1024**3
+_arena_lock = threading.Lock()
+_arena_registered = False
+
+
+def _register_capped_arena(ort: Any) -> None:
+    global _arena_registered
+    with _arena_lock:
+        if _arena_registered:
+            return
+        memory = ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+        )
+        # (max_mem, extend strategy 1 = grow by what is requested, default chunk sizes)
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(ORT_ARENA_MAX_BYTES, 1, -1, -1))
+        _arena_registered = True
+
+
 def ort_session(model_bytes: bytes, *, threads: int | None = None) -> Any:
     """A CPU ONNX Runtime session with `threads` intra-op threads (None: ORT's default)."""
     import onnxruntime as ort
 
+    _register_capped_arena(ort)
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.use_env_allocators", "1")
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import tracemalloc
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +35,9 @@ MAX_SAMPLES = 5000
 # Below 6 samples the median's interval is (min, max), which covers it less than 95% of
 # the time, so no smaller count meets a target.
 MIN_CI_SAMPLES = 6
+# The largest batch a step may time: techniques time their whole test split as one batch,
+# so this is far above a real split, yet refuses a batch that could never be allocated.
+MAX_BATCH_ROWS = 1_048_576
 
 
 class TimingFields(BaseModel):
@@ -71,8 +74,12 @@ class TimingFields(BaseModel):
 class MeasureParams(TimingFields):
     """Params of the `measure` step."""
 
-    batch_sizes: list[int] = Field(
-        default=[1, 64], min_length=1, max_length=8, description="Batch sizes to time."
+    batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH_ROWS)]] = Field(
+        default=[1, 64],
+        min_length=1,
+        max_length=8,
+        description="Batch sizes to time (each 1 to 1048576 rows: steps time their whole "
+        "test split as one batch).",
     )
 
 

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -74,14 +75,21 @@ class StepCallParams(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="Its params.")
 
 
+# Most trial combinations one search space may name; max_trials (at most 500) caps what
+# runs, this caps what is validated when the job is submitted.
+MAX_GRID_COMBINATIONS = 1000
+
+
 class SearchSpace(BaseModel):
     """One step and the values of its params to try (their cartesian product)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     step: str = Field(min_length=1, max_length=64, description="The registered step to search.")
-    grid: dict[str, list[Any]] = Field(
-        description="param -> values to try; every combination is one trial."
+    grid: dict[str, Annotated[list[Any], Field(max_length=50)]] = Field(
+        max_length=8,
+        description="param -> values to try; every combination is one trial (at most 8 "
+        f"params of 50 values each, and {MAX_GRID_COMBINATIONS} combinations).",
     )
     base_params: dict[str, Any] = Field(
         default_factory=dict, description="The step's other params, fixed for every trial."
@@ -102,6 +110,13 @@ class SearchSpace(BaseModel):
                 raise ValueError(f"auto: {self.step}.{param} has no values to try")
             if param in self.base_params:
                 raise ValueError(f"auto: {param!r} is searched; drop it from base_params")
+        n_combos = math.prod(len(values) for values in self.grid.values())
+        if n_combos > MAX_GRID_COMBINATIONS:
+            # Each combination is validated here, before anything runs: bound that work.
+            raise ValueError(
+                f"auto: the grid of {self.step!r} has {n_combos} combinations, over "
+                f"{MAX_GRID_COMBINATIONS}"
+            )
         for combo in self.combinations():
             step_params(self.step, combo, who="auto")
         for call in self.then:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
@@ -76,7 +76,7 @@ class SensitivityParams(BaseModel):
         description="prune: structured (neurons/channels); unstructured: zero weights; "
         "lowrank: truncated SVD.",
     )
-    levels: list[float] | None = Field(
+    levels: list[Annotated[float, Field(gt=0, le=1)]] | None = Field(
         default=None,
         min_length=1,
         max_length=10,

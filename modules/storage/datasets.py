@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from modules.errors import BadInputError, NotFoundError
+from modules.storage.npz_reader import read_npz
 
 BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "synthetic")
 MAX_DATASET_BYTES = 2 * 1024**3
@@ -125,16 +126,13 @@ def _builtin(name: str, seed: int) -> Dataset:
 
 def _load_npz(path: Path) -> Dataset:
     required = ("X_train", "y_train", "X_test", "y_test")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in required if k not in npz.files]
-            if missing:
-                raise BadInputError(f"dataset {path.name}: missing arrays {missing}")
-            arrays = tuple(npz[k] for k in required)
-    except ValueError as exc:  # object arrays need pickle: refused
-        raise BadInputError(f"dataset {path.name}: refused ({exc})") from None
-    except (OSError, EOFError) as exc:
-        raise BadInputError(f"dataset {path.name} is not a readable .npz: {exc}") from None
+    found = read_npz(
+        path, what=f"dataset {path.name}", max_bytes=MAX_DATASET_BYTES, max_arrays=64, only=required
+    )
+    missing = [k for k in required if k not in found]
+    if missing:
+        raise BadInputError(f"dataset {path.name}: missing arrays {missing}")
+    arrays = tuple(found[k] for k in required)
     x_tr, y_tr, x_te, y_te = arrays
     for key, arr in zip(required, arrays, strict=True):
         if arr.dtype.kind not in "biuf":

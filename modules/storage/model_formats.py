@@ -31,6 +31,7 @@ from modules.errors import (
     ModelFormatError,
     UnsafeModelError,
 )
+from modules.storage.onnx_bounds import check_onnx_bounds
 
 if TYPE_CHECKING:
     import onnx
@@ -639,6 +640,7 @@ def _check_onnx(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(model)
     except Exception as exc:  # ValidationError and the checker's other failures alike
         raise ModelFormatError(f"ONNX model failed onnx.checker: {exc}") from exc
+    check_onnx_bounds(model)
 
 
 def _onnx_tagged_meta(model: onnx.ModelProto) -> dict[str, Any]:

@@ -13,6 +13,7 @@ prints its index as JSON; the tests call `build_corpus(dest, marker)` from a fix
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -48,6 +49,7 @@ class Specimen:
     body: Any = None  # JSON body for POST /v1/jobs (jobspec kind)
     cli: bool = True  # also tried against the CLI loaders
     tags: list[str] = field(default_factory=list)
+    refusal: str | None = None  # a phrase the refusal's message must hold, where it is known
 
 
 class _Reduce:
@@ -333,6 +335,153 @@ def _onnx_custom_op() -> bytes:
     return bytes(model.SerializeToString())
 
 
+def _onnx_model(nodes: list[Any], inputs: list[Any], outputs: list[Any], **kw: Any) -> bytes:
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "hostile", inputs, outputs, **kw)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString())
+
+
+def _loop_body() -> Any:
+    from onnx import TensorProto, helper
+
+    return helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1]),
+        ],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
+
+
+def onnx_loop(trips: int | None, *, trips_from_input: bool = False) -> bytes:
+    """A Loop adding 1 per iteration: `trips` constant, from an input, or none (None)."""
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1])]
+    init = [helper.make_tensor("cond", TensorProto.BOOL, [], [True])]
+    trip = ""
+    if trips_from_input:
+        inputs.append(helper.make_tensor_value_info("M", TensorProto.INT64, []))
+        trip = "M"
+    elif trips is not None:
+        init.append(helper.make_tensor("M", TensorProto.INT64, [], [trips]))
+        trip = "M"
+    loop = helper.make_node("Loop", [trip, "cond", "X"], ["Y"], body=_loop_body())
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1])]
+    return _onnx_model([loop], inputs, outputs, initializer=init)
+
+
+def onnx_constant_of_shape(n: int, *, as_constant_node: bool = False) -> bytes:
+    """ConstantOfShape of n float32 ones, its shape an initializer or a Constant node."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["Y"], value=value)]
+    init = []
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [n])
+    if as_constant_node:
+        nodes.insert(0, helper.make_node("Constant", [], ["shape"], value=shape))
+    else:
+        init.append(shape)
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None])]
+    return _onnx_model(nodes, inputs, outputs, initializer=init)
+
+
+def onnx_expand_from_data() -> bytes:
+    """Expand whose target shape is an input tensor's values: no static bound."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Expand", ["X", "S"], ["Y"])]
+    inputs = [
+        helper.make_tensor_value_info("X", TensorProto.FLOAT, [1]),
+        helper.make_tensor_value_info("S", TensorProto.INT64, [1]),
+    ]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None])]
+    return _onnx_model(nodes, inputs, outputs)
+
+
+def onnx_tile(repeats: int) -> bytes:
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Tile", ["X", "R"], ["Y"])]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])]
+    init = [helper.make_tensor("R", TensorProto.INT64, [2], [1, repeats])]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", None])]
+    return _onnx_model(nodes, inputs, outputs, initializer=init)
+
+
+def onnx_broadcast(n: int) -> bytes:
+    """(n, 1) + (1, n) constants: two small initializers, an n*n float output."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = numpy_helper.from_array(np.zeros((n, 1), np.float32), "A")
+    b = numpy_helper.from_array(np.zeros((1, n), np.float32), "B")
+    nodes = [helper.make_node("Add", ["A", "B"], ["S"]), helper.make_node("Add", ["X", "S"], ["Y"])]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 1])]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, None])]
+    return _onnx_model(nodes, inputs, outputs, initializer=[a, b])
+
+
+def hostile_onnx_files() -> dict[str, tuple[str, bytes, str]]:
+    """name -> (what it is, its bytes, a phrase its refusal must hold): valid graphs, all."""
+    return {
+        "onnx_constant_of_shape.onnx": (
+            "ConstantOfShape of 3 * 2**28 float32 (3 GiB) from an initializer",
+            onnx_constant_of_shape(3 * 2**28),
+            "3,221,225,472 bytes, over the",
+        ),
+        "onnx_constant_of_shape_node.onnx": (
+            "ConstantOfShape of 3 * 2**28 float32 from a Constant node",
+            onnx_constant_of_shape(3 * 2**28, as_constant_node=True),
+            "3,221,225,472 bytes, over the",
+        ),
+        "onnx_loop_2_62.onnx": (
+            "Loop with a trip count of 2**62",
+            onnx_loop(2**62),
+            "runs 4,611,686,018,427,387,904 iterations",
+        ),
+        "onnx_loop_no_count.onnx": (
+            "Loop that stops only on a condition that stays true",
+            onnx_loop(None),
+            "has no trip count",
+        ),
+        "onnx_loop_count_input.onnx": (
+            "Loop whose trip count is an input",
+            onnx_loop(None, trips_from_input=True),
+            "trip count 'M' from run-time data",
+        ),
+        "onnx_expand_from_data.onnx": (
+            "Expand to a shape read from an input's values",
+            onnx_expand_from_data(),
+            "depends on tensor data",
+        ),
+        "onnx_tile.onnx": (
+            "Tile repeating a row 2**31 times",
+            onnx_tile(2**31),
+            "over the",
+        ),
+        "onnx_broadcast.onnx": (
+            "(40000, 1) + (1, 40000) constants: a 6.4 GB sum from 320 KB",
+            onnx_broadcast(40_000),
+            "6,400,000,000 bytes, over the",
+        ),
+    }
+
+
 def _npz_object_arrays(marker: Path) -> bytes:
     import numpy as np
 
@@ -341,6 +490,147 @@ def _npz_object_arrays(marker: Path) -> bytes:
     y = np.array([0], dtype=np.int64)
     np.savez(buffer, X_train=evil, y_train=y, X_test=evil, y_test=y)
     return buffer.getvalue()
+
+
+def npy_bytes(header: str, data: bytes = b"", *, version: int = 1) -> bytes:
+    """A `.npy` member with exactly this header text (padded, as numpy pads) and data."""
+    text = header.encode("latin1")
+    size_bytes = 2 if version == 1 else 4
+    pad = -(6 + 2 + size_bytes + len(text) + 1) % 64
+    text += b" " * pad + b"\n"
+    length = struct.pack("<H" if version == 1 else "<I", len(text))
+    return b"\x93NUMPY" + bytes([version, 0]) + length + text + data
+
+
+def npy_header(descr: str, shape: str, *, fortran: bool = False) -> str:
+    return f"{{'descr': {descr!r}, 'fortran_order': {fortran}, 'shape': {shape}, }}"
+
+
+def npz_with(members: dict[str, bytes]) -> bytes:
+    """An `.npz` (stored zip) whose members are these raw `.npy` bytes."""
+    return _zip_with({f"{name}.npy": data for name, data in members.items()})
+
+
+# 250 MB of float32 zeros: deflated, about 243 KB (the 255 KB upload of the report).
+NPZ_BOMB_BYTES = 250_000_000
+
+
+@functools.cache
+def _bomb_member() -> tuple[bytes, int, int]:
+    """(raw deflate, CRC-32, size) of the bomb's member, built once: deflating takes ~2 s."""
+    import zlib
+
+    head = npy_bytes(npy_header("<f4", f"({NPZ_BOMB_BYTES // 4},)"))
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts, crc = [compressor.compress(head)], zlib.crc32(head)
+    chunk = bytes(8 * 1024 * 1024)
+    left = NPZ_BOMB_BYTES
+    while left:
+        piece = chunk[: min(left, len(chunk))]
+        parts.append(compressor.compress(piece))
+        crc = zlib.crc32(piece, crc)
+        left -= len(piece)
+    parts.append(compressor.flush())
+    return b"".join(parts), crc, len(head) + NPZ_BOMB_BYTES
+
+
+def npz_deflate_bomb(*, declared_file_size: int | None = None) -> bytes:
+    """One deflated member: a header declaring NPZ_BOMB_BYTES of float32, then that many zeros.
+
+    declared_file_size: the uncompressed size the zip headers claim (default: the true one);
+    a small lie gets past a reader that trusts the zip's own sizes.
+    """
+    data, crc, true_size = _bomb_member()
+    size = true_size if declared_file_size is None else declared_file_size
+    name = b"X_train.npy"
+    local = struct.pack(
+        "<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(data), size, len(name), 0
+    )
+    central = struct.pack(
+        "<IHHHHHHIIIHHHHHII",
+        0x02014B50,
+        20,
+        20,
+        0,
+        8,
+        0,
+        0,
+        crc,
+        len(data),
+        size,
+        len(name),
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
+    body = local + name + data
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central) + len(name), len(body), 0)
+    return body + central + name + end
+
+
+def hostile_npz_files(marker: Path) -> dict[str, tuple[str, bytes, str]]:
+    """name -> (what it is, its bytes, a phrase its refusal must hold).
+
+    Each hostile array is named X_train, so the dataset loader meets it as the inputs
+    reader does.
+    """
+    f8 = npy_header("<f8", "(4,)")
+    quoted = str(marker).replace("'", "")
+    run = f"__import__('os').system('touch {quoted}')"
+    return {
+        "npz_8_pib.npz": (
+            "npz whose header declares an 8 PiB float64 array",
+            npz_with({"X_train": npy_bytes(npy_header("<f8", f"({2**50},)"))}),
+            "refusing to allocate it",
+        ),
+        "npz_truncated_header.npz": (
+            "npz whose .npy header stops after 20 of its 118 bytes",
+            npz_with({"X_train": npy_bytes(f8)[:30]}),
+            "truncated .npy header",
+        ),
+        "npz_unterminated_header.npz": (
+            "npz whose .npy header dict is never closed",
+            npz_with(
+                {"X_train": npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (4,")}
+            ),
+            "malformed .npy header",
+        ),
+        "npz_code_in_header.npz": (
+            "npz whose .npy header calls os.system",
+            npz_with(
+                {"X_train": npy_bytes(f"{{'descr': {run}, 'fortran_order': False, 'shape': (1,)}}")}
+            ),
+            "malformed .npy header",
+        ),
+        "npz_truncated_data.npz": (
+            "npz declaring 4 float64 holding 10 bytes",
+            npz_with({"X_train": npy_bytes(f8, bytes(10))}),
+            "truncated data",
+        ),
+        "npz_negative_shape.npz": (
+            "npz declaring shape (-1, 4)",
+            npz_with({"X_train": npy_bytes(npy_header("<f8", "(-1, 4)"), bytes(32))}),
+            "not a non-negative int",
+        ),
+        "npz_object_header.npz": (
+            "npz declaring an object dtype",
+            npz_with({"X_train": npy_bytes(npy_header("|O", "(1,)"), b"\x80\x02N.")}),
+            "holds Python objects",
+        ),
+        "npz_deflate_bomb.npz": (
+            f"deflate of {NPZ_BOMB_BYTES // 10**6} MB of zeros",
+            npz_deflate_bomb(),
+            "expands to over",
+        ),
+        "npz_deflate_bomb_lying.npz": (
+            f"deflate of {NPZ_BOMB_BYTES // 10**6} MB of zeros, zip sizes claiming 1 MB",
+            npz_deflate_bomb(declared_file_size=1_000_000),
+            "refusing to allocate it",
+        ),
+    }
 
 
 def _nested(depth: int) -> str:
@@ -564,7 +854,22 @@ def build_corpus(dest: Path, marker: Path) -> list[Specimen]:
         what="npz whose arrays are pickled objects running os.system",
         kind="dataset",
         tags=["rce"],
+        refusal="holds Python objects",
     )
+    for name, (what, data, refusal) in hostile_onnx_files().items():
+        add(name, data, upload_name="model.onnx", what=what, refusal=refusal)
+    for name, (what, data, refusal) in hostile_npz_files(marker).items():
+        # The bombs are over the inputs cap (128 MiB), not over a local dataset's (2 GiB).
+        tags = ["over-inputs-cap"] if "bomb" in name else []
+        add(
+            name,
+            data,
+            upload_name="data.npz",
+            what=what,
+            kind="dataset",
+            refusal=refusal,
+            tags=tags,
+        )
     for name, (what, text) in _job_specs().items():
         path = dest / f"{name}.json"
         path.write_text(text, encoding="utf-8")

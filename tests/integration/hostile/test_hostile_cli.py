@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,13 +82,15 @@ def test_a_script_subprocess_refuses_a_payload(corpus: list[Specimen], marker: P
     assert not marker.exists()
 
 
-def test_object_array_datasets_are_refused(
+def test_hostile_dataset_files_are_refused(
     corpus: list[Specimen], marker: Path, tmp_path: Path
 ) -> None:
     model = tmp_path / "valid.pt"
     model.write_bytes(checkpoint_bytes())
     for specimen in cli_specimens(corpus, "dataset"):
-        with pytest.raises(McaasError, match="allow_pickle=False|refused"):
+        # A local dataset may hold 2 GiB: the bombs are refused there, but not for their size.
+        known = specimen.refusal and "over-inputs-cap" not in specimen.tags
+        with pytest.raises(McaasError, match=re.escape(specimen.refusal or "") if known else ""):
             load_dataset(str(specimen.path))
         out = tmp_path / "out.pt"
         assert quantize_main([str(model), str(out), "--dataset", str(specimen.path)]) == 2

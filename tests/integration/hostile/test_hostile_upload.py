@@ -37,9 +37,11 @@ def multipart(filename: bytes, data: bytes) -> tuple[bytes, dict[str, str]]:
     return body, {**ALICE, "Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
-def upload(api: httpx.Client, filename: str, data: bytes) -> httpx.Response:
+def upload(
+    api: httpx.Client, filename: str, data: bytes, route: str = "/v1/models"
+) -> httpx.Response:
     body, headers = multipart(filename.encode("utf-8", "surrogateescape"), data)
-    return api.post("/v1/models", content=body, headers=headers)
+    return api.post(route, content=body, headers=headers)
 
 
 def clean_refusal(response: httpx.Response) -> str | None:
@@ -65,7 +67,12 @@ def attempts(
     """Send every specimen every way the API takes it; one row per attempt."""
     rows: list[dict[str, Any]] = []
 
-    def record(specimen: Specimen, route: str, response: httpx.Response) -> None:
+    def record(
+        specimen: Specimen, route: str, response: httpx.Response, expect: str | None = None
+    ) -> None:
+        problem = clean_refusal(response)
+        if problem is None and expect and expect not in response.json()["error"]["message"]:
+            problem = f"the refusal does not say {expect!r}: {response.text[:300]}"
         rows.append(
             {
                 "name": specimen.name,
@@ -76,7 +83,7 @@ def attempts(
                 "code": (response.json().get("error") or {}).get("code")
                 if response.headers.get("content-type", "").startswith("application/json")
                 else None,
-                "problem": clean_refusal(response),
+                "problem": problem,
             }
         )
 
@@ -90,6 +97,9 @@ def attempts(
             # The same bytes under an accepted extension: content sniffing must catch them.
             record(specimen, "POST /v1/models as .pt", upload(api, "model.pt", data))
         if specimen.kind == "dataset":
+            assert specimen.upload_name is not None
+            inputs = upload(api, specimen.upload_name, data, route="/v1/inputs")
+            record(specimen, "POST /v1/inputs", inputs, expect=specimen.refusal)
             body = {"model_id": model_id, "dataset": specimen.path, "steps": [{"name": "measure"}]}
             record(
                 specimen, "POST /v1/jobs dataset", api.post("/v1/jobs", json=body, headers=ALICE)

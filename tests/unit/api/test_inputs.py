@@ -83,6 +83,38 @@ def test_bad_inputs_files_get_a_4xx_and_store_nothing(api, name, data, status, n
     assert api.stored_keys() == []
 
 
+@pytest.fixture(scope="module")
+def hostile_npz(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, bytes, str]]:
+    from tests.corpus.make_corpus import hostile_npz_files
+
+    return hostile_npz_files(tmp_path_factory.mktemp("npz") / "MARKER")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "npz_8_pib.npz",
+        "npz_truncated_header.npz",
+        "npz_unterminated_header.npz",
+        "npz_code_in_header.npz",
+        "npz_truncated_data.npz",
+        "npz_negative_shape.npz",
+        "npz_object_header.npz",
+        "npz_deflate_bomb.npz",
+        "npz_deflate_bomb_lying.npz",
+    ],
+)
+def test_malformed_npz_files_are_400_naming_the_problem(api, hostile_npz, name) -> None:
+    _, data, refusal = hostile_npz[name]
+    response = upload_inputs(api, data, name)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "bad_input" and refusal in error["message"], error
+    if name != "npz_object_header.npz":
+        assert "Python objects" not in error["message"]
+    assert api.stored_keys() == []
+
+
 def test_an_oversized_inputs_file_is_413(api) -> None:
     response = upload_inputs(api, b"PK\x03\x04" + b"\0" * (1024 * 1024 + 1))
     assert response.status_code == 413 and api.stored_keys() == []
@@ -120,6 +152,20 @@ def test_unsafe_onnx_uploads_are_422(api, data, needle) -> None:
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "unsafe_model"
     assert needle in response.json()["error"]["message"]
+    assert api.stored_keys() == []
+
+
+@pytest.mark.parametrize(
+    "name", ["onnx_constant_of_shape.onnx", "onnx_loop_2_62.onnx", "onnx_expand_from_data.onnx"]
+)
+def test_onnx_uploads_that_would_allocate_or_loop_without_bound_are_422(api, name) -> None:
+    from tests.corpus.make_corpus import hostile_onnx_files
+
+    _, data, refusal = hostile_onnx_files()[name]
+    response = api.upload(data, "model.onnx")
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsafe_model" and refusal in error["message"], error
     assert api.stored_keys() == []
 
 

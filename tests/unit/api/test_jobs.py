@@ -216,6 +216,16 @@ def test_bad_job_specs_get_4xx_and_store_nothing(api) -> None:
     assert api.stored_keys() == []
 
 
+@pytest.mark.parametrize("sizes", [[10**18], [0], [-5]])
+def test_out_of_range_batch_sizes_are_refused_naming_the_field(api, sizes) -> None:
+    measure = {"name": "measure", "params": {"batch_sizes": sizes}}
+    response = api.submit({"steps": [TRAIN, measure]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "bad_input" and "batch_sizes" in error["message"], error
+    assert api.client.get("/v1/jobs", headers=ALICE).json()["count"] == 0
+
+
 def test_job_list_pages_with_a_cursor(api) -> None:
     ids = [api.submit({"steps": [TRAIN]}).json()["id"] for _ in range(3)]
     first = api.client.get("/v1/jobs?limit=2", headers=ALICE).json()

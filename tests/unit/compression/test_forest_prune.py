@@ -160,7 +160,11 @@ def test_step_prunes_and_reports(tmp_path, forest_file):
         ({"n_trees": 21}, BadInputError, "asked for 21 trees but the forest has 20"),
         ({"n_trees": 0}, BadInputError, "n_trees=0"),
         ({"ccp_alpha": -0.1}, BadInputError, "ccp_alpha=-0.1"),
-        ({"n_trees": 5, "sweep_trees": [0]}, BadInputError, "at least 1"),
+        (
+            {"n_trees": 5, "sweep_trees": [0]},
+            BadInputError,
+            "sweep_trees.0=0: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_bad_params_are_refused(forest_file, tmp_path, params, error, message):
