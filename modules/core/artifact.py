@@ -8,6 +8,8 @@ from typing import Any, Literal
 Framework = Literal["torch", "sklearn", "onnx"]
 
 FILE_SUFFIX: dict[str, str] = {"torch": ".pt", "sklearn": ".skops", "onnx": ".onnx"}
+# meta["format"] -> suffix, for frameworks with more than one safe format (torch: .pt2).
+FORMAT_SUFFIX: dict[str, str] = {"pt2": ".pt2"}
 
 
 @dataclass
@@ -25,4 +27,7 @@ class ModelArtifact:
 
     @property
     def suffix(self) -> str:
+        fmt = self.meta.get("format")
+        if isinstance(fmt, str) and fmt in FORMAT_SUFFIX:
+            return FORMAT_SUFFIX[fmt]
         return FILE_SUFFIX[self.framework]

@@ -76,12 +76,14 @@ _SUFFIX_KIND: dict[str, str] = {
     ".ckpt": "torch",
     ".skops": "sklearn",
     ".onnx": "onnx",
+    ".pt2": "pt2",
     ".pkl": "pickle",
     ".pickle": "pickle",
     ".joblib": "pickle",
 }
 _KIND_WORDS = {
     "torch": "a torch checkpoint",
+    "pt2": "a torch.export program (.pt2)",
     "sklearn": "a skops (scikit-learn) file",
     "onnx": "an ONNX model",
     "pickle": "a pickle/joblib file",
@@ -157,9 +159,13 @@ def _check_zip(data: bytes) -> list[str]:
 
 
 def _zip_kind(data: bytes) -> str:
+    from modules.storage.pt2 import is_pt2_archive
+
     names = _check_zip(data)
     if "schema.json" in names:
         return "sklearn"
+    if is_pt2_archive(names):
+        return "pt2"
     if any(PurePosixPath(name).name == "constants.pkl" for name in names) or any(
         "/code/" in name for name in names
     ):
@@ -170,7 +176,8 @@ def _zip_kind(data: bytes) -> str:
     if any(PurePosixPath(name).name == "data.pkl" for name in names):
         return "torch"
     raise ModelFormatError(
-        "zip archive is neither a torch checkpoint (no data.pkl) nor a skops file (no schema.json)"
+        "zip archive is neither a torch checkpoint (no data.pkl), a torch.export program (no "
+        "archive_format) nor a skops file (no schema.json)"
     )
 
 
@@ -188,7 +195,7 @@ def _parse_onnx(data: bytes) -> onnx.ModelProto | None:
 
 
 def _content_kind(data: bytes) -> str:
-    """'torch' | 'sklearn' | 'onnx' from the bytes alone; pickles are an UnsafeModelError."""
+    """'torch' | 'pt2' | 'sklearn' | 'onnx' from the bytes alone; pickles are refused."""
     if not data:
         raise ModelFormatError("the model file is empty (0 bytes)")
     if len(data) > MAX_MODEL_BYTES:
@@ -203,7 +210,8 @@ def _content_kind(data: bytes) -> str:
         return "onnx"
     raise ModelFormatError(
         f"unrecognised or corrupt model file ({len(data):,} bytes starting {data[:8]!r}): expected "
-        "a torch zip checkpoint (.pt), a skops file (.skops) or an ONNX model (.onnx)"
+        "a torch zip checkpoint (.pt), a torch.export program (.pt2), a skops file (.skops) or "
+        "an ONNX model (.onnx)"
     )
 
 
@@ -227,7 +235,7 @@ def _check_suffix(kind: str, filename: str | None) -> None:
 
 
 def sniff_format(data: bytes, filename: str | None = None) -> str:
-    """'torch' | 'sklearn' | 'onnx' by content, with the filename suffix as a cross-check."""
+    """'torch' | 'pt2' | 'sklearn' | 'onnx' by content, the filename suffix as a cross-check."""
     kind = _content_kind(data)
     _check_suffix(kind, filename)
     return kind
@@ -421,6 +429,26 @@ def _load_torch(data: bytes, *, trust_pickle: bool) -> ModelArtifact:
     return ModelArtifact("torch", model, meta)
 
 
+def _load_pt2(data: bytes) -> ModelArtifact:
+    from modules.storage.pt2 import load_pt2
+
+    module, meta = load_pt2(data)
+    return ModelArtifact("torch", module, meta)
+
+
+def _save_pt2(artifact: ModelArtifact) -> bytes:
+    from torch import nn
+
+    from modules.storage.pt2 import save_pt2
+
+    if not isinstance(artifact.obj, nn.Module):
+        raise BadInputError(
+            f"a torch artifact must hold an nn.Module, got {type(artifact.obj).__name__}"
+        )
+    meta = {k: v for k, v in artifact.meta.items() if k not in ("arch", "trusted_pickle")}
+    return save_pt2(artifact.obj, _plain_meta(meta))
+
+
 # --- scikit-learn --------------------------------------------------------------------------------
 
 
@@ -588,7 +616,9 @@ def _save_onnx(artifact: ModelArtifact) -> bytes:
 
 def save_model(artifact: ModelArtifact) -> bytes:
     """Serialise a model artifact into the bytes `load_model` reads back."""
-    if artifact.framework == "torch":
+    if artifact.framework == "torch" and artifact.meta.get("format") == "pt2":
+        data = _save_pt2(artifact)
+    elif artifact.framework == "torch":
         data = _save_torch(artifact)
     elif artifact.framework == "sklearn":
         data = _save_sklearn(artifact)
@@ -613,6 +643,8 @@ def load_model(
     _check_suffix(kind, filename)
     if kind == "torch":
         return _load_torch(data, trust_pickle=trust_pickle)
+    if kind == "pt2":
+        return _load_pt2(data)
     if kind == "sklearn":
         return _load_sklearn(data)
     return _load_onnx(data)

@@ -90,6 +90,96 @@ def _torch_zip(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def pt2_bytes() -> bytes:
+    """A real, valid torch.export program (.pt2) of a tiny residual MLP with a dynamic batch."""
+    import torch
+    from torch import nn
+
+    class ResidualMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(64, 32)
+            self.norm = nn.LayerNorm(32)
+            self.fc2 = nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = torch.relu(self.fc1(x))
+            return self.fc2(self.norm(hidden) + hidden)
+
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(
+        ResidualMLP().eval(), (torch.randn(4, 64),), dynamic_shapes=({0: batch},)
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def pt2_edit(
+    base: bytes,
+    *,
+    replace: dict[str, bytes] | None = None,
+    program: Any = None,
+    weights: Any = None,
+) -> bytes:
+    """`base` with members replaced (names under 'archive/'), its program JSON or weights
+    config passed through `program(dict)` / `weights(dict)`; everything else kept as is."""
+    replace = dict(replace or {})
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(base)) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            name = info.filename.split("/", 1)[1]
+            content = replace.pop(name, None)
+            if content is None:
+                content = source.read(info.filename)
+                if name == "models/model.json" and program is not None:
+                    content = json.dumps(program(json.loads(content))).encode()
+                if name == "data/weights/model_weights_config.json" and weights is not None:
+                    content = json.dumps(weights(json.loads(content))).encode()
+            target.writestr(info.filename, content)
+        for name, content in replace.items():
+            target.writestr(f"archive/{name}", content)
+    return out.getvalue()
+
+
+def _pt2_pickled_weight(base: bytes, payload: Any) -> bytes:
+    """weight_0 marked use_pickle, its payload a torch.save zip whose unpickling runs code."""
+
+    def mark(config: dict[str, Any]) -> dict[str, Any]:
+        entry = next(e for e in config["config"].values() if e["path_name"] == "weight_0")
+        entry["use_pickle"] = True
+        return config
+
+    return pt2_edit(base, replace={"data/weights/weight_0": _torch_zip(payload)}, weights=mark)
+
+
+def _pt2_custom_op(program: dict[str, Any]) -> dict[str, Any]:
+    program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.evil_ns.backdoor.default"
+    return program
+
+
+def _pt2_huge_tensor(config: dict[str, Any]) -> dict[str, Any]:
+    # 65536 x 65536 x 16 float32 = 256 GiB declared; torch's own loader would torch.zeros it
+    # for an empty payload.
+    entry = next(e for e in config["config"].values() if e["path_name"] == "weight_0")
+    entry["tensor_meta"]["sizes"] = [{"as_int": 65536}, {"as_int": 65536}, {"as_int": 16}]
+    entry["tensor_meta"]["strides"] = [{"as_int": 1048576}, {"as_int": 16}, {"as_int": 1}]
+    return config
+
+
+def _pt2_sympy_exec(marker: Path) -> Any:
+    quoted = str(marker).replace("'", "")
+
+    def edit(program: dict[str, Any]) -> dict[str, Any]:
+        values = program["graph_module"]["graph"]["tensor_values"]
+        size = values["x"]["sizes"][0]
+        size["as_expr"]["expr_str"] = f"__import__('os').system('touch {quoted}')"
+        return program
+
+    return edit
+
+
 def _deflated_zeros(n_bytes: int) -> tuple[bytes, int]:
     """Raw deflate of n zero bytes and their CRC-32, streamed in 8 MiB chunks."""
     import zlib
@@ -384,6 +474,49 @@ def build_corpus(dest: Path, marker: Path) -> list[Specimen]:
         _zip_with({"../../archive/data.pkl": pickle.dumps({"arch": {}, "state_dict": {}})}),
         upload_name="model.pt",
         what="zip member climbing out with ../",
+    )
+    pt2 = pt2_bytes()
+    add(
+        "pt2_pickled_weight_exec.pt2",
+        _pt2_pickled_weight(pt2, live["os_system"]),
+        upload_name="model.pt2",
+        what=".pt2 whose weight payload is a pickle running os.system (use_pickle=true)",
+        tags=["rce"],
+    )
+    add(
+        "pt2_sample_inputs_exec.pt2",
+        pt2_edit(pt2, replace={"data/sample_inputs/model.pt": _torch_zip(live["exec"])}),
+        upload_name="model.pt2",
+        what=".pt2 whose sample-inputs pickle runs exec (torch retries it unsafely)",
+        tags=["rce"],
+    )
+    add(
+        "pt2_sympy_expr_exec.pt2",
+        pt2_edit(pt2, program=_pt2_sympy_exec(marker)),
+        upload_name="model.pt2",
+        what=".pt2 whose shape expression (sympify-ed) runs os.system",
+        tags=["rce"],
+    )
+    add(
+        "pt2_custom_op.pt2",
+        pt2_edit(pt2, program=_pt2_custom_op),
+        upload_name="model.pt2",
+        what=".pt2 whose graph calls torch.ops.evil_ns.backdoor (not allow-listed)",
+    )
+    add(
+        "pt2_huge_tensor.pt2",
+        pt2_edit(pt2, replace={"data/weights/weight_0": b""}, weights=_pt2_huge_tensor),
+        upload_name="model.pt2",
+        what=".pt2 declaring a 256 GiB weight with an empty payload",
+    )
+    from modules.storage.architectures import build_model
+
+    bare = build_model({"name": "mlp", "in_features": 64, "hidden": [32], "num_classes": 10})
+    add(
+        "pt_bare_state_dict.pt",
+        _torch_zip(bare.state_dict()),
+        upload_name="model.pt",
+        what="torch.save(model.state_dict()) with no arch",
     )
     valid = checkpoint_bytes()
     add(
