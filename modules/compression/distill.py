@@ -41,8 +41,10 @@ from modules.storage.model_formats import save_model, torch_io_dims
 from modules.training.fields import TrainingFields
 from modules.training.finetune import (
     accuracy,
+    as_tensors,
     check_fits_data,
     check_trainable,
+    eval_mode,
     fit,
     seed_everything,
 )
@@ -93,7 +95,7 @@ def distill(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A trained copy of `student`, taught by `teacher` (left unchanged) on (x, y)."""
     student = copy.deepcopy(student)
-    teacher.eval()
+    eval_mode(teacher)
     current = {"temperature": temperature, "alpha": alpha}
     used: list[dict[str, float]] = []
 
@@ -104,10 +106,12 @@ def distill(
         current["alpha"] = linear_schedule(epoch, epochs=epochs, start=alpha, end=alpha_final)
         used.append(dict(current))
 
-    def loss_fn(logits: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def loss_fn(
+        logits: torch.Tensor, inputs: tuple[torch.Tensor, ...], yb: torch.Tensor
+    ) -> torch.Tensor:
         # no_grad, not inference_mode: kl_div saves the teacher's output for backward.
         with torch.no_grad():
-            teacher_logits = teacher(xb).float()
+            teacher_logits = teacher(*inputs).float()
         return kd_loss(
             logits,
             teacher_logits,
@@ -226,15 +230,16 @@ def _student(params: DistillParams, data: Dataset, ctx: StepContext) -> nn.Modul
 def check_student_fits(student: nn.Module, teacher: nn.Module, *, x: np.ndarray) -> None:
     """IncompatibleError naming both sides when the student's input or output differs."""
     student_in = torch_io_dims(student).get("in_features")
-    if student_in is not None and student_in != x.shape[1]:
+    if student_in is not None and not x.dtype.names and student_in != x[0].size:
         raise IncompatibleError(
-            f"the student takes {student_in} input features but the teacher takes {x.shape[1]}"
+            f"the student takes {student_in} input features but the teacher takes samples of "
+            f"shape {list(x.shape[1:])}"
         )
-    sample = torch.from_numpy(np.ascontiguousarray(x[:2], dtype=np.float32))
+    sample = as_tensors(x[:2])
     with torch.no_grad():
-        teacher_out = teacher.eval()(sample)
+        teacher_out = eval_mode(teacher)(*sample)
         try:
-            student_out = student.eval()(sample)
+            student_out = student.eval()(*sample)
         except RuntimeError as exc:
             raise IncompatibleError(
                 f"the student does not accept the teacher's {x.shape[1]} input features: {exc}"

@@ -65,8 +65,11 @@ from modules.evaluation.measure import (
 from modules.evaluation.stats import compare_latency
 from modules.storage.datasets import Dataset
 from modules.storage.inputs import (
+    as_named_inputs,
     dataset_feeds,
+    dataset_for_model,
     load_stored_inputs,
+    model_input_specs,
     n_rows,
     onnx_inputs,
     onnx_outputs,
@@ -228,11 +231,13 @@ def native_outputs(native: ModelArtifact, kind: str) -> Callable[[np.ndarray], n
     if native.framework == "torch":
         import torch
 
-        module = native.obj.eval()
+        from modules.training.finetune import eval_mode, forward
+
+        module = eval_mode(native.obj)
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                return module(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+                return forward(module, x).numpy()
 
         return run
     estimator = native.obj
@@ -253,7 +258,7 @@ def check_output_parity(
     if reference.framework == "onnx":
         reference_fn = OrtRunner.of(reference.obj, threads=params.threads).run
     else:
-        if len(feeds) != 1:
+        if len(feeds) != 1 and reference.framework != "torch":
             raise IncompatibleError(
                 f"the native {reference.framework} model takes one feature array; the graph "
                 f"takes {len(feeds)} inputs"
@@ -266,7 +271,9 @@ def check_output_parity(
         )
 
         def reference_fn(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return {name: np.asarray(native_fn(next(iter(f.values()))))}
+            # Several inputs reach a torch model positionally, in the graph's input order.
+            x = as_named_inputs(f) if len(f) > 1 else next(iter(f.values()))
+            return {name: np.asarray(native_fn(x))}
 
     ref_out = reference_fn(feeds)
     kind, why = resolve_kind(params.output_kind, candidate.meta, ref_out)
@@ -373,6 +380,7 @@ def check_parity(
     native: ModelArtifact, onnx_model: ModelArtifact, data: Dataset, params: ParityParams
 ) -> tuple[dict[str, Any], Verdict]:
     """Predict the test split with both, time both; returns (report, verdict)."""
+    data = dataset_for_model(data, model_input_specs(native))
     x = data.X_test
     native_pred = make_predictor(native)
     native_pred.check_features(x)
