@@ -32,7 +32,6 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from modules.compression.graph_layers import lift_layers
 from modules.compression.layer_select import (
     LayerChoice,
     LayerControlFields,
@@ -48,6 +47,7 @@ from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
 from modules.storage.datasets import Dataset
+from modules.storage.graph_layers import lift_layers
 from modules.storage.layers import ResidualBlock
 from modules.training.fields import FineTuneFields
 from modules.training.finetune import as_tensors, fit

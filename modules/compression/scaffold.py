@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from modules.compression.graph_layers import lift_layers
 from modules.core.artifact import ModelArtifact
 from modules.core.step import StepContext, StepOutput
 from modules.evaluation.measure import count_params
 from modules.storage.datasets import Dataset
+from modules.storage.graph_layers import lift_layers
 from modules.storage.inputs import dataset_for_model, torch_input_specs
 from modules.training.finetune import (
     check_fits_data,
@@ -136,7 +136,7 @@ def torch_step(
     check_fits_data(model.obj, data.X_test, num_classes=data.n_classes, what="the input model")
     seed_everything(ctx.seed)
     # An exported program's layer calls become layer modules the techniques can change.
-    done = transform(lift_layers(copy.deepcopy(model.obj)), data, params, ctx)
+    done = transform(copy.deepcopy(lift_layers(model.obj)), data, params, ctx)
     module = done.module
     check_fits_data(module, data.X_test, num_classes=data.n_classes, what=f"the {name} output")
     metrics = dict(done.metrics)

@@ -95,9 +95,11 @@ def export_torch(
     import onnx
     import torch
 
+    from modules.storage.graph_layers import lift_layers
     from modules.training.finetune import as_tensors, eval_mode
 
-    eval_mode(module)
+    # The TorchScript exporter switches modes, which an exported program's module refuses.
+    module = eval_mode(lift_layers(module))
     if inputs:
         if sample is None:
             raise ExportError("exporting declared inputs needs sample rows")

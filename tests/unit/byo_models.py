@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from modules.core.artifact import ModelArtifact
+from modules.training.finetune import eval_mode
 
 
 class ResidualMLP(nn.Module):
@@ -93,7 +94,7 @@ TOKEN_INPUTS = [
 
 def byo_artifact(module: nn.Module, inputs: list[dict[str, Any]]) -> ModelArtifact:
     """A user's own model in the agreed form (as the .pt2 loader hands it over)."""
-    return ModelArtifact("torch", module.eval(), {"format": "pt2", "inputs": inputs})
+    return ModelArtifact("torch", eval_mode(module), {"format": "pt2", "inputs": inputs})
 
 
 def example_inputs(

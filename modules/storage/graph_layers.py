@@ -13,6 +13,7 @@ graph. Any other module is returned as is.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -96,9 +97,10 @@ def _owner(targets: list[str]) -> str | None:
 
 
 def lift_layers(module: nn.Module) -> nn.Module:
-    """An exported GraphModule with its layer calls as layer modules; other modules as is."""
+    """A copy of an exported GraphModule with its layer calls as layer modules; others as is."""
     if not isinstance(module, fx.GraphModule):
         return module
+    module = copy.deepcopy(module)
     graph = module.graph
     for node in list(graph.nodes):
         rule = _LAYERS.get(node.target) if node.op == "call_function" else None
