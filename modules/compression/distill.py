@@ -188,9 +188,13 @@ class DistillParams(TrainingFields):
 
     @model_validator(mode="after")
     def _check_combination(self) -> DistillParams:
-        given = [self.student_arch, self.student_key, self.student_prune]
-        if sum(g is not None for g in given) > 1:
-            raise ValueError("give one of student_arch, student_key and student_prune")
+        if self.student_arch is not None and self.student_key is not None:
+            raise ValueError("give student_arch or student_key, not both")
+        if self.student_prune is not None and (self.student_arch or self.student_key):
+            raise ValueError(
+                "student_prune makes the student from the teacher; give it without "
+                "student_arch or student_key"
+            )
         if self.temperature_final is not None and self.temperature_final > self.temperature:
             raise ValueError(
                 f"temperature_final {self.temperature_final} is above temperature "
@@ -260,9 +264,9 @@ def check_student_fits(student: nn.Module, teacher: nn.Module, *, x: np.ndarray)
     """IncompatibleError naming both sides when the student's input or output differs."""
     student_in = torch_io_dims(student).get("in_features")
     if student_in is not None and not x.dtype.names and student_in != x[0].size:
+        given = x.shape[1] if x.ndim == 2 else f"samples of shape {list(x.shape[1:])}"
         raise IncompatibleError(
-            f"the student takes {student_in} input features but the teacher takes samples of "
-            f"shape {list(x.shape[1:])}"
+            f"the student takes {student_in} input features but the teacher takes {given}"
         )
     sample = as_tensors(x[:2])
     with torch.no_grad():

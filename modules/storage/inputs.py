@@ -475,5 +475,10 @@ def dataset_for_model(data: Any, specs: list[TensorSpec] | None) -> Any:
                 f"{_describe_x(x)}, a different rank and not a reshape of the same values"
             )
         data = data.with_sample_shape(dims)
+    width = spec.shape[1] if spec.shape is not None and len(spec.shape) == 2 else None
+    if isinstance(width, int) and data.X_test.ndim == 2 and data.X_test.shape[1] != width:
+        raise IncompatibleError(
+            f"model expects {width} input features, {source} has {data.X_test.shape[1]}"
+        )
     check_inputs(specs, {spec.name: data.X_test}, source=source)
     return data
