@@ -253,3 +253,11 @@ def test_flat_rows_feed_a_model_whose_sample_shape_holds_as_many_values(digits, 
     out = measure(byo_artifact(model, inputs), digits, MeasureParams(**FAST_TIMING), ctx_factory())
     assert out.metrics["n_test"] == len(digits.y_test)
     assert np.isfinite(out.metrics["latency_ms"]["b64"]["median"])
+
+
+def test_student_prune_is_its_own_student_source():
+    assert DistillParams(student_prune=0.5).student_prune == 0.5
+    with pytest.raises(ValueError, match="student_prune makes the student from the teacher"):
+        DistillParams(student_prune=0.5, student_arch={"name": "mlp", "hidden": [8]})
+    with pytest.raises(ValueError, match="less than 1"):
+        DistillParams(student_prune=1.0)
