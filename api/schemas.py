@@ -29,7 +29,9 @@ class ModelPublic(BaseModel):
 
     id: str = Field(description="Server-generated model id.")
     filename: str = Field(description="The client's file name (informational only).")
-    format: Literal["torch-checkpoint", "skops", "onnx"] = Field(description="File format.")
+    format: Literal["torch-checkpoint", "torch-export", "skops", "onnx"] = Field(
+        description="File format (torch-export: a torch.export .pt2 program)."
+    )
     framework: Literal["torch", "sklearn", "onnx"] = Field(description="Model framework.")
     size: int = Field(description="Bytes stored.")
     sha256: str = Field(description="sha256 of the stored bytes (as uploaded).")

@@ -21,7 +21,10 @@ from api.errors import PayloadTooLargeError
 from modules.errors import BadInputError
 
 FILE_FIELD = "file"
-ALLOWED_SUFFIXES = (".pt", ".pth", ".skops", ".onnx")
+ALLOWED_SUFFIXES = (".pt", ".pth", ".pt2", ".skops", ".onnx")
+# Short text fields a model upload may carry beside the file: the arch of a bare state_dict.
+MODEL_TEXT_FIELDS = ("arch",)
+MAX_TEXT_BYTES = 4096
 INPUTS_SUFFIXES = (".npz",)
 # Multipart boundaries and part headers around the file; generous but bounded.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -30,10 +33,11 @@ MAX_FILENAME_LENGTH = 255
 
 @dataclass
 class Upload:
-    """The one file of an upload."""
+    """The one file of an upload, and the short text fields sent with it."""
 
     filename: str
     data: bytes
+    texts: dict[str, str] = field(default_factory=dict)
 
 
 def check_filename(name: str, suffixes: tuple[str, ...] = ALLOWED_SUFFIXES) -> str:
@@ -57,12 +61,16 @@ def check_filename(name: str, suffixes: tuple[str, ...] = ALLOWED_SUFFIXES) -> s
 
 @dataclass
 class _FormCollector:
-    """python-multipart callbacks that keep exactly one `file` part, up to `limit` bytes."""
+    """python-multipart callbacks that keep exactly one `file` part, up to `limit` bytes, and
+    the named `text_fields` (each at most MAX_TEXT_BYTES)."""
 
     limit: int
     suffixes: tuple[str, ...] = ALLOWED_SUFFIXES
     what: str = "model"
+    text_fields: tuple[str, ...] = ()
     uploads: list[Upload] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)
+    _text_name: str | None = None
     _headers: dict[bytes, bytes] = field(default_factory=dict)
     _header_field: bytearray = field(default_factory=bytearray)
     _header_value: bytearray = field(default_factory=bytearray)
@@ -102,10 +110,18 @@ class _FormCollector:
         disposition = self._headers.get(b"content-disposition", b"")
         _, options = parse_options_header(disposition)
         name = options.get(b"name", b"").decode("utf-8", "replace")
+        self._text_name = None
+        if name in self.text_fields and b"filename" not in options:
+            if name in self.texts:
+                raise BadInputError(f"the form field {name!r} appears twice")
+            self._text_name = name
+            return
         if name != FILE_FIELD:
+            accepted = ", ".join(repr(f) for f in self.text_fields)
+            beside = f" (and optionally {accepted})" if accepted else ""
             raise BadInputError(
                 f"unexpected form field {name!r}: send only the {self.what}, as the "
-                f"{FILE_FIELD!r} field"
+                f"{FILE_FIELD!r} field{beside}"
             )
         if self.uploads:
             raise BadInputError(f"send one {self.what} per upload")
@@ -116,10 +132,20 @@ class _FormCollector:
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         self._buffer += data[start:end]
+        if self._text_name is not None:
+            if len(self._buffer) > MAX_TEXT_BYTES:
+                raise BadInputError(f"the form field {self._text_name!r} is too long")
+            return
         if len(self._buffer) > self.limit:
             raise PayloadTooLargeError(f"the file is over the upload limit of {self.limit:,} bytes")
 
     def _part_end(self) -> None:
+        if self._text_name is not None:
+            self.texts[self._text_name] = bytes(self._buffer).decode("utf-8", "replace")
+            self._text_name = None
+            self._buffer = bytearray()
+            self.in_part = False
+            return
         if self._filename is not None:
             self.uploads.append(Upload(self._filename, bytes(self._buffer)))
         self._buffer = bytearray()
@@ -155,19 +181,22 @@ async def receive_upload(
     limit: int,
     suffixes: tuple[str, ...] = ALLOWED_SUFFIXES,
     what: str = "model",
+    text_fields: tuple[str, ...] = (),
 ) -> Upload:
-    """Read the request body as multipart/form-data with one `file` part of at most `limit`."""
+    """Read the request body as multipart/form-data with one `file` part of at most `limit`
+    (and the named short text fields, returned in `Upload.texts`)."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise BadInputError(
             f"send the {what} as multipart/form-data with a {FILE_FIELD!r} file field"
         )
-    collector = _FormCollector(limit=limit, suffixes=suffixes, what=what)
+    collector = _FormCollector(limit=limit, suffixes=suffixes, what=what, text_fields=text_fields)
     await feed_multipart(request, boundary, collector.callbacks(), limit=limit)
     if collector.in_part or not collector.uploads:
         raise BadInputError(f"the body holds no complete {FILE_FIELD!r} file field")
     upload = collector.uploads[0]
     if not upload.data:
         raise BadInputError(f"the uploaded file {upload.filename!r} is empty (0 bytes)")
+    upload.texts = dict(collector.texts)
     return upload

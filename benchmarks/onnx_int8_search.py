@@ -182,6 +182,10 @@ def trial_table(metrics: dict[str, Any]) -> list[str]:
         if t.get("error"):
             lines.append(f"| {t['trial']} | {t['phase']} | {t['label']} | error: {t['error']} |")
             continue
+        if t["phase"] == "sensitivity":  # one pass that ranks the nodes: no graph of its own
+            top = ", ".join(f"{r['unit']} {r['damage'] or 0:.3g}" for r in t["ranking"][:3])
+            lines.append(f"| {t['trial']} | sensitivity | {t['label']} | ranked: {top} |")
+            continue
         a, b = _parity_cells(t, kind)
         lines.append(
             f"| {t['trial']}{mark} | {t['phase']} | {t['label']} | "

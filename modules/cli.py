@@ -45,7 +45,12 @@ def _fmt_size(n: Any) -> str:
 
 
 def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    from modules.evaluation.summary import NOISY_MARK, fmt_latency
+    from modules.evaluation.summary import (
+        NOISY_MARK,
+        batch_column_title,
+        fmt_batch_latency,
+        fmt_latency,
+    )
 
     table = Table(title=title)
     for col in (
@@ -55,7 +60,7 @@ def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
         "size",
         "acc",
         "b1 ms",
-        "b64 ms",
+        f"{batch_column_title(rows)} ms",
         "verdict",
     ):
         table.add_column(col, no_wrap=col in {"step", "fw", "size", "acc"})
@@ -71,7 +76,7 @@ def summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
             _fmt_size(row["size_bytes"]),
             "-" if acc is None else f"{acc * 100:.2f}%",
             fmt_latency(row["latency_b1_ms"], row["latency_b1_ci95"], row["latency_b1_noisy"]),
-            fmt_latency(row["latency_b64_ms"], row["latency_b64_ci95"], row["latency_b64_noisy"]),
+            fmt_batch_latency(row, rows),
             row["verdict"] or "-",
         )
     return table
@@ -89,6 +94,8 @@ def step_progress() -> Progress:
 
 
 def run_with_progress(ws: Any, spec: Any, *, label: str, trust_pickle: bool = False) -> Any:
+    from modules.core.step import reporting_progress
+
     with step_progress() as progress:
         task = progress.add_task(f"{label}: {spec.steps[0].name}", total=len(spec.steps))
 
@@ -96,7 +103,14 @@ def run_with_progress(ws: Any, spec: Any, *, label: str, trust_pickle: bool = Fa
             nxt = spec.steps[done].name if done < total else "done"
             progress.update(task, completed=done, description=f"{label}: {nxt}")
 
-        return ws.run(spec, trust_pickle=trust_pickle, progress=advance)
+        def detail(info: dict[str, Any]) -> None:
+            # What the running step reports of itself, e.g. an int8 search's trial count.
+            done = int(progress.tasks[0].completed)
+            step = spec.steps[min(done, len(spec.steps) - 1)].name
+            progress.update(task, description=f"{label}: {step} ({info.get('text', '')})")
+
+        with reporting_progress(detail):
+            return ws.run(spec, trust_pickle=trust_pickle, progress=advance)
 
 
 @app.command()
@@ -168,6 +182,15 @@ TrustPickleOption = Annotated[
     bool, typer.Option("--trust-pickle", help="Allow full pickled torch modules (unsafe).")
 ]
 ParamsOption = Annotated[str | None, typer.Option("--params", help=PARAMS_HELP)]
+ModelArchOption = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Architecture of a bare state_dict model file: resnet18, resnet34, resnet50, "
+        "mobilenet_v2, vgg11, vgg16 (or another built-in arch), or a JSON arch like "
+        '\'{"name":"resnet18","num_classes":10}\'.',
+    ),
+]
 
 
 def step_params(given: dict[str, Any], params_json: str | None) -> dict[str, Any]:
@@ -220,6 +243,7 @@ def run(
     job_file: Path = typer.Argument(..., help="Job spec, YAML or JSON."),
     artifacts: Path = typer.Option(Path("artifacts"), help="Workspace directory."),
     trust_pickle: TrustPickleOption = False,
+    arch: ModelArchOption = None,
 ) -> None:
     """Run a job spec in-process against a local workspace."""
     from modules.core.jobspec import parse_job_spec, read_job_file
@@ -230,11 +254,15 @@ def run(
     inputs_files = local_inputs(data, job_file=job_file)
     spec = parse_job_spec(data)
     model_path = resolve_model_path(spec.model, job_file=job_file)
+    if arch is not None and model_path is None:
+        raise BadInputError("--arch names the architecture of a local model file; the job has none")
     ws = LocalWorkspace(artifacts)  # only once the spec holds: a bad one writes nothing
     for inputs_id, blob in inputs_files.items():
         ws.store.put_bytes(inputs_key(spec.user_id, inputs_id), blob)
     if model_path is not None:
-        key = ws.import_model(model_path, user_id=spec.user_id, trust_pickle=trust_pickle)
+        key = ws.import_model(
+            model_path, user_id=spec.user_id, trust_pickle=trust_pickle, arch=arch
+        )
         spec = spec.model_copy(update={"model": key})
     elif spec.model is not None and not ws.store.exists(spec.model):
         raise NotFoundError(f"model {spec.model!r} is not in the workspace store {ws.store.root}")
@@ -363,7 +391,7 @@ def tradeoff_table(title: str, rows: list[dict[str, Any]]) -> Table:
 @app.command()
 @handles_errors
 def sweep(
-    model: Path = typer.Option(..., "--model", help="Model file (.pt, .skops or .onnx)."),
+    model: Path = typer.Option(..., "--model", help="Model file (.pt, .pt2, .skops or .onnx)."),
     step: str | None = typer.Option(None, help="Step to sweep, e.g. prune_structured."),
     param: str | None = typer.Option(None, help="Param of that step to vary, e.g. amount."),
     values: str | None = typer.Option(None, help="Values: '0,0.2,0.5' or a JSON list."),
@@ -380,6 +408,7 @@ def sweep(
     repeats: int | None = typer.Option(None, help="Runs per value (mean, std, 95% CI)."),
     out: Path = typer.Option(Path("artifacts/sweeps"), help="Workspace for tables and plots."),
     trust_pickle: TrustPickleOption = False,
+    arch: ModelArchOption = None,
     params_json: str | None = typer.Option(
         None, "--params", help="JSON object of the sweep (or budget_sweep) step's other params."
     ),
@@ -424,6 +453,7 @@ def sweep(
         name,
         params,
         input_path=model,
+        input_arch=arch,
         output_path=None,
         dataset=dataset,
         profile=profile,
@@ -457,7 +487,7 @@ def sweep(
 @app.command()
 @handles_errors
 def auto(
-    model: Path = typer.Option(..., "--model", help="Model file (.pt or .skops)."),
+    model: Path = typer.Option(..., "--model", help="Model file (.pt, .pt2, .skops or .onnx)."),
     profile: str = typer.Option(DEFAULT_PROFILE, help="Hardware profile the result must fit."),
     max_drop: float | None = typer.Option(
         None, help="Largest accuracy drop (points, or % if relative)."
@@ -478,6 +508,7 @@ def auto(
     output: Path | None = typer.Option(None, help="Where to write the best model."),
     out: Path = typer.Option(Path("artifacts/auto"), help="Workspace for tables and plots."),
     trust_pickle: TrustPickleOption = False,
+    arch: ModelArchOption = None,
     params_json: ParamsOption = None,
 ) -> None:
     """Accuracy-aware search: the best compression within the profile and the accuracy drop."""
@@ -498,6 +529,7 @@ def auto(
         "auto",
         params,
         input_path=model,
+        input_arch=arch,
         output_path=output,
         dataset=dataset,
         profile=profile,
@@ -575,7 +607,9 @@ def profile_table(title: str, rows: list[dict[str, Any]], totals: dict[str, Any]
 @app.command("profile")
 @handles_errors
 def profile_cmd(
-    input_model: Path = typer.Option(..., "--input-model", help="Model file (.pt or .skops)."),
+    input_model: Path = typer.Option(
+        ..., "--input-model", help="Model file (.pt, .pt2, .skops or .onnx)."
+    ),
     dataset: DatasetOption = "digits",
     batch_size: int | None = typer.Option(
         None, help="Rows per forward (FLOPs, activations, latency)."
@@ -586,6 +620,7 @@ def profile_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the table and totals as JSON."),
     out: Path = typer.Option(Path("artifacts/profile"), help="Workspace for profile.csv."),
     trust_pickle: TrustPickleOption = False,
+    arch: ModelArchOption = None,
     params_json: ParamsOption = None,
 ) -> None:
     """Per-layer profile: params, FLOPs, activation memory and latency share, with totals."""
@@ -597,6 +632,7 @@ def profile_cmd(
         "profile",
         step_params({"batch_size": batch_size, "warmup": warmup, "runs": runs}, params_json),
         input_path=input_model,
+        input_arch=arch,
         output_path=None,
         dataset=dataset,
         seed=seed,
@@ -805,6 +841,8 @@ def follow_job(client: Any, job_id: str) -> dict[str, Any]:
                     for kind, event in sse_frames(response.iter_lines()):
                         last = event
                         doing = event.get("current_step") or event["status"].lower()
+                        if event.get("detail"):
+                            doing += f" ({event['detail']})"
                         progress.update(
                             task,
                             total=event["total"],
@@ -846,8 +884,9 @@ def _job_body(
 @handles_errors
 def submit(
     model: Path | None = typer.Argument(
-        None, help="Model file to upload (.pt/.pth, .skops, .onnx); omit with --model-id."
+        None, help="Model file to upload (.pt/.pth, .pt2, .skops, .onnx); omit with --model-id."
     ),
+    arch: ModelArchOption = None,
     preset: str | None = typer.Option(None, "--preset", help="A preset pipeline by name."),
     job_file: Path | None = typer.Option(
         None, "--job", help="JSON/YAML job spec (steps, profile, dataset, seed, repeats)."
@@ -874,6 +913,8 @@ def submit(
     body = _job_body(job_file=job_file, preset=preset, profile=profile, dataset=dataset, seed=seed)
     if model is not None and model_id is not None:
         raise BadInputError("give a model file or --model-id, not both")
+    if arch is not None and model is None:
+        raise BadInputError("--arch names the architecture of the model file to upload")
     timeout = httpx.Timeout(30.0, read=120.0)  # read > the stream's 15 s keep-alive
     headers = {"X-API-Key": api_key}
     with httpx.Client(base_url=api_url, headers=headers, timeout=timeout) as client:
@@ -882,7 +923,11 @@ def submit(
                 raise BadInputError(f"model file {model} does not exist")
             with open(model, "rb") as handle:
                 uploaded = _api_call(
-                    client, "POST", "/v1/models", files={"file": (model.name, handle)}
+                    client,
+                    "POST",
+                    "/v1/models",
+                    files={"file": (model.name, handle)},
+                    data=None if arch is None else {"arch": arch},
                 )
             model_id = uploaded["id"]
             err_console.print(f"uploaded {model.name} as model {model_id}", highlight=False)

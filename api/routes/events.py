@@ -1,6 +1,7 @@
 """GET /v1/jobs/{id}/events: a job's progress as Server-Sent Events.
 
-One `progress` event on connect and one whenever the job moves (status, step index), then
+One `progress` event on connect and one whenever the job moves (status, step index, or
+what the running step reports of itself, like an int8 search's trial count), then
 an `end` event when it finishes, and the stream closes. Comment lines keep idle proxies from
 closing the connection. The dashboard's EventSource cannot send headers, so besides the
 X-API-Key header this endpoint takes the dashboard's session cookie (a GET that changes
@@ -74,9 +75,20 @@ def step_states(job: JobRecord, records: list[StepRecord]) -> list[dict[str, Any
     return out
 
 
+def running_detail(job: JobRecord) -> dict[str, Any] | None:
+    """What the running step last reported of itself (a search's trials), else None."""
+    reported = getattr(job, "step_progress", None)
+    if job.status != JobStatus.INPROGRESS or not isinstance(reported, dict):
+        return None
+    if reported.get("index") != job.step_index:
+        return None  # an earlier step's last report
+    return reported
+
+
 def job_event(job: JobRecord, records: list[StepRecord]) -> dict[str, Any]:
     """The payload of one progress event."""
     progress = progress_of(job, records)
+    detail = running_detail(job)
     total = max(progress.total, 1)
     done = min(progress.done, progress.total)
     percent = 100 if job.status == JobStatus.COMPLETED else int(100 * done / total)
@@ -89,6 +101,8 @@ def job_event(job: JobRecord, records: list[StepRecord]) -> dict[str, Any]:
         "percent": percent,
         "current": progress.current,
         "current_step": progress.current_step,
+        "step_progress": detail,
+        "detail": str(detail.get("text") or "") if detail else None,
         "steps": step_states(job, records),
         "updated_at": job.updated_at,
     }
@@ -118,7 +132,8 @@ async def job_events(request: Request, services: Services, job_id: str) -> Async
             job, records = await run_in_threadpool(_state, services, job_id)
         except LookupError:
             return
-        mark = (job.status, job.step_index, len(records), job.reason)
+        detail = running_detail(job)
+        mark = (job.status, job.step_index, len(records), job.reason, detail and detail.get("text"))
         if job.terminal:
             yield sse("end", job_event(job, records))
             return

@@ -28,7 +28,7 @@ from modules.core.records import JobRecord, JobStatus, StepRecord
 from modules.errors import NotFoundError
 from modules.pipeline.engine import fail_if_stale, finish, report_key, stop
 from modules.pipeline.settings import Services, stale_after_s
-from modules.storage.inputs_catalog import check_job_inputs
+from modules.storage.inputs_catalog import check_job_dataset, check_job_inputs
 from modules.storage.keys import key_in_user
 from modules.storage.model_catalog import get_model_meta
 
@@ -102,6 +102,7 @@ def create_job(
         model_meta = get_model_meta(services.store, user_id=user, model_id=body.model_id)
         model_key = model_meta["key"]
     check_job_inputs(services.store, user_id=user, model_meta=model_meta, steps=body.steps)
+    check_job_dataset(model_meta, dataset=body.dataset)
     spec = parse_job_spec(
         {
             "job_id": uuid.uuid4().hex[:20],

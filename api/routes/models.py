@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentUser, ServicesDep, SettingsDep
 from api.schemas import ModelPublic, ModelsPublic
-from api.uploads import receive_upload
+from api.uploads import MODEL_TEXT_FIELDS, receive_upload
 from modules.storage.model_catalog import (
     get_model_meta,
     list_model_metas,
@@ -27,7 +27,19 @@ UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "arch": {
+                            "type": "string",
+                            "maxLength": 4096,
+                            "description": (
+                                "The architecture of a bare state_dict file: a built-in arch "
+                                "name (resnet18, resnet34, resnet50, mobilenet_v2, vgg11, "
+                                'vgg16, ...) or a JSON arch such as {"name": "resnet18", '
+                                '"num_classes": 10}.'
+                            ),
+                        },
+                    },
                 }
             }
         },
@@ -46,9 +58,13 @@ def to_public(meta: dict[str, Any]) -> ModelPublic:
 async def upload_model(
     request: Request, user: CurrentUser, settings: SettingsDep, services: ServicesDep
 ) -> ModelPublic:
-    """Upload a model (.pt checkpoint, .skops or .onnx) as the multipart field `file`."""
-    upload = await receive_upload(request, limit=settings.max_upload_bytes)
-    artifact = await run_in_threadpool(validate_model_bytes, upload.data, upload.filename)
+    """Upload a model (.pt checkpoint, .pt2 torch.export program, .skops or .onnx) as the
+    multipart field `file`; a bare state_dict needs the field `arch` too."""
+    upload = await receive_upload(
+        request, limit=settings.max_upload_bytes, text_fields=MODEL_TEXT_FIELDS
+    )
+    arch = upload.texts.get("arch") or None
+    artifact = await run_in_threadpool(validate_model_bytes, upload.data, upload.filename, arch)
     meta = await run_in_threadpool(
         lambda: save_upload(
             services.store,
@@ -56,6 +72,7 @@ async def upload_model(
             filename=upload.filename,
             data=upload.data,
             artifact=artifact,
+            arch=arch,
         )
     )
     return to_public(meta)

@@ -417,7 +417,8 @@ async def upload_and_start(
         if not csrf_ok(session, form.texts.get("csrf")):
             raise BadInputError("the form is out of date; reload the page and try again")
         upload = form.upload
-        artifact = await run_in_threadpool(validate_model_bytes, upload.data, upload.filename)
+        arch = form.texts.get("arch") or None
+        artifact = await run_in_threadpool(validate_model_bytes, upload.data, upload.filename, arch)
         _check_choices(form.texts, framework=artifact.framework)
         meta = await run_in_threadpool(
             lambda: save_upload(
@@ -426,6 +427,7 @@ async def upload_and_start(
                 filename=upload.filename,
                 data=upload.data,
                 artifact=artifact,
+                arch=arch,
             )
         )
         job_id = await run_in_threadpool(

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from modules.core.records import JobRecord, StepRecord
-from modules.evaluation.summary import fmt_latency, summary_row
+from modules.evaluation.summary import (
+    batch_column_title,
+    fmt_batch_latency,
+    fmt_latency,
+    summary_row,
+)
 
 
 def fmt_size(n: Any) -> str:
@@ -23,8 +28,10 @@ def fmt_pct(value: Any) -> str:
 def step_rows(records: list[StepRecord]) -> list[dict[str, Any]]:
     """One table row per step record: size, latency with CI, accuracy, verdict."""
     rows = []
-    for record in sorted(records, key=lambda r: r.index):
-        row = summary_row(record)
+    ordered = sorted(records, key=lambda r: r.index)
+    summary = [summary_row(r) for r in ordered]
+    title = batch_column_title(summary)
+    for record, row in zip(ordered, summary, strict=True):
         verdict = record.verdict
         rows.append(
             {
@@ -35,9 +42,9 @@ def step_rows(records: list[StepRecord]) -> list[dict[str, Any]]:
                 "latency_b1": fmt_latency(
                     row["latency_b1_ms"], row["latency_b1_ci95"], row["latency_b1_noisy"]
                 ),
-                "latency_b64": fmt_latency(
-                    row["latency_b64_ms"], row["latency_b64_ci95"], row["latency_b64_noisy"]
-                ),
+                "latency_batch": fmt_batch_latency(row, summary),
+                # The batch-latency column's title: the one batch size measured, or "batch".
+                "batch_title": title,
                 "accuracy": fmt_pct(row["accuracy"]),
                 "verdict": None if verdict is None else not record.rejected,
                 "verdict_reason": row["verdict_reason"],

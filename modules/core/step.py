@@ -41,6 +41,45 @@ def check_cancelled() -> None:
         raise StepCancelled("the step's result is no longer wanted (its job was stopped)")
 
 
+ProgressReporter = Callable[[dict[str, Any]], None]
+_PROGRESS: ContextVar[ProgressReporter | None] = ContextVar("mcaas_step_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(report: ProgressReporter | None) -> Iterator[None]:
+    """Hand what `report_progress` is told to `report` too, while a step body runs here.
+
+    Reporters nest: the job engine's (which writes the job record) and an outer one, like
+    the local CLI's progress bar, both hear every report.
+    """
+    if report is None:
+        yield
+        return
+    outer = _PROGRESS.get()
+
+    def both(info: dict[str, Any]) -> None:
+        report(info)
+        if outer is not None:
+            outer(info)
+
+    token = _PROGRESS.set(both)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def report_progress(info: dict[str, Any]) -> None:
+    """Tell whoever runs this step how far it has got (a search's trials, say).
+
+    `info` is a small JSON-able dict; its `text` is what progress displays show. It costs
+    nothing when no one listens.
+    """
+    report = _PROGRESS.get()
+    if report is not None:
+        report(info)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """A gate's decision. `reason` always states the numbers behind it."""

@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
-from modules.core.step import StepContext, StepOutput, Verdict
+from modules.core.step import StepContext, StepOutput, Verdict, report_progress
 from modules.deployment.onnx_export import onnx_artifact
 from modules.deployment.onnx_int8 import (
     QuantSettings,
@@ -40,8 +40,13 @@ from modules.deployment.onnx_int8 import (
     prepare_graph,
     quantize_prepared,
 )
-from modules.deployment.onnx_search import SearchBudget, search_int8
-from modules.deployment.parity import evaluation_feeds, inputs_param
+from modules.deployment.onnx_search import SearchBudget, parity_report, search_int8
+from modules.deployment.parity import (
+    DeployBatches,
+    deploy_batch_sizes,
+    evaluation_feeds,
+    inputs_param,
+)
 from modules.deployment.parity_metrics import GateThresholds
 from modules.errors import BadInputError
 from modules.storage.datasets import Dataset
@@ -52,13 +57,14 @@ from modules.storage.inputs import (
     onnx_inputs,
     prepare_feeds,
     stage_inputs_file,
+    take_rows,
 )
 
 QUANTIZABLE_OPS = frozenset({"MatMul", "Gemm", "Conv"})
 MAX_NODE_NAME = 256
 
 
-class OnnxQuantizeParams(GateThresholds):
+class OnnxQuantizeParams(GateThresholds, DeployBatches):
     """Params of the `onnx_quantize` step (the parity thresholds apply with `search`)."""
 
     mode: Literal["dynamic", "static"] = Field(
@@ -117,6 +123,21 @@ class OnnxQuantizeParams(GateThresholds):
     )
     max_trials: int = Field(
         default=100, ge=1, le=2000, description="search: most quantizations tried."
+    )
+    max_search_s: float | None = Field(
+        default=None,
+        ge=1,
+        le=86_400,
+        description="search: wall-clock budget of the trials in seconds (the search stops "
+        "with the best so far and says so); none = no limit.",
+    )
+    holdout_fraction: float = Field(
+        default=0.5,
+        ge=0.1,
+        le=0.9,
+        description="search: when the search would calibrate on the rows it scores on (one "
+        "inputs file for both), this share of the rows (seeded) is held out to score on and "
+        "the rest calibrates, so the search judges on rows it did not calibrate on.",
     )
     latency_batch: int = Field(
         default=32, ge=1, le=65_536, description="search: rows per timed batch."
@@ -256,11 +277,48 @@ def onnx_quantize(
     return StepOutput(model=artifact, metrics=metrics, verdict=Verdict(True, reason))
 
 
+def held_out_split(
+    feeds: dict[str, np.ndarray], *, fraction: float, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(scored rows, calibration rows): a seeded split of the rows of every input."""
+    rows = n_rows(feeds)
+    if rows < 2:
+        raise BadInputError(
+            f"the inputs file has {rows} row(s); the search needs at least 2 to score on rows "
+            "it does not calibrate on (or give calibration_inputs)"
+        )
+    order = np.random.default_rng(seed).permutation(rows)
+    held = min(max(1, round(rows * fraction)), rows - 1)
+    return take_rows(feeds, np.sort(order[:held])), take_rows(feeds, np.sort(order[held:]))
+
+
+def search_rows(
+    model: ModelArtifact, data: Dataset, params: OnnxQuantizeParams, ctx: StepContext
+) -> tuple[dict[str, np.ndarray], dict[str, Any], list[dict[str, np.ndarray]], dict[str, Any]]:
+    """(scored feeds, whence, calibration batches, whence): never the same rows for both."""
+    feeds, source = evaluation_feeds(model.obj, data, inputs_id=params.inputs, ctx=ctx)
+    if params.inputs is None or params.calibration_inputs is not None:
+        # The test split against the train split, or two files: disjoint already.
+        calibration, calibration_source = step_calibration(model, data, params, ctx)
+        return feeds, source, calibration, calibration_source
+    scored, rest = held_out_split(feeds, fraction=params.holdout_fraction, seed=ctx.seed)
+    batches = calibration_feeds(
+        rest, samples=params.calibration_samples, batch=params.calibration_batch, seed=ctx.seed
+    )
+    source = {**source, "rows": n_rows(scored), "held_out_of": n_rows(feeds)}
+    calibration_source = {
+        "inputs": params.inputs,
+        "rows": sum(n_rows(b) for b in batches),
+        "note": f"the {n_rows(rest)} rows of the file the search does not score on",
+    }
+    return scored, source, batches, calibration_source
+
+
 def _search(
     model: ModelArtifact, data: Dataset, params: OnnxQuantizeParams, ctx: StepContext
 ) -> StepOutput:
-    feeds, source = evaluation_feeds(model.obj, data, inputs_id=params.inputs, ctx=ctx)
-    calibration, calibration_source = step_calibration(model, data, params, ctx)
+    feeds, source, calibration, calibration_source = search_rows(model, data, params, ctx)
+    sizes, batching = deploy_batch_sizes(model.obj, feeds, wanted=params.batch_sizes, ctx=ctx)
     start = time.perf_counter()
     result = search_int8(
         model.obj,
@@ -273,10 +331,13 @@ def _search(
             max_excluded_nodes=params.max_excluded_nodes,
             max_sensitivity_nodes=params.max_sensitivity_nodes,
             max_trials=params.max_trials,
+            max_seconds=params.max_search_s,
             latency_batch=params.latency_batch,
             latency_runs=params.latency_runs,
             threads=params.threads,
         ),
+        batch_sizes=sizes,
+        progress=report_progress,
     )
     summary = {
         "quantized": result.model is not None,
@@ -289,6 +350,9 @@ def _search(
         "fp32": result.fp32,
         "chosen": result.chosen,
         "n_trials": len(result.trials),
+        "batch_sizes": result.batch_sizes,
+        "batching": batching,
+        "stop_reason": result.stop_reason,
         "stopped": result.stopped,
         "search_time_s": time.perf_counter() - start,
     }
@@ -297,6 +361,11 @@ def _search(
             {**summary, "trials": result.trials}, indent=2, default=str
         ).encode()
     }
+    report = parity_report(result, params)
+    if report is not None:
+        # Passed or not, the user sees the numbers behind the verdict.
+        report |= {"inputs": source, "batching": batching}
+        files["parity_report.json"] = json.dumps(report, indent=2, default=str).encode()
     metrics = {**summary, "trials": result.trials}
     if result.model is None or result.chosen is None:
         return StepOutput(model=None, metrics=metrics, files=files, verdict=result.verdict)

@@ -1,32 +1,42 @@
 """Accuracy-aware int8 for ONNX graphs: what `onnx_quantize` runs with `search: true`.
 
-The fp32 graph's outputs on the evaluation rows are the reference, and every trial is judged
-by the parity gate's rules for the output kind (labels, embedding or regression; see
-modules.deployment.parity_metrics), with the step's thresholds.
+The fp32 graph's outputs on the evaluation rows are the reference, computed once and reused
+by every trial; each trial is judged by the parity gate's rules for the output kind (labels,
+embedding or regression; see modules.deployment.parity_metrics) with the step's thresholds,
+at every one of the deploy batch sizes (rows per ONNX Runtime call; the worst one decides,
+as in the gate). The step scores on rows it does not calibrate on.
 
 1. grid: dynamic and static (static only with calibration rows) x per-tensor and
    per-channel x reduce_range off and on x int8 and uint8 weights.
-2. sensitivity, only when no grid setting passes: the base setting (the best-scoring of
-   those within 25% of the fastest grid latency: leaving nodes in float recovers precision,
-   never speed) quantizes one node at a time (one op type at a time when there are more
-   than max_sensitivity_nodes candidate nodes), and each probe's parity score is measured.
-   A probe quantizes almost nothing, so probes are diagnostics, never candidates.
-3. exclude: the base again with the 1, 2, ... most damaging units left in float, in two
-   orders (most damage first; most damage per byte saved first, which prefers the cheap
-   culprits), each until the gate passes or max_excluded_nodes is reached. At least one
-   node stays int8.
+2. sensitivity, only when no grid setting passes: one pass ranks the nodes. The base
+   setting (the best-scoring of those within 25% of the fastest grid latency: leaving
+   nodes in float recovers precision, never speed) is quantized once more with every
+   candidate node's input and output exposed; both graphs run once on the evaluation rows,
+   and a node's damage is how much it raises the relative error of its tensor:
+   err(output) - err(input), with err = ||int8 - fp32|| / ||fp32||. Units are single
+   nodes, or op types when there are more than max_sensitivity_nodes candidate nodes.
+3. exclude: the base with the k most damaging units left in float, k found by galloping
+   and bisection: k = 1, 2, 4, ... up to the cap (max_excluded_nodes nodes; at least one
+   node stays int8) until one passes, then halving the gap between the largest failing and
+   the smallest passing k. Leaving fewer nodes in
+   float makes a smaller graph, so once the gap is closed no untried k can beat the best
+   passing graph and the search stops. This assumes that leaving more of the most damaging
+   nodes in float never hurts parity, which the ranking makes the usual case.
 
 The smallest passing graph wins; among sizes within 1% the fastest, and among latencies
 within 10% of the fastest the best parity score. When nothing passes, the best-scoring
 graph so far is returned with a failed verdict whose reason has its numbers. Every trial,
-probes included, is recorded with its settings, size, parity numbers, verdict and the
-median latency at latency_batch rows.
+the sensitivity pass included, is recorded with its settings, size, parity numbers (per
+batch size), verdict and the median latency at latency_batch rows. The search stops, and
+says why (`stop_reason`), when its plan is done (`trials_exhausted`), when no untried trial
+can beat the best passing one (`cannot_beat_best`), when even the most exclusions allowed
+fail (`exclusion_cap`), or at max_trials (`max_trials`) or max_seconds (`time_budget`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,18 +45,17 @@ import numpy as np
 
 from modules.core.step import Verdict
 from modules.deployment.onnx_int8 import QuantSettings, prepare_graph, quantize_prepared
-from modules.deployment.parity import time_feeds
+from modules.deployment.parity import compare_at_batches, time_feeds
 from modules.deployment.parity_metrics import (
     GateThresholds,
-    compare_outputs,
-    output_verdict,
     parity_score,
     resolve_kind,
+    thresholds_of,
 )
 from modules.evaluation.inference import OrtRunner
 from modules.evaluation.measure import DEFAULT_CI_TARGET
 
-# Nodes that carry weights or do the heavy arithmetic: what a probe quantizes one at a time.
+# Nodes that carry weights or do the heavy arithmetic: what the sensitivity pass ranks.
 WEIGHTED_OPS = frozenset(
     {"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "Attention", "EmbedLayerNormalization"}
 )
@@ -55,10 +64,19 @@ SIZE_TIE = 0.01
 LATENCY_TIE = 0.10
 # The exclusions start from the best setting at most this much slower than the fastest.
 BASE_SPEED_BAND = 0.25
-# A probe this close to a perfect score shows a unit that does not hurt; it is never excluded.
+# A unit that raises its tensor's relative error by less than this does not hurt; it is
+# never excluded.
 DAMAGE_FLOOR = 1e-6
 CALIBRATION_CACHE = "calibration_ranges.json"
 _HEADLINE = ("agreement", "max_abs_prob_diff", "min_cosine", "mean_cosine", "r2", "max_rel_error")
+STOP_REASONS = (
+    "trials_exhausted",
+    "cannot_beat_best",
+    "exclusion_cap",
+    "max_trials",
+    "time_budget",
+)
+Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,8 @@ class SearchBudget:
     max_excluded_nodes: int = 8
     max_sensitivity_nodes: int = 64
     max_trials: int = 100
+    # Wall-clock budget of the trials (seconds); None = no limit.
+    max_seconds: float | None = None
     latency_batch: int = 32
     latency_runs: int = 5
     # Each trial is timed until its median CI is within latency_ci_target, as measure does;
@@ -108,7 +128,9 @@ class SearchResult:
     fp32: dict[str, Any]
     trials: list[dict[str, Any]]
     pre_process: str
-    stopped: str | None = None
+    batch_sizes: list[int]
+    stop_reason: str
+    stopped: str
 
 
 def grid_settings(*, static: bool) -> list[QuantSettings]:
@@ -124,7 +146,7 @@ def grid_settings(*, static: bool) -> list[QuantSettings]:
 
 
 def candidate_nodes(proto: Any, mode: str) -> list[tuple[str, str]]:
-    """(name, op type) of the nodes the quantizer would turn int8 that a probe can target."""
+    """(name, op type) of the nodes the quantizer would turn int8 that a search can target."""
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
     registry = IntegerOpsRegistry if mode == "dynamic" else QDQRegistry
@@ -150,6 +172,10 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
+class _Stop(Exception):
+    """The trial budget (count or time) is spent; `search.stop_reason` says which."""
+
+
 @dataclass
 class _Search:
     source: Path
@@ -161,17 +187,26 @@ class _Search:
     thresholds: GateThresholds
     budget: SearchBudget
     fp32_size: int
+    batch_sizes: list[int]
+    progress: Progress | None = None
+    started: float = field(default_factory=time.perf_counter)
     trials: list[dict[str, Any]] = field(default_factory=list)
     kept: dict[int, Any] = field(default_factory=dict)
-    stopped: str | None = None
+    stop_reason: str = "trials_exhausted"
+    stopped: str = "every planned trial ran"
 
-    def run(
-        self, phase: str, settings: QuantSettings, *, candidate: bool = True
-    ) -> dict[str, Any] | None:
-        """Quantize, compare and time one setting; None when the trial budget is spent."""
+    def stop(self, reason: str, text: str) -> None:
+        self.stop_reason, self.stopped = reason, text
+
+    def begin(self, phase: str, settings: QuantSettings, *, candidate: bool) -> dict[str, Any]:
+        """A new trial record; raises _Stop when the budget allows no more trials."""
         if len(self.trials) >= self.budget.max_trials:
-            self.stopped = f"max_trials ({self.budget.max_trials}) reached"
-            return None
+            self.stop("max_trials", f"max_trials ({self.budget.max_trials}) reached")
+            raise _Stop
+        limit = self.budget.max_seconds
+        if limit is not None and time.perf_counter() - self.started >= limit:
+            self.stop("time_budget", f"time budget ({limit:g} s) spent")
+            raise _Stop
         record: dict[str, Any] = {
             "trial": len(self.trials),
             "phase": phase,
@@ -180,23 +215,36 @@ class _Search:
             "candidate": candidate,
         }
         self.trials.append(record)
+        return record
+
+    def quantize(self, settings: QuantSettings) -> tuple[Any, dict[str, Any]]:
+        return quantize_prepared(
+            self.source,
+            settings,
+            workdir=self.workdir,
+            calibration=self.calibration,
+            calibration_cache=self.workdir / CALIBRATION_CACHE,
+        )
+
+    def run(self, phase: str, settings: QuantSettings) -> dict[str, Any]:
+        """Quantize, compare (at every batch size) and time one setting; a candidate trial."""
+        record = self.begin(phase, settings, candidate=True)
         start = time.perf_counter()
         try:
-            proto, details = quantize_prepared(
-                self.source,
-                settings,
-                workdir=self.workdir,
-                calibration=self.calibration,
-                calibration_cache=self.workdir / CALIBRATION_CACHE,
-            )
+            proto, details = self.quantize(settings)
             runner = OrtRunner.of(proto, threads=self.budget.threads)
-            result = compare_outputs(
-                self.reference, runner.run(self.feeds), kind=self.kind, worst=3
+            result, verdict = compare_at_batches(
+                self.reference,
+                lambda size: runner.run(self.feeds, chunk=size),
+                sizes=self.batch_sizes,
+                kind=self.kind,
+                thresholds=self.thresholds,
+                worst=3,
             )
         except Exception as exc:  # a setting ORT cannot quantize or run is one failed trial
             record.update(error=_message(exc), passed=False, score=None)
+            self.report(record)
             return record
-        verdict = output_verdict(result, self.thresholds)
         batch = runner.fixed_batch or self.budget.latency_batch
         latency = _time_once(runner.run, self.feeds, batch=batch, budget=self.budget)
         size = proto.ByteSize()
@@ -204,6 +252,11 @@ class _Search:
             size_bytes=size,
             compression_ratio=self.fp32_size / size if size else None,
             parity={k: result[k] for k in (*_HEADLINE, "max_abs_error") if k in result},
+            batch_size=result["batch_size"],
+            by_batch_size={
+                key: {k: v for k, v in row.items() if k in (*_HEADLINE, "passed", "reason")}
+                for key, row in result["by_batch_size"].items()
+            },
             worst_output=result["worst_output"],
             worst_rows=result["worst_rows"],
             score=parity_score(result),
@@ -216,9 +269,35 @@ class _Search:
             int8_nodes=details["int8_nodes"],
             seconds=time.perf_counter() - start,
         )
-        if candidate:
-            self._keep(record, proto)
+        self._keep(record, proto)
+        self.report(record)
         return record
+
+    def report(self, record: dict[str, Any]) -> None:
+        """Hand one finished trial to the progress callback."""
+        if self.progress is None:
+            return
+        best = self.smallest_passing()
+        done = record["trial"] + 1
+        passed = record.get("passed")
+        verdict = "ranked" if passed is None else ("passed" if passed else "failed")
+        text = f"int8 search: trial {done} (at most {self.budget.max_trials}), {record['phase']} "
+        text += verdict
+        if best is not None:
+            text += f"; best passing {best['size_bytes']:,} bytes"
+        self.progress(
+            {
+                "text": text,
+                "trial": done,
+                "max_trials": self.budget.max_trials,
+                "phase": record["phase"],
+                "label": record["label"],
+                "passed": record.get("passed"),
+                "score": record.get("score"),
+                "best_passing_size_bytes": best["size_bytes"] if best else None,
+                "elapsed_s": time.perf_counter() - self.started,
+            }
+        )
 
     def _keep(self, record: dict[str, Any], proto: Any) -> None:
         # Only the graphs that can still be chosen stay in memory: the passing ones and the
@@ -280,76 +359,166 @@ def _sensitivity_units(
     return "op_type", [(op, tuple(names)) for op, names in by_type.items()]
 
 
+def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    ref = np.asarray(reference, dtype=np.float64)
+    diff = np.linalg.norm(np.asarray(candidate, dtype=np.float64) - ref)
+    return float(diff / max(float(np.linalg.norm(ref)), 1e-12))
+
+
+def _with_outputs(proto: Any, names: list[str]) -> Any:
+    """A copy of the graph that also outputs the named tensors (type left to ORT)."""
+    import onnx
+    from onnx import helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    present = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in present:
+            copy.graph.output.append(helper.make_empty_tensor_value_info(name))
+            present.add(name)
+    return copy
+
+
+def tensor_errors(
+    fp32: Any, int8: Any, feeds: Mapping[str, np.ndarray], names: list[str], threads: int | None
+) -> dict[str, float]:
+    """Relative error of each named float tensor of the int8 graph against the fp32 graph.
+
+    One run of each graph with the tensors exposed; a name the int8 graph no longer has
+    (the quantizer renamed it) is left out.
+    """
+    int8_tensors = {o for n in int8.graph.node for o in n.output}
+    wanted = [n for n in names if n in int8_tensors]
+    ref = OrtRunner.of(_with_outputs(fp32, wanted), threads=threads).run(feeds)
+    out = OrtRunner.of(_with_outputs(int8, wanted), threads=threads).run(feeds)
+    return {
+        n: _relative_error(ref[n], out[n])
+        for n in wanted
+        if n in ref and n in out and np.asarray(ref[n]).dtype.kind == "f"
+    }
+
+
 @dataclass(frozen=True)
-class _Probe:
+class _Unit:
     unit: str
     names: tuple[str, ...]
-    damage: float  # how far below a perfect score the graph is with only this unit quantized
-    saved: int  # bytes this unit's quantization saves: what leaving it in float costs
+    damage: float | None  # None: the pass could not see this unit's tensors
 
 
-def exclusion_orders(probes: list[_Probe]) -> dict[str, list[_Probe]]:
-    """Two orders to exclude units in: most damage first, and most damage per byte first.
+def rank_units(
+    prepared: Any, errors: Mapping[str, float], units: list[tuple[str, tuple[str, ...]]]
+) -> list[_Unit]:
+    """Units by damage, most first; the unmeasured ones last, in graph order.
 
-    The first finds a single culprit whatever its size; the second prefers the cheap
-    culprits (activation-only MatMuls, small projections) and so keeps the graph small.
+    A node's damage is err(its output) - err(its first activation input): the error it
+    adds, not the error it inherits from the nodes before it.
     """
-    hurting = [p for p in probes if p.damage > DAMAGE_FLOOR]
-    return {
-        "damage": sorted(hurting, key=lambda p: -p.damage),
-        "damage_per_byte": sorted(hurting, key=lambda p: -p.damage / max(p.saved, 1024)),
-    }
+    initializers = {t.name for t in prepared.graph.initializer}
+    by_name = {n.name: n for n in prepared.graph.node}
+    ranked = []
+    for unit, names in units:
+        damages = []
+        for name in names:
+            node = by_name[name]
+            if node.output[0] not in errors:
+                continue
+            source = next((i for i in node.input if i and i not in initializers), None)
+            damages.append(errors[node.output[0]] - errors.get(source or "", 0.0))
+        ranked.append(_Unit(unit, names, max(0.0, sum(damages)) if damages else None))
+    measured = sorted((u for u in ranked if u.damage is not None), key=lambda u: -(u.damage or 0))
+    return measured + [u for u in ranked if u.damage is None]
+
+
+def _sensitivity_pass(
+    search: _Search, settings: QuantSettings, prepared: Any, nodes: list[tuple[str, str]]
+) -> list[_Unit]:
+    """One quantization and one run of each graph: every unit ranked by damage."""
+    record = search.begin("sensitivity", settings, candidate=False)
+    start = time.perf_counter()
+    granularity, units = _sensitivity_units(nodes, search.budget)
+    by_name = {n.name: n for n in prepared.graph.node}
+    names = sorted({t for name, _ in nodes for t in (*by_name[name].input, *by_name[name].output)})
+    try:
+        int8, _ = search.quantize(settings)
+        errors = tensor_errors(prepared, int8, search.feeds, names, search.budget.threads)
+    except Exception as exc:  # the base graph could be quantized once; say why not now
+        record.update(error=_message(exc), passed=False, score=None, granularity=granularity)
+        search.report(record)
+        return []
+    ranking = rank_units(prepared, errors, units)
+    record.update(
+        granularity=granularity,
+        ranking=[{"unit": u.unit, "nodes": list(u.names), "damage": u.damage} for u in ranking],
+        seconds=time.perf_counter() - start,
+    )
+    search.report(record)
+    return ranking
 
 
 def _exclusion_phase(search: _Search, base: dict[str, Any], prepared: Any) -> None:
     settings = QuantSettings(**{k: v for k, v in base["settings"].items() if "nodes" not in k})
     nodes = candidate_nodes(prepared, settings.mode)
     if len(nodes) < 2 or search.budget.max_excluded_nodes == 0:
+        search.stop("trials_exhausted", "no node can be left in float")
         return
-    granularity, units = _sensitivity_units(nodes, search.budget)
-    probes = []
-    for unit, names in units:
-        record = search.run(
-            "sensitivity", replace(settings, nodes_to_quantize=names), candidate=False
-        )
-        if record is None:
-            return
-        record["unit"], record["granularity"] = unit, granularity
-        if record.get("score") is not None:
-            damage = max(0.0, 1.0 - record["score"])
-            saved = max(0, search.fp32_size - record["size_bytes"])
-            probes.append(_Probe(unit, names, damage, saved))
+    ranking = _sensitivity_pass(search, settings, prepared, nodes)
+    hurting = [u for u in ranking if u.damage is None or u.damage > DAMAGE_FLOOR]
     cap = min(search.budget.max_excluded_nodes, len(nodes) - 1)
-    tried: set[tuple[str, ...]] = set()
-    for order_name, order in exclusion_orders(probes).items():
-        excluded: list[str] = []
-        for probe in order:
-            if len(excluded) + len(probe.names) > cap:
-                break
-            excluded.extend(probe.names)
-            key = tuple(sorted(excluded))
-            if key in tried:
-                continue
-            tried.add(key)
-            record = search.run("exclude", replace(settings, nodes_to_exclude=tuple(excluded)))
-            if record is None:
-                return
-            record["order"] = order_name
-            if record.get("passed"):
-                break
+    prefixes: list[tuple[str, ...]] = []  # prefixes[k - 1]: the nodes of the k first units
+    for unit in hurting:
+        names = (*(prefixes[-1] if prefixes else ()), *unit.names)
+        if len(names) > cap:
+            break
+        prefixes.append(names)
+    if not prefixes:
+        search.stop(
+            "exclusion_cap",
+            f"the most damaging unit alone has more nodes than the cap ({cap})"
+            if hurting
+            else "the sensitivity pass found no node that hurts parity",
+        )
+        return
+
+    def excluded(k: int) -> bool:
+        record = search.run("exclude", replace(settings, nodes_to_exclude=prefixes[k - 1]))
+        record["units_in_float"] = k
+        return bool(record.get("passed"))
+
+    # Galloping: k = 1, 2, 4, ... up to the cap until one passes (a lone culprit costs one
+    # trial), then bisect between the last failing and the first passing k.
+    low, high = 0, 1  # the base itself, with nothing in float, failed in the grid
+    while not excluded(high):
+        if high == len(prefixes):
+            search.stop(
+                "exclusion_cap",
+                f"still failing with the {len(prefixes[-1])} most damaging nodes in float "
+                f"(max_excluded_nodes {search.budget.max_excluded_nodes})",
+            )
+            return
+        low, high = high, min(2 * high, len(prefixes))
+    while high - low > 1:
+        middle = (low + high) // 2
+        if excluded(middle):
+            high = middle
+        else:
+            low = middle
+    search.stop(
+        "cannot_beat_best",
+        f"{high} unit(s) in float pass and {low} fail: no untried exclusion set is smaller",
+    )
 
 
 def _verdict(search: _Search, chosen: dict[str, Any], *, passed: bool) -> Verdict:
     numbers = chosen["reason"].split(": ", 1)[-1]
     ratio = chosen["compression_ratio"]
     size = f"{search.fp32_size:,} -> {chosen['size_bytes']:,} bytes ({ratio:.2f}x smaller)"
-    tried = f"{len(search.trials)} trials"
+    tried = f"{len(search.trials)} trials; stopped: {search.stopped}"
     if passed:
         return Verdict(True, f"int8 search chose {chosen['label']}: {numbers}; {size}; {tried}")
-    why = f"; {search.stopped}" if search.stopped else ""
     return Verdict(
         False,
-        f"int8 search: no setting passed the {search.kind} parity gate in {tried}{why}; best so "
+        f"int8 search: no setting passed the {search.kind} parity gate in {tried}; best so "
         f"far, returned as the step's model: {chosen['label']}: {numbers}; {size}",
     )
 
@@ -363,8 +532,14 @@ def search_int8(
     meta: Mapping[str, Any],
     workdir: Path,
     budget: SearchBudget,
+    batch_sizes: list[int] | None = None,
+    progress: Progress | None = None,
 ) -> SearchResult:
-    """Find the smallest int8 graph that passes the parity thresholds; see the module doc."""
+    """Find the smallest int8 graph that passes the parity thresholds; see the module doc.
+
+    batch_sizes: rows per ONNX Runtime call each trial is judged at (default 1).
+    progress: called with a short dict after every trial.
+    """
     import onnx
 
     fp32 = OrtRunner.of(proto, threads=budget.threads)
@@ -392,14 +567,23 @@ def search_int8(
         thresholds=thresholds,
         budget=budget,
         fp32_size=proto.ByteSize(),
+        batch_sizes=sorted(set(batch_sizes or [1])),
+        progress=progress,
     )
-    for settings in grid_settings(static=bool(calibration)):
-        if search.run("grid", settings) is None:
-            break
-    if search.smallest_passing() is None and search.stopped is None:
-        base = search.exclusion_base()
-        if base is not None:
-            _exclusion_phase(search, base, onnx.load(str(source)))
+    try:
+        for settings in grid_settings(static=bool(calibration)):
+            search.run("grid", settings)
+        if search.smallest_passing() is not None:
+            search.stop(
+                "cannot_beat_best",
+                "a whole-graph setting passed: leaving nodes in float only adds bytes",
+            )
+        else:
+            base = search.exclusion_base()
+            if base is not None:
+                _exclusion_phase(search, base, onnx.load(str(source)))
+    except _Stop:
+        pass
     chosen = search.smallest_passing()
     passed = chosen is not None
     chosen = chosen or search.best_scoring()
@@ -409,12 +593,15 @@ def search_int8(
         "fp32": fp32_info,
         "trials": search.trials,
         "pre_process": pre_process,
+        "batch_sizes": search.batch_sizes,
+        "stop_reason": search.stop_reason,
         "stopped": search.stopped,
     }
     if chosen is None:
         errors = sorted({t["error"] for t in search.trials if t.get("error")})
         reason = (
-            f"int8 search: none of {len(search.trials)} settings could be quantized: {errors[:3]}"
+            f"int8 search: none of {len(search.trials)} settings could be quantized "
+            f"(stopped: {search.stopped})" + (f": {errors[:3]}" if errors else "")
         )
         return SearchResult(model=None, chosen=None, verdict=Verdict(False, reason), **common)
     chosen["chosen"] = True
@@ -424,3 +611,32 @@ def search_int8(
         verdict=_verdict(search, chosen, passed=passed),
         **common,
     )
+
+
+def parity_report(result: SearchResult, thresholds: GateThresholds) -> dict[str, Any] | None:
+    """The parity numbers of the chosen graph, or of the best so far when none passed."""
+    chosen = result.chosen
+    if chosen is None:
+        return None
+    return {
+        "graph": "chosen" if result.verdict.passed else "best so far (no setting passed)",
+        "trial": chosen["trial"],
+        "label": chosen["label"],
+        "settings": chosen["settings"],
+        "kind": result.kind,
+        "kind_reason": result.kind_reason,
+        "passed": chosen["passed"],
+        "reason": chosen["reason"],
+        "thresholds": thresholds_of(result.kind, thresholds),
+        "batch_sizes": result.batch_sizes,
+        "batch_size": chosen["batch_size"],
+        "by_batch_size": chosen["by_batch_size"],
+        **chosen["parity"],
+        "worst_output": chosen["worst_output"],
+        "worst_rows": chosen["worst_rows"],
+        "size_bytes": chosen["size_bytes"],
+        "compression_ratio": chosen["compression_ratio"],
+        "fp32": result.fp32,
+        "stop_reason": result.stop_reason,
+        "stopped": result.stopped,
+    }

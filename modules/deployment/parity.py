@@ -27,6 +27,13 @@ inferred from the graph and its outputs:
   output) and R² of the outputs against the reference (mean over output columns).
 
 The report names the worst rows and, for graphs with several outputs, the worst output.
+
+How rows are fed: the candidate graph runs `b` rows per ONNX Runtime call for every `b` in
+`batch_sizes` (default 1 and the profile's auto-batch, see deploy_batch_sizes), because
+dynamic int8 computes activation scales per call and so a row's output depends on the rest
+of its call. Each size is compared with the reference (run once) and the worst one decides;
+the report has every size's numbers (`by_batch_size`) and how the sizes were chosen
+(`batching`).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
@@ -45,6 +52,7 @@ from modules.core.step import StepContext, StepOutput, Verdict
 from modules.deployment.parity_metrics import (
     NATIVE_FRAMEWORKS,
     GateThresholds,
+    batch_verdict,
     compare_outputs,
     compare_predictions,
     label_worst_rows,
@@ -52,6 +60,7 @@ from modules.deployment.parity_metrics import (
     parity_verdict,
     resolve_kind,
     thresholds_of,
+    worst_batch,
 )
 from modules.errors import BadInputError, IncompatibleError
 from modules.evaluation.inference import OrtRunner, feed_batch, make_predictor
@@ -88,7 +97,42 @@ def inputs_param(value: str | None) -> str | None:
         raise ValueError(str(exc)) from None
 
 
-class ParityParams(GateThresholds, TimingFields):
+MAX_BATCH_SIZES = 8
+# Rows per call at which an estimated auto-batch's memory is measured for the line fit.
+MEMORY_PROBE_BATCHES = (1, 8)
+
+
+class DeployBatches(BaseModel):
+    """The `batch_sizes` field of the steps that judge a graph as it will be deployed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_sizes: tuple[int, ...] | None = Field(
+        default=None,
+        max_length=MAX_BATCH_SIZES,
+        description=(
+            "Rows per ONNX Runtime call when outputs are compared; every size is checked and "
+            "the worst one decides (dynamic int8 computes activation scales per call, so a "
+            "row's output depends on the rest of its batch). none = 1 and the profile's "
+            "auto-batch (an earlier hardware_sim step's, else estimated from the graph's "
+            "memory on the profile's budget), each capped at the rows available."
+        ),
+    )
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("batch_sizes must name at least one size, or be none")
+        bad = [b for b in value if not 1 <= b <= 65_536]
+        if bad:
+            raise ValueError(f"batch_sizes must be in [1, 65536], got {bad}")
+        return tuple(sorted(set(value)))
+
+
+class ParityParams(GateThresholds, TimingFields, DeployBatches):
     """Params of the `onnx_parity` gate."""
 
     inputs: str | None = Field(
@@ -246,13 +290,127 @@ def native_outputs(native: ModelArtifact, kind: str) -> Callable[[np.ndarray], n
     return lambda x: np.asarray(estimator.predict(x), dtype=np.float64).reshape(len(x), -1)
 
 
+def _initializer_bytes(proto: Any) -> int:
+    from onnx import helper
+
+    total = 0
+    for tensor in proto.graph.initializer:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def auto_batch(proto: Any, feeds: Mapping[str, np.ndarray], ctx: StepContext) -> dict[str, Any]:
+    """The job's auto-batch: an earlier hardware_sim step's, else estimated for the profile.
+
+    The estimate follows hardware_sim's rule (the largest power of two whose predicted
+    memory fits the profile's budget) on the ONNX memory model: initializers + input and
+    output tensors, measured at MEMORY_PROBE_BATCHES rows.
+    """
+    from modules.evaluation.hardware_sim import MIB, fit_memory_curve, pick_batch
+
+    for record in reversed(ctx.history):
+        found = (record.get("metrics") or {}).get("auto_batch")
+        if record.get("step") in ("hardware_sim", "budget_gate") and isinstance(found, int):
+            return {"auto_batch": found, "from": f"step {record.get('index')} ({record['step']})"}
+    runner = OrtRunner.of(proto, threads=1)
+    model_bytes = _initializer_bytes(proto)
+    measured = {}
+    for size in MEMORY_PROBE_BATCHES:
+        batch = feed_batch(feeds, size)
+        outputs = runner.run(batch)
+        io_bytes = sum(a.nbytes for a in batch.values()) + sum(a.nbytes for a in outputs.values())
+        measured[size] = model_bytes + int(io_bytes)
+    curve = fit_memory_curve(measured, model_bytes=model_bytes, method="initializers + I/O")
+    budget = ctx.profile.memory_budget_mb * MIB
+    return {
+        "auto_batch": pick_batch(curve, budget),
+        "from": (
+            f"estimated for profile {ctx.profile.name} ({ctx.profile.memory_budget_mb:g} MB): "
+            "initializers + input/output tensors"
+        ),
+    }
+
+
+def deploy_batch_sizes(
+    proto: Any,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    wanted: tuple[int, ...] | None,
+    ctx: StepContext,
+) -> tuple[list[int], dict[str, Any]]:
+    """The batch sizes outputs are compared at, and how they were chosen (for the report)."""
+    rows = n_rows(feeds)
+    info: dict[str, Any] = {"rows": rows}
+    # As OrtRunner reads it, without starting a session for it.
+    dims = [s.shape[0] for s in onnx_inputs(proto) if s.shape and isinstance(s.shape[0], int)]
+    fixed = min((d for d in dims if d > 0), default=None)
+    if fixed:
+        return [fixed], {**info, "from": f"the graph's fixed batch dimension ({fixed})"}
+    if wanted is not None:
+        sizes = list(wanted)
+        info["from"] = "the step's batch_sizes"
+    else:
+        found = auto_batch(proto, feeds, ctx)
+        sizes = sorted({1} | ({found["auto_batch"]} if found["auto_batch"] else set()))
+        info["from"] = "1 and the profile's auto-batch"
+        info.update(auto_batch=found["auto_batch"], auto_batch_from=found["from"])
+        if found["auto_batch"] is None:
+            info["note"] = "batch 1 does not fit the profile's memory budget; checked at 1 only"
+    capped = sorted({min(b, rows) for b in sizes})
+    if capped != sorted(sizes):
+        info["capped"] = f"sizes above the {rows} rows available are checked at {rows}"
+    return capped, info
+
+
+def compare_at_batches(
+    reference: Mapping[str, np.ndarray],
+    run: Callable[[int], Mapping[str, np.ndarray]],
+    *,
+    sizes: list[int],
+    kind: str,
+    thresholds: GateThresholds,
+    worst: int = 10,
+    mismatch_sample: int = 20,
+) -> tuple[dict[str, Any], Verdict]:
+    """Compare `run(batch)` with the reference at each batch size; the worst one leads.
+
+    Returns the worst size's result (with `batch_size`, `batch_sizes` and `by_batch_size`,
+    one summary per size) and the verdict of the worst size.
+    """
+    results: dict[int, dict[str, Any]] = {}
+    verdicts: dict[int, Verdict] = {}
+    for size in sizes:
+        results[size] = compare_outputs(
+            reference, run(size), kind=kind, worst=worst, mismatch_sample=mismatch_sample
+        )
+        verdicts[size] = output_verdict(results[size], thresholds)
+    lead = worst_batch(results, verdicts)
+    by_batch = {
+        f"b{size}": {
+            **{k: v for k, v in r.items() if k not in ("outputs", "worst_rows", "kind")},
+            "passed": verdicts[size].passed,
+            "reason": verdicts[size].reason,
+        }
+        for size, r in results.items()
+    }
+    result = {**results[lead], "batch_size": lead, "batch_sizes": sizes, "by_batch_size": by_batch}
+    return result, batch_verdict(verdicts, lead)
+
+
 def check_output_parity(
     reference: ModelArtifact,
     candidate: ModelArtifact,
     feeds: dict[str, np.ndarray],
     params: ParityParams,
+    *,
+    sizes: list[int] | None = None,
 ) -> tuple[dict[str, Any], Verdict]:
-    """Compare the candidate graph's outputs with the reference's on the feeds, by kind."""
+    """Compare the candidate graph's outputs with the reference's on the feeds, by kind.
+
+    The candidate runs `sizes` rows per call (each checked, the worst decides; default 1);
+    the reference runs once, in its default chunks.
+    """
     runner = OrtRunner.of(candidate.obj, threads=params.threads)
     reference_fn: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
     if reference.framework == "onnx":
@@ -277,14 +435,15 @@ def check_output_parity(
 
     ref_out = reference_fn(feeds)
     kind, why = resolve_kind(params.output_kind, candidate.meta, ref_out)
-    result = compare_outputs(
+    result, verdict = compare_at_batches(
         ref_out,
-        runner.run(feeds),
+        lambda size: runner.run(feeds, chunk=size),
+        sizes=sizes or [1],
         kind=kind,
+        thresholds=params,
         worst=params.worst_rows,
         mismatch_sample=params.mismatch_sample,
     )
-    verdict = output_verdict(result, params)
     sizes = runner.batch_sizes(params.latency_batch)
     native = reference.framework in NATIVE_FRAMEWORKS
     limit = native_threads(reference.framework, params.threads)
@@ -377,9 +536,18 @@ def _opsets(proto: Any) -> dict[str, int]:
 
 
 def check_parity(
-    native: ModelArtifact, onnx_model: ModelArtifact, data: Dataset, params: ParityParams
+    native: ModelArtifact,
+    onnx_model: ModelArtifact,
+    data: Dataset,
+    params: ParityParams,
+    *,
+    sizes: list[int] | None = None,
 ) -> tuple[dict[str, Any], Verdict]:
-    """Predict the test split with both, time both; returns (report, verdict)."""
+    """Predict the test split with both, time both; returns (report, verdict).
+
+    ONNX Runtime predicts `sizes` rows per call (each checked, the worst decides; default
+    the whole split at once).
+    """
     data = dataset_for_model(data, model_input_specs(native))
     x = data.X_test
     native_pred = make_predictor(native)
@@ -393,18 +561,33 @@ def check_parity(
     onnx_pred = make_predictor(onnx_model)
     onnx_pred.check_features(x)
     compare_probs = native.framework == "torch" or hasattr(native.obj, "predict_proba")
-    onnx_scores = np.asarray(onnx_pred.scores(x))
-    result = compare_predictions(
-        native_scores,
-        onnx_scores,
-        mismatch_sample=params.mismatch_sample,
-        compare_probs=compare_probs,
-    )
-    result["worst_rows"] = label_worst_rows(native_scores, onnx_scores, worst=params.worst_rows)
+    results: dict[int, dict[str, Any]] = {}
+    verdicts: dict[int, Verdict] = {}
+    for size in sizes or [len(x)]:
+        onnx_scores = np.concatenate(
+            [np.asarray(onnx_pred.scores(x[i : i + size])) for i in range(0, len(x), size)]
+        )
+        result = compare_predictions(
+            native_scores,
+            onnx_scores,
+            mismatch_sample=params.mismatch_sample,
+            compare_probs=compare_probs,
+        )
+        result["kind"] = "labels"
+        result["worst_rows"] = label_worst_rows(native_scores, onnx_scores, worst=params.worst_rows)
+        results[size], verdicts[size] = result, parity_verdict(result, params)
+    lead = worst_batch(results, verdicts)
+    verdict = batch_verdict(verdicts, lead)
+    result = {k: v for k, v in results[lead].items() if k != "kind"}
+    result["batch_size"], result["batch_sizes"] = lead, sorted(results)
+    result["by_batch_size"] = {
+        f"b{size}": {k: r[k] for k in ("agreement", "max_abs_prob_diff", "n_mismatched") if k in r}
+        | {"passed": verdicts[size].passed, "reason": verdicts[size].reason}
+        for size, r in results.items()
+    }
     # The predictor scores with the graph's first float output; name it for the report.
     floats = [o.name for o in onnx_outputs(onnx_model.obj) if o.dtype and "float" in o.dtype]
     result["worst_output"] = floats[0] if floats else None
-    verdict = parity_verdict(result, params)
     ort_ms = _latency(ort_scores(onnx_model, params.threads), x, params)
     report = {
         **result,
@@ -433,6 +616,9 @@ GENERIC_HEADLINE = (
     "kind",
     "kind_reason",
     "n_samples",
+    "batch_size",
+    "batch_sizes",
+    "by_batch_size",
     "agreement",
     "max_abs_prob_diff",
     "min_cosine",
@@ -463,23 +649,29 @@ def onnx_parity(
         "as": f"{side} of the step",
     }
     by_labels = params.inputs is None and params.output_kind in ("auto", "labels")
+    feeds, source = evaluation_feeds(model.obj, data, inputs_id=params.inputs, ctx=ctx)
+    sizes, batching = deploy_batch_sizes(model.obj, feeds, wanted=params.batch_sizes, ctx=ctx)
     if reference.framework == "onnx" or not by_labels:
-        feeds, source = evaluation_feeds(model.obj, data, inputs_id=params.inputs, ctx=ctx)
-        report, verdict = check_output_parity(reference, model, feeds, params)
+        report, verdict = check_output_parity(reference, model, feeds, params, sizes=sizes)
         report["reference"].update(origin)
         report["inputs"] = source
+        report["batching"] = batching
         report["versions"] = library_versions()
         headline = [k for k in GENERIC_HEADLINE if k in report]
         metrics = {k: report[k] for k in headline}
         metrics["worst_rows"] = report["worst_rows"][:5]
         files = {"deployment_report.json": json.dumps(report, indent=2, default=str).encode()}
         return StepOutput(model=None, metrics=metrics, files=files, verdict=verdict)
-    report, verdict = check_parity(reference, model, data, params)
+    report, verdict = check_parity(reference, model, data, params, sizes=sizes)
     report["native"].update(origin)
+    report["batching"] = batching
     report["versions"] = library_versions()
     metrics = {
         k: report[k]
         for k in (
+            "batch_size",
+            "batch_sizes",
+            "by_batch_size",
             "agreement",
             "max_abs_prob_diff",
             "n_samples",

@@ -402,3 +402,16 @@ def thresholds_of(kind: str, thresholds: GateThresholds) -> dict[str, Any]:
         "regression": ("min_r2", "max_rel_error", "max_abs_error"),
     }[kind]
     return {name: getattr(thresholds, name) for name in names}
+
+
+def worst_batch(results: Mapping[int, Mapping[str, Any]], verdicts: Mapping[int, Verdict]) -> int:
+    """The batch size a gate is judged by: a failing one first, then the lowest parity score."""
+    return min(results, key=lambda b: (verdicts[b].passed, parity_score(results[b]), -b))
+
+
+def batch_verdict(verdicts: Mapping[int, Verdict], worst: int) -> Verdict:
+    """The worst batch size's verdict, its reason saying at which batch size of which."""
+    sizes = ", ".join(str(b) for b in sorted(verdicts))
+    verdict = verdicts[worst]
+    where = f" at {worst} rows per call (worst of batch sizes {sizes})"
+    return Verdict(verdict.passed, verdict.reason + where)

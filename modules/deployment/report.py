@@ -33,7 +33,14 @@ from modules.evaluation.plots import (
     tradeoff_figure,
     waterfall_figure,
 )
-from modules.evaluation.summary import fmt_latency, job_report, summary_csv, summary_row
+from modules.evaluation.summary import (
+    batch_column_title,
+    fmt_batch_latency,
+    fmt_latency,
+    job_report,
+    summary_csv,
+    summary_row,
+)
 from modules.storage.datasets import Dataset
 
 
@@ -143,14 +150,14 @@ sha256 <code>{{ report.dataset.fingerprint }}</code>)</p>{% endif %}
 
 <h2>Steps</h2>
 <table><tr><th>#</th><th>step</th><th>framework</th><th>size</th><th>accuracy</th>
-<th>batch-1 latency ms (median, 95% CI)</th><th>batch-64 latency ms</th>
+<th>batch-1 latency ms (median, 95% CI)</th><th>{{ batch_title }} latency ms</th>
 <th>est. latency ms (estimate)</th><th>energy mJ/inference (estimate)</th><th>verdict</th>
 <th>duration s</th></tr>
 {% for r in report.summary %}<tr><td>{{ r.index }}</td><td class="l">{{ r.step }}</td>
 <td class="l">{{ r.framework or '-' }}</td><td>{{ size(r.size_bytes) }}</td>
 <td>{{ pct(r.accuracy) }}</td>
 <td>{{ ms(r.latency_b1_ms, r.latency_b1_ci95, r.latency_b1_noisy) }}</td>
-<td>{{ ms(r.latency_b64_ms, r.latency_b64_ci95, r.latency_b64_noisy) }}</td>
+<td>{{ batch_ms(r) }}</td>
 <td>{{ num(r.estimated_latency_b1_ms) }}</td>
 <td>{{ num(r.energy_mj_estimate) }}</td><td>{{ r.verdict or '-' }}</td>
 <td>{{ num(r.duration_s) }}</td></tr>{% endfor %}
@@ -202,11 +209,14 @@ def render_html(
 ) -> str:
     """The self-contained HTML report (plots as base64 data URIs, user text escaped)."""
     env = Environment(autoescape=True)
+    summary = report.get("summary") or []
     env.globals.update(
         size=_size,
         pct=_pct,
         num=_num,
         ms=fmt_latency,
+        batch_ms=lambda row: fmt_batch_latency(row, summary),
+        batch_title=batch_column_title(summary),
         dump=lambda v: json.dumps(v, indent=2, default=str),
     )
     images = [

@@ -107,13 +107,21 @@ class OrtRunner:
     def chunk(self) -> int:
         return self.fixed_batch or RUN_CHUNK_ROWS
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """name -> output over all rows (outputs without a row axis are left out)."""
+    def run(
+        self, feeds: Mapping[str, np.ndarray], *, chunk: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """name -> output over all rows (outputs without a row axis are left out).
+
+        chunk: rows per session call (default: the graph's fixed batch, else RUN_CHUNK_ROWS);
+        a graph whose outputs depend on what else is in the batch (dynamic int8) answers
+        differently at different chunk sizes.
+        """
         total = n_rows(feeds)
+        step = chunk or self.chunk
         try:
             parts = [
-                self.session.run(None, take_rows(feeds, slice(start, start + self.chunk)))
-                for start in range(0, total, self.chunk)
+                self.session.run(None, take_rows(feeds, slice(start, start + step)))
+                for start in range(0, total, step)
             ]
         except Exception as exc:  # ORT's own error types (Fail, InvalidArgument, ...)
             text = " ".join(str(exc).split())[:400]

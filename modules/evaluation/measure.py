@@ -295,6 +295,35 @@ def thread_count(framework: str) -> int:
     return len(os.sched_getaffinity(0))
 
 
+def timing_environment(framework: str) -> dict[str, Any]:
+    """Threads used for timing, and whether other processes of this worker share the cores.
+
+    A worker exports its pool size and CPU count (MCAAS_WORKER_CONCURRENCY,
+    MCAAS_WORKER_CPUS). Several pool processes timing on fewer cores than they use between
+    them time each other's work: such a latency is recorded with a warning.
+    """
+    import os
+
+    threads = thread_count(framework)
+    cpus = _env_int("MCAAS_WORKER_CPUS") or len(os.sched_getaffinity(0))
+    concurrency = _env_int("MCAAS_WORKER_CONCURRENCY")
+    out: dict[str, Any] = {"threads": threads, "cpus": cpus, "worker_concurrency": concurrency}
+    if concurrency is not None and concurrency > 1 and concurrency * threads > cpus:
+        out["warning"] = (
+            f"{concurrency} worker pool processes x {threads} threads on {cpus} CPUs: "
+            "concurrent jobs share these cores, so latencies are not comparable; run timing "
+            "workers with --concurrency=1 (see docs/service.md)"
+        )
+    return out
+
+
+def _env_int(name: str) -> int | None:
+    import os
+
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def measure_model(
     artifact: ModelArtifact,
     data: Dataset,
@@ -334,6 +363,7 @@ def measure_model(
         "sparsity": (1 - n_nonzero / n_params) if n_params else 0.0,
         **scored,
         "threads": thread_count(artifact.framework),
+        "timing_environment": timing_environment(artifact.framework),
         "latency_ms": {},
         "throughput_per_s": {},
         "memory": {},

@@ -29,6 +29,35 @@ def fmt_latency(value: Any, ci: Any, noisy: Any = False) -> str:
     return f"{text} {NOISY_MARK}" if noisy else text
 
 
+def batch_timing(latency: dict[str, Any]) -> tuple[int | None, dict[str, Any] | None]:
+    """The largest batch size above 1 a latency dict (keys b{size}) measured, and its stat."""
+    sizes = [int(k[1:]) for k in latency if k[:1] == "b" and k[1:].isdigit() and k != "b1"]
+    if not sizes:
+        return None, None
+    return max(sizes), latency[f"b{max(sizes)}"]
+
+
+def batch_sizes_shown(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """The batch sizes of the rows' batch-latency column, each once."""
+    return sorted({r["latency_batch"] for r in rows if r.get("latency_batch")})
+
+
+def batch_column_title(rows: Sequence[dict[str, Any]]) -> str:
+    """`b64` when every row measured the same batch size, else `batch` (cells say which)."""
+    sizes = batch_sizes_shown(rows)
+    return f"b{sizes[0]}" if len(sizes) == 1 else "batch"
+
+
+def fmt_batch_latency(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """The batch-latency cell; prefixed with its batch size when the rows measured several."""
+    text = fmt_latency(
+        row["latency_batch_ms"], row["latency_batch_ci95"], row["latency_batch_noisy"]
+    )
+    if text == "-" or len(batch_sizes_shown(rows)) <= 1:
+        return text
+    return f"b{row['latency_batch']}: {text}"
+
+
 def summary_row(step: StepRecord | dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of one step record (None where the step did not measure them);
     a dict is a record as StepContext.history holds it."""
@@ -36,7 +65,8 @@ def summary_row(step: StepRecord | dict[str, Any]) -> dict[str, Any]:
     metrics = record.metrics
     # hardware_sim and budget_gate name their timings measured_latency_ms.
     latency = metrics.get("latency_ms") or metrics.get("measured_latency_ms") or {}
-    b1, b64 = latency.get("b1"), latency.get("b64")
+    b1 = latency.get("b1")
+    batch, big = batch_timing(latency)
     accuracy = metrics.get("accuracy", metrics.get("test_accuracy"))
     verdict = record.verdict
     return {
@@ -48,10 +78,11 @@ def summary_row(step: StepRecord | dict[str, Any]) -> dict[str, Any]:
         "accuracy": point(accuracy),
         "latency_b1_ms": point(b1, key="median") if b1 else None,
         "latency_b1_ci95": b1.get("median_ci95", b1.get("ci95")) if b1 else None,
-        "latency_b64_ms": point(b64, key="median") if b64 else None,
-        "latency_b64_ci95": b64.get("median_ci95", b64.get("ci95")) if b64 else None,
         "latency_b1_noisy": bool(b1.get("noisy")) if b1 else None,
-        "latency_b64_noisy": bool(b64.get("noisy")) if b64 else None,
+        "latency_batch": batch,
+        "latency_batch_ms": point(big, key="median") if big else None,
+        "latency_batch_ci95": big.get("median_ci95", big.get("ci95")) if big else None,
+        "latency_batch_noisy": bool(big.get("noisy")) if big else None,
         "verdict": None if verdict is None else ("REJECTED" if record.rejected else "pass"),
         "duration_s": record.duration_s,
         "output_key": record.output_key,
@@ -70,6 +101,9 @@ def deployment_columns(metrics: dict[str, Any], verdict: dict[str, Any] | None) 
         "auto_batch": metrics.get("auto_batch"),
         "agreement": metrics.get("agreement"),
         "max_abs_prob_diff": metrics.get("max_abs_prob_diff"),
+        # The batch sizes a parity gate or int8 search compared outputs at.
+        "parity_batch_sizes": metrics.get("batch_sizes"),
+        "stop_reason": metrics.get("stop_reason"),
         "verdict_reason": verdict.get("reason") if verdict else None,
     }
 
@@ -83,16 +117,19 @@ SUMMARY_CSV_COLUMNS = (
     "accuracy",
     "latency_b1_ms",
     "latency_b1_ci95",
-    "latency_b64_ms",
-    "latency_b64_ci95",
     "latency_b1_noisy",
-    "latency_b64_noisy",
+    "latency_batch",
+    "latency_batch_ms",
+    "latency_batch_ci95",
+    "latency_batch_noisy",
     "estimated_latency_b1_ms",
     "energy_mj_estimate",
     "fits",
     "auto_batch",
     "agreement",
     "max_abs_prob_diff",
+    "parity_batch_sizes",
+    "stop_reason",
     "verdict",
     "verdict_reason",
     "duration_s",

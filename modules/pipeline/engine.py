@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from modules.core.records import JobRecord, JobStatus, StepRecord
-from modules.core.step import StepCancelled
+from modules.core.step import ProgressReporter, StepCancelled
 from modules.errors import McaasError
 from modules.pipeline.settings import Services
 from modules.pipeline.step_cache import StepCache, caching_services
@@ -128,6 +128,28 @@ def _write_report_quietly(
         logger.exception(
             "job %s: could not write report.json; recording %s anyway", job.job_id, job.status
         )
+
+
+# A long step's progress reaches its job record at most this often: each is one store write.
+PROGRESS_INTERVAL_S = 1.0
+
+
+def progress_writer(jobs: JobStore, job_id: str, index: int, step: str) -> ProgressReporter:
+    """Write what a step reports (report_progress) to its job record as `step_progress`."""
+    last = float("-inf")
+
+    def write(info: dict[str, object]) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < PROGRESS_INTERVAL_S:
+            return
+        last = now
+        try:
+            jobs.update(job_id, step_progress={**info, "index": index, "step": step})
+        except Exception as exc:  # progress is advisory: a failed write never fails the step
+            logger.warning("job %s step %d: progress not recorded: %s", job_id, index, exc)
+
+    return write
 
 
 def finish(
@@ -356,6 +378,7 @@ def advance(
                 log=used.log,
                 trust_pickle=trust_pickle,
                 guard=guard,
+                progress=progress_writer(services.jobs, job_id, index, name),
             )
             if guard is not None and guard.confirmed is None:
                 guard.confirm()  # the step had already run: its begin still has to hold

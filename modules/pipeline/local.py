@@ -33,9 +33,14 @@ class LocalWorkspace:
         self.log = SqliteStepLog(self.root / "steps.sqlite", csv_export=self.root / "steps.csv")
         self.jobs = SqliteJobStore(self.root / "jobs.sqlite")
 
-    def import_model(self, path: Path, *, user_id: str, trust_pickle: bool = False) -> str:
-        """Validate a local model file with the safe loaders and store it; returns its key."""
-        artifact = load_model_file(path, trust_pickle=trust_pickle)
+    def import_model(
+        self, path: Path, *, user_id: str, trust_pickle: bool = False, arch: Any = None
+    ) -> str:
+        """Validate a local model file with the safe loaders and store it; returns its key.
+
+        `arch` names the architecture of a bare state_dict file (a name or a JSON arch).
+        """
+        artifact = load_model_file(path, trust_pickle=trust_pickle, arch=arch)
         blob = save_model(artifact)  # re-serialized: the store only ever holds safe formats
         digest = hashlib.sha256(blob).hexdigest()[:16]
         key = model_key(user_id, digest, artifact.suffix)
@@ -82,6 +87,7 @@ def run_single_step(
     *,
     input_path: Path | None,
     output_path: Path | None,
+    input_arch: Any = None,
     dataset: str = "digits",
     profile: str = DEFAULT_PROFILE,
     seed: int = 0,
@@ -99,7 +105,9 @@ def run_single_step(
         ws = LocalWorkspace(workspace or Path(tmp))
         model_key = None
         if input_path is not None:
-            model_key = ws.import_model(input_path, user_id="local", trust_pickle=trust_pickle)
+            model_key = ws.import_model(
+                input_path, user_id="local", trust_pickle=trust_pickle, arch=input_arch
+            )
         spec = parse_job_spec(
             {
                 "model": model_key,
@@ -112,12 +120,13 @@ def run_single_step(
         record = run_step(spec, 0, store=ws.store, log=ws.log, trust_pickle=trust_pickle)
         if output_path is not None:
             framework = record.output_framework
-            expected = SUFFIX_OF.get(str(framework))
+            if record.output_key is None:
+                raise BadInputError(f"step {step!r} produced no model to write")
+            # The stored key's suffix is the format written (a torch model may be .pt or .pt2).
+            expected = Path(record.output_key).suffix or SUFFIX_OF.get(str(framework))
             if expected and output_path.suffix != expected:
                 raise BadInputError(
                     f"output {output_path.name}: a {framework} model is saved as *{expected}"
                 )
-            if record.output_key is None:
-                raise BadInputError(f"step {step!r} produced no model to write")
             write_atomic(output_path, ws.store.get_bytes(record.output_key))
         return record

@@ -23,7 +23,13 @@ from modules.core.artifact import ModelArtifact
 from modules.core.jobspec import JobSpec
 from modules.core.records import StepRecord
 from modules.core.registry import get_step
-from modules.core.step import StepContext, StepOutput, cancellable
+from modules.core.step import (
+    ProgressReporter,
+    StepContext,
+    StepOutput,
+    cancellable,
+    reporting_progress,
+)
 from modules.core.versions import library_versions
 from modules.errors import BadInputError, IncompatibleError, McaasError
 from modules.storage import keys
@@ -164,12 +170,14 @@ def run_step(
     log: StepLog,
     trust_pickle: bool = False,
     guard: StepGuard | None = None,
+    progress: ProgressReporter | None = None,
 ) -> StepRecord:
     """Run step `index` of `job` once; a second call returns the first call's record.
 
     With a `guard`, its confirm() runs after the body and before anything is stored (it is
     not called when the step had already run), and its cancelled() is what the body's
-    check_cancelled() asks (modules/core/step.py).
+    check_cancelled() asks (modules/core/step.py). `progress` hears what the body tells
+    report_progress().
     """
     if not 0 <= index < len(job.steps):
         raise BadInputError(f"job {job.job_id} has {len(job.steps)} steps; no step {index}")
@@ -208,7 +216,10 @@ def run_step(
             load_model=lambda key: load_stored_model(store, key, trust_pickle=trust_pickle),
             read_bytes=store.get_bytes,
         )
-        with cancellable(guard.cancelled if guard is not None else None):
+        with (
+            cancellable(guard.cancelled if guard is not None else None),
+            reporting_progress(progress),
+        ):
             output: StepOutput = step.fn(model, data, params, ctx)
     duration = time.perf_counter() - t0
     if guard is not None:

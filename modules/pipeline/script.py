@@ -38,7 +38,20 @@ ParamsReader = Callable[[argparse.Namespace, Path], dict[str, Any]]
 
 # Options every script has; a params field with one of these names would be shadowed.
 BASE_DESTS = frozenset(
-    {"input_model", "output_model", "dataset", "profile", "seed", "trust_pickle", "params"}
+    {
+        "input_model",
+        "output_model",
+        "input_arch",
+        "dataset",
+        "profile",
+        "seed",
+        "trust_pickle",
+        "params",
+    }
+)
+ARCH_HELP = (
+    "Architecture of a bare state_dict input: a built-in name (resnet18, resnet34, resnet50, "
+    'mobilenet_v2, vgg11, vgg16, ...) or a JSON arch like \'{"name":"resnet18","num_classes":10}\'.'
 )
 _SCALARS: dict[Any, type] = {int: int, float: float, str: str}
 
@@ -72,8 +85,13 @@ def base_parser(
     *,
     positional_io: bool = False,
     aliases: Mapping[str, Sequence[str]] | None = None,
+    arch_flag: bool = True,
 ) -> argparse.ArgumentParser:
-    """A parser with the options every technique script shares."""
+    """A parser with the options every technique script shares.
+
+    `arch_flag=False` leaves out `--arch` (the input's arch) for a step whose own params
+    have an `arch` field.
+    """
     aliases = aliases or {}
     parser = argparse.ArgumentParser(description=description)
     if positional_io:
@@ -88,6 +106,8 @@ def base_parser(
         parser.add_argument(
             *out_flags, dest="output_model", type=Path, help="Where to write the result."
         )
+    if arch_flag:
+        parser.add_argument("--arch", dest="input_arch", metavar="ARCH", help=ARCH_HELP)
     parser.add_argument("--dataset", default="digits", help="Built-in name, .npz or IDX dir.")
     parser.add_argument("--profile", default=DEFAULT_PROFILE, help="Hardware profile name.")
     parser.add_argument("--seed", type=int, default=0, help="Seed.")
@@ -292,6 +312,7 @@ def step_parser(
         registered.summary or f"Run the {step} step.",
         positional_io=options.positional_io,
         aliases=options.aliases,
+        arch_flag="arch" not in registered.params.model_fields,
     )
     parser.add_argument(
         "--params",
@@ -334,6 +355,7 @@ def script_main(
                 step,
                 read_params(args, workspace),
                 input_path=args.input_model,
+                input_arch=getattr(args, "input_arch", None),
                 output_path=output,
                 dataset=args.dataset,
                 profile=args.profile,

@@ -11,7 +11,9 @@ of the chosen steps and returns the best candidate that meets the budget:
   when it sets one.
 
 Among the candidates that meet all of them, the best has the smallest `objective` (size,
-latency or energy estimate), ties going to the higher accuracy. The input model is always
+latency or energy estimate), ties going to the higher accuracy; on latency and energy, two
+candidates whose latency CIs overlap are a tie (no measurable difference), settled by
+accuracy, then size. The input model is always
 candidate 0, so the search never ends with nothing: when no candidate meets the budget,
 the best-so-far (fewest failed checks, then highest accuracy, then smallest objective) is
 returned with the reason. The search space is each space's grid (the cartesian product of
@@ -358,6 +360,34 @@ def rank_key(row: dict[str, Any], objective: str) -> tuple[float, ...]:
     return (float(n_failed), -float(row["accuracy"]), value)
 
 
+def _latency_tied(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """True when the two rows' batch-1 latency CIs overlap: no measurable difference."""
+    ia, ib = a.get("latency_ci95"), b.get("latency_ci95")
+    if not (isinstance(ia, list | tuple) and isinstance(ib, list | tuple)):
+        return False
+    return bool(ia[0] <= ib[1] and ib[0] <= ia[1])
+
+
+def beats(row: dict[str, Any], best: dict[str, Any], objective: str) -> bool:
+    """Whether `row` should replace `best` as the search's choice.
+
+    By `rank_key`, except that on the latency and energy objectives (both from measured
+    latency) two passing rows whose latency CIs overlap are not told apart by latency:
+    the more accurate, then the smaller, wins.
+    """
+    if (
+        objective in ("latency", "energy")
+        and not row["violations"]
+        and not best["violations"]
+        and _latency_tied(row, best)
+    ):
+        return (-float(row["accuracy"]), float(row["size_bytes"])) < (
+            -float(best["accuracy"]),
+            float(best["size_bytes"]),
+        )
+    return rank_key(row, objective) < rank_key(best, objective)
+
+
 @register_step("auto", params=AutoParams, accepts={"torch", "sklearn"})
 def auto(model: ModelArtifact, data: Dataset, params: AutoParams, ctx: StepContext) -> StepOutput:
     """Search compression params for the best candidate within the profile and accuracy drop."""
@@ -406,7 +436,7 @@ def auto(model: ModelArtifact, data: Dataset, params: AutoParams, ctx: StepConte
             row["violations"] = [f"failed: {row['error']}"]
         else:
             row["violations"] = violations(row, floor=floor, profile=ctx.profile)
-            if rank_key(row, params.objective) < rank_key(best_row, params.objective):
+            if beats(row, best_row, params.objective):
                 best_row, best_model = row, artifact
         rows.append(row)
     else:

@@ -1,7 +1,9 @@
 """The built-in torch architectures (mlp, cnn, resnet, sequential) and the arch registry.
 
 Every architecture takes flat float32 input of shape (batch, in_features); image models
-unflatten internally. A model is described either by a named arch
+unflatten internally. The registry also holds torchvision-layout ResNet-18/34/50,
+MobileNetV2 and VGG-11/16 by name (modules.storage.torchvision_archs), whose state_dict keys
+are torchvision's. A model is described either by a named arch
 (`{"name": "mlp", "in_features": 64, "hidden": [128], "num_classes": 10}`) or by a module
 tree (`{"name": "tree", "tree": {...}}`, see modules.storage.arch_tree). Each builder writes
 its model as a module tree, so everything it builds round-trips exactly.
@@ -13,6 +15,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from modules.errors import BadInputError, IncompatibleError, NotFoundError
@@ -27,6 +30,7 @@ from modules.storage.arch_tree import (
     module_from_tree,
     show,
 )
+from modules.storage.torchvision_archs import TORCHVISION_ARCHS
 
 
 def _linear(in_features: int, out_features: int) -> dict[str, Any]:
@@ -173,9 +177,10 @@ _ARCH_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet": resnet,
     "sequential": sequential,
     "tree": module_from_tree,
+    **TORCHVISION_ARCHS,
 }
 ARCH_NAMES: tuple[str, ...] = tuple(_ARCH_BUILDERS)
-_IMAGE_ARCHS = ("cnn", "resnet")
+_IMAGE_ARCHS = ("cnn", "resnet", *TORCHVISION_ARCHS)
 
 
 def _arch_name(arch: Any) -> str:
@@ -194,6 +199,11 @@ def arch_kwargs(name: str) -> tuple[str, ...]:
     return tuple(inspect.signature(_ARCH_BUILDERS[name]).parameters)
 
 
+def _required_kwargs(name: str) -> tuple[str, ...]:
+    parameters = inspect.signature(_ARCH_BUILDERS[name]).parameters.values()
+    return tuple(p.name for p in parameters if p.default is inspect.Parameter.empty)
+
+
 def build_model(arch: Mapping[str, Any]) -> nn.Module:
     """Build a fresh model from a named arch or a module tree arch."""
     name = _arch_name(arch)
@@ -204,10 +214,89 @@ def build_model(arch: Mapping[str, Any]) -> nn.Module:
         raise BadInputError(
             f"arch '{name}' got unknown kwarg(s) {unknown}; it takes {', '.join(expected)}"
         )
-    missing = [k for k in expected if k not in given]
+    missing = [k for k in _required_kwargs(name) if k not in given]
     if missing:
         raise BadInputError(f"arch '{name}' is missing kwarg(s) {', '.join(missing)}")
     return _ARCH_BUILDERS[name](**given)
+
+
+def expected_state_shapes(arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every state_dict key of `arch` and its shape, from a model built on the meta device.
+
+    Nothing is allocated: meta tensors have shapes but no storage, so even an arch that
+    declares hundreds of millions of parameters costs only its module objects.
+    """
+    with torch.device("meta"):
+        model = build_model(arch)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def check_state_dict(arch: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Refuse a state_dict whose keys or shapes do not match `arch`, naming the first mismatch.
+
+    Checked against shapes alone (see expected_state_shapes), before any model is allocated.
+    """
+    name = _arch_name(arch)
+    expected = expected_state_shapes(arch)
+    for key, shape in expected.items():
+        if key not in state:
+            raise IncompatibleError(
+                f"state_dict does not fit arch '{name}': key {key!r} (shape {list(shape)}) is "
+                f"missing ({len(state)} keys given, {len(expected)} expected)"
+            )
+        given = tuple(getattr(state[key], "shape", ()))
+        if given != shape:
+            raise IncompatibleError(
+                f"state_dict does not fit arch '{name}': key {key!r} has shape {list(given)}, "
+                f"the arch expects {list(shape)}"
+            )
+    extra = [key for key in state if key not in expected]
+    if extra:
+        raise IncompatibleError(
+            f"state_dict does not fit arch '{name}': key {extra[0]!r} is not in the arch "
+            f"({len(extra)} unexpected key(s))"
+        )
+
+
+def build_model_with_state(arch: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The model of `arch` holding `state`, checked first, allocating nothing beyond `state`.
+
+    The model is built on the meta device and the state's tensors are assigned into it;
+    a float state_dict of one dtype keeps that dtype, mixed float dtypes become float32.
+    """
+    check_state_dict(arch, state)
+    float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(float_dtypes) > 1:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = build_model(arch)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
+    if left:  # a tensor the state_dict does not carry (none of the built-in archs has one)
+        raise IncompatibleError(
+            f"arch '{arch.get('name')}' has tensors no state_dict holds: {left}"
+        )
+    return model
+
+
+def named_arch_matches(module: nn.Module, arch: Any) -> bool:
+    """Whether `module` is still exactly the torchvision-layout `arch`: module types, shapes.
+
+    Only those archs are saved by name: their block classes have no module tree, while the
+    zoo's own archs are saved as their (exact) tree.
+    """
+    if not isinstance(arch, Mapping) or arch.get("name") not in TORCHVISION_ARCHS:
+        return False
+    try:
+        with torch.device("meta"):
+            reference = build_model(arch)
+    except BadInputError:
+        return False
+    if [type(m) for m in reference.modules()] != [type(m) for m in module.modules()]:
+        return False
+    actual = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    return actual == expected
 
 
 def complete_arch(

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modules.core.jobspec import StepCall
-from modules.errors import BadInputError, NotFoundError
+from modules.errors import BadInputError, IncompatibleError, NotFoundError
 from modules.storage import keys
 from modules.storage.artifacts import ArtifactStore
 from modules.storage.inputs import (
@@ -127,3 +127,23 @@ def check_job_inputs(
                 "an inputs file (.npz, one array per input) with POST /v1/inputs and give "
                 f"its id as steps[{i}].params.inputs"
             )
+
+
+def check_job_dataset(model_meta: dict[str, Any] | None, *, dataset: str) -> None:
+    """Refuse a job whose built-in dataset does not have the features its model takes.
+
+    Raises IncompatibleError (422) naming both counts, so the mismatch is answered at
+    submission instead of as a FAILED job. Models that declare no feature count (ONNX
+    graphs with their own inputs, models with N-D inputs) are checked by their steps.
+    """
+    in_features = (model_meta or {}).get("in_features")
+    if not isinstance(in_features, int) or isinstance(in_features, bool):
+        return
+    from modules.storage.datasets import load_dataset
+
+    data = load_dataset(dataset)
+    if data.X_train.ndim == 2 and data.n_features != in_features:
+        raise IncompatibleError(
+            f"dataset {dataset!r} has {data.n_features} features per row, but the model "
+            f"takes {in_features}; choose a dataset the model was trained for"
+        )

@@ -20,6 +20,8 @@ from modules.storage.keys import ID_PATTERN, model_key, model_meta_key, models_p
 
 _ID = re.compile(ID_PATTERN)
 FORMAT_OF = {"torch": "torch-checkpoint", "sklearn": "skops", "onnx": "onnx"}
+# meta["format"] of a torch artifact -> the catalogue's format name.
+TORCH_FORMAT_OF = {"pt2": "torch-export"}
 
 
 def meta_key(user_id: str, model_id: str) -> str:
@@ -29,18 +31,42 @@ def meta_key(user_id: str, model_id: str) -> str:
     return model_meta_key(user_id, model_id)
 
 
-def validate_model_bytes(data: bytes, filename: str) -> ModelArtifact:
-    """Load the bytes through the foundation's safe loaders (imports torch/skops/onnx lazily)."""
+def validate_model_bytes(data: bytes, filename: str, arch: str | None = None) -> ModelArtifact:
+    """Load the bytes through the foundation's safe loaders (imports torch/skops/onnx lazily).
+
+    `arch` names the architecture of a bare state_dict upload (see model_formats.parse_arch).
+    """
     from modules.storage.model_formats import load_model
 
     # Uploads are never trusted to unpickle code, whatever MCAAS_TRUST_PICKLE says.
-    return load_model(data, filename=filename, trust_pickle=False)
+    return load_model(data, filename=filename, trust_pickle=False, arch=arch)
+
+
+def _format_of(artifact: ModelArtifact) -> str:
+    fmt = artifact.meta.get("format")
+    if artifact.framework == "torch" and isinstance(fmt, str) and fmt in TORCH_FORMAT_OF:
+        return TORCH_FORMAT_OF[fmt]
+    return FORMAT_OF[artifact.framework]
 
 
 def save_upload(
-    store: ArtifactStore, *, user_id: str, filename: str, data: bytes, artifact: ModelArtifact
+    store: ArtifactStore,
+    *,
+    user_id: str,
+    filename: str,
+    data: bytes,
+    artifact: ModelArtifact,
+    arch: str | None = None,
 ) -> dict[str, Any]:
-    """Store a validated upload and its meta.json; return the meta."""
+    """Store a validated upload and its meta.json; return the meta.
+
+    A bare state_dict uploaded with an `arch` is stored as the checkpoint it makes
+    ({"arch", "state_dict"}), so every later load finds its architecture in the file.
+    """
+    if arch is not None:
+        from modules.storage.model_formats import save_model
+
+        data = save_model(artifact)
     model_id = uuid.uuid4().hex[:20]
     key = model_key(user_id, model_id, artifact.suffix)
     meta: dict[str, Any] = {
@@ -48,7 +74,7 @@ def save_upload(
         "user_id": user_id,
         "key": key,
         "filename": filename,
-        "format": FORMAT_OF[artifact.framework],
+        "format": _format_of(artifact),
         "framework": artifact.framework,
         "size": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),

@@ -18,13 +18,19 @@ import io
 import json
 import pickle
 import pickletools
+import re
 import zipfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from modules.core.artifact import ModelArtifact
-from modules.errors import BadInputError, ModelFormatError, UnsafeModelError
+from modules.errors import (
+    BadInputError,
+    IncompatibleError,
+    ModelFormatError,
+    UnsafeModelError,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -329,13 +335,16 @@ def _save_torch(artifact: ModelArtifact) -> bytes:
     from torch import nn
 
     from modules.storage.arch_tree import arch_of
+    from modules.storage.architectures import named_arch_matches
 
     module = artifact.obj
     if not isinstance(module, nn.Module):
         raise BadInputError(f"a torch artifact must hold an nn.Module, got {type(module).__name__}")
-    arch = arch_of(module)
-    meta = {k: v for k, v in artifact.meta.items() if k not in ("arch", "trusted_pickle")}
     given_arch = artifact.meta.get("arch")
+    # A torchvision-layout model is saved by its name while it is still exactly that arch;
+    # anything else (and every changed model) as its module tree.
+    arch = given_arch if named_arch_matches(module, given_arch) else arch_of(module)
+    meta = {k: v for k, v in artifact.meta.items() if k not in ("arch", "trusted_pickle")}
     if "zoo_arch" not in meta and isinstance(given_arch, dict) and given_arch.get("name") != "tree":
         meta["zoo_arch"] = given_arch
     meta.update(torch_io_dims(module))
@@ -378,50 +387,119 @@ def _trusted_module_artifact(module: nn.Module) -> ModelArtifact:
     return ModelArtifact("torch", module, meta)
 
 
-def _load_torch(data: bytes, *, trust_pickle: bool) -> ModelArtifact:
+_BARE_STATE_DICT = (
+    "a bare state_dict has no architecture: name the arch beside the file (the CLI's --arch "
+    "resnet18, the API's form field arch=resnet18, or a JSON arch), or save a dict with 'arch' "
+    "and 'state_dict': {'arch': {...}, 'state_dict': model.state_dict()}"
+)
+_ARCH_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_ARCH_CHARS = 4096
+
+
+def parse_arch(value: Any) -> dict[str, Any] | None:
+    """An arch given beside a file: a name ('resnet18'), a JSON object text, or a dict."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return dict(value)
+    if not isinstance(value, str):
+        raise BadInputError(f"arch: expected a name or a JSON object, got {type(value).__name__}")
+    text = value.strip()
+    if len(text) > MAX_ARCH_CHARS:
+        raise BadInputError(f"arch: longer than {MAX_ARCH_CHARS} characters")
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise BadInputError(f"arch: not valid JSON ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise BadInputError("arch: the JSON must be an object with a 'name'")
+        return parsed
+    if not _ARCH_NAME.match(text):
+        raise BadInputError(
+            f"arch: {text[:80]!r} is neither an arch name (like resnet18) nor a JSON object"
+        )
+    return {"name": text}
+
+
+def _is_state_dict(obj: Any) -> bool:
     import torch
+
+    return isinstance(obj, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _checkpoint_parts(obj: Any, given_arch: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+    """(arch, state_dict, meta) of a loaded checkpoint, with `given_arch` for a bare one."""
+    if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
+        # {"arch": "resnet18", ...} names a built-in arch with its defaults.
+        own = parse_arch(obj["arch"]) if isinstance(obj["arch"], str) else obj["arch"]
+        if given_arch is not None and given_arch != own:
+            raise IncompatibleError(
+                f"the checkpoint names arch {show_arch(own)} but the arch given with it "
+                f"is {show_arch(given_arch)}; give no arch for a checkpoint that has one"
+            )
+        return own, obj["state_dict"], obj.get("meta") or {}
+    if given_arch is not None and isinstance(obj, dict):
+        if "state_dict" in obj and set(obj) <= {"state_dict", "meta"}:
+            return given_arch, obj["state_dict"], obj.get("meta") or {}
+        if _is_state_dict(obj) and obj:
+            return given_arch, obj, {}
+    if isinstance(obj, dict) and _is_state_dict(obj):
+        raise ModelFormatError(
+            f"the file is a bare state_dict ({len(obj)} tensors); {_BARE_STATE_DICT}"
+        )
+    got = (
+        f"a dict with keys {sorted(map(str, obj))[:8]}"
+        if isinstance(obj, dict)
+        else type(obj).__name__
+    )
+    raise ModelFormatError(
+        f"a torch checkpoint must be a dict with 'arch' and 'state_dict' (or a bare state_dict "
+        f"with an arch given), got {got}; {_BARE_STATE_DICT}"
+    )
+
+
+def show_arch(arch: Any) -> str:
+    """An arch for an error message: its name, or its repr clipped."""
+    if isinstance(arch, dict) and isinstance(arch.get("name"), str) and arch["name"] != "tree":
+        return repr(arch["name"])
+    text = repr(arch)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _load_torch(
+    data: bytes, *, trust_pickle: bool, given_arch: dict[str, Any] | None = None
+) -> ModelArtifact:
     from torch import nn
 
-    from modules.storage.architectures import build_model
+    from modules.storage.architectures import build_model_with_state
 
     obj = _torch_load(data, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         if not trust_pickle:
             raise UnsafeModelError(_NOT_WEIGHTS_ONLY)
         return _trusted_module_artifact(obj)
-    if not isinstance(obj, dict) or "arch" not in obj or "state_dict" not in obj:
-        got = (
-            f"a dict with keys {sorted(map(str, obj))[:8]}"
-            if isinstance(obj, dict)
-            else type(obj).__name__
-        )
+    if isinstance(obj, dict) and "format" in obj and obj["format"] != TORCH_FORMAT:
         raise ModelFormatError(
-            f"a torch checkpoint must be a dict with 'arch' and 'state_dict', got {got}; a bare "
-            "state_dict has no architecture: save {'arch': {...}, 'state_dict': model.state_dict()}"
+            f"unsupported checkpoint format {obj['format']!r}; expected {TORCH_FORMAT!r}"
         )
-    fmt = obj.get("format")
-    if fmt is not None and fmt != TORCH_FORMAT:
-        raise ModelFormatError(f"unsupported checkpoint format {fmt!r}; expected {TORCH_FORMAT!r}")
-    arch, state, meta = obj["arch"], obj["state_dict"], obj.get("meta") or {}
+    arch, state, meta = _checkpoint_parts(obj, given_arch)
     if not isinstance(arch, dict):
         raise ModelFormatError(f"checkpoint 'arch' must be a dict, got {type(arch).__name__}")
     if not isinstance(meta, dict):
         raise ModelFormatError(f"checkpoint 'meta' must be a dict, got {type(meta).__name__}")
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
+    if not _is_state_dict(state):
         raise ModelFormatError("checkpoint 'state_dict' must map parameter names to tensors")
+    # The keys and shapes are checked against a meta-device build before anything is
+    # allocated; the model then holds the checkpoint's own tensors.
     try:
-        model = build_model(arch)
+        model = build_model_with_state(arch, state)
+    except IncompatibleError as exc:
+        raise ModelFormatError(str(exc)) from exc
     except BadInputError as exc:
-        raise ModelFormatError(f"checkpoint arch is invalid: {exc}") from exc
-    float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(float_dtypes) == 1 and torch.float32 not in float_dtypes:
-        model = model.to(float_dtypes.pop())
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelFormatError(f"checkpoint state_dict does not fit its arch: {exc}") from exc
+        raise ModelFormatError(f"arch {show_arch(arch)} is invalid: {exc}") from exc
     model.eval()
     meta = {**meta, **torch_io_dims(model), "arch": arch}
     if arch.get("name") != "tree" and "zoo_arch" not in meta:
@@ -634,15 +712,28 @@ def save_model(artifact: ModelArtifact) -> bytes:
 
 
 def load_model(
-    data: bytes, *, filename: str | None = None, trust_pickle: bool = False
+    data: bytes,
+    *,
+    filename: str | None = None,
+    trust_pickle: bool = False,
+    arch: Any = None,
 ) -> ModelArtifact:
-    """Load untrusted model bytes safely; `trust_pickle` (local CLI only) admits full nn.Modules."""
+    """Load untrusted model bytes safely; `trust_pickle` (local CLI only) admits full nn.Modules.
+
+    `arch` (a name like 'resnet18', a JSON object text or a dict) is the architecture of a
+    bare state_dict file; it is refused for any other kind of file.
+    """
+    given_arch = parse_arch(arch)
     kind = _content_kind(data)
     if kind == "torch":
         _scan_pickles(data, trust_pickle=trust_pickle)
     _check_suffix(kind, filename)
+    if given_arch is not None and kind != "torch":
+        raise BadInputError(
+            f"an arch is only given with a torch state_dict file; this is {_KIND_WORDS[kind]}"
+        )
     if kind == "torch":
-        return _load_torch(data, trust_pickle=trust_pickle)
+        return _load_torch(data, trust_pickle=trust_pickle, given_arch=given_arch)
     if kind == "pt2":
         return _load_pt2(data)
     if kind == "sklearn":
@@ -650,7 +741,7 @@ def load_model(
     return _load_onnx(data)
 
 
-def load_model_file(path: Path, *, trust_pickle: bool = False) -> ModelArtifact:
+def load_model_file(path: Path, *, trust_pickle: bool = False, arch: Any = None) -> ModelArtifact:
     """Load a model file from disk; see `load_model`."""
     path = Path(path)
     try:
@@ -666,7 +757,9 @@ def load_model_file(path: Path, *, trust_pickle: bool = False) -> ModelArtifact:
             f"model file {path} is {size:,} bytes, over the limit of {MAX_MODEL_BYTES:,}"
         )
     try:
-        return load_model(path.read_bytes(), filename=path.name, trust_pickle=trust_pickle)
+        return load_model(
+            path.read_bytes(), filename=path.name, trust_pickle=trust_pickle, arch=arch
+        )
     except BadInputError as exc:
         # Same error type, but the message names the file the user gave us.
         raise type(exc)(f"model file {path.name}: {exc}") from None

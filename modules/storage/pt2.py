@@ -630,6 +630,11 @@ def load_pt2(data: bytes) -> tuple[nn.Module, dict[str, Any]]:
         module = program.module()
     except Exception as exc:  # unlifting failures are a program we cannot run
         raise ModelFormatError(f"cannot build a module from the program: {exc}") from exc
+    # ExportedProgram.module() makes train()/eval() raise. Every step calls eval(), so the
+    # plain nn.Module methods come back: they set the flag only, and the graph keeps the mode
+    # it was exported in (eval, for a model exported for inference).
+    for name in ("train", "eval"):
+        module.__dict__.pop(name, None)
     return module, meta
 
 

@@ -187,3 +187,68 @@ def test_train_bad_params_json_exits_2(tmp_path, params, needle):
     res = invoke("train", "--model", "knn", "--params", params, "--output", str(out))
     assert res.exit_code == 2 and needle in res.output
     assert list(tmp_path.iterdir()) == []
+
+
+# --- bring your own torch model: --arch for bare state dicts, .pt2 in and out -----------------
+
+SMALL_MLP = {"name": "mlp", "in_features": 64, "hidden": [32], "num_classes": 10}
+
+
+def _bare_state_dict_file(tmp_path):
+    import torch
+
+    from modules.storage.architectures import build_model
+
+    path = tmp_path / "sd.pt"
+    torch.save(build_model(SMALL_MLP).state_dict(), path)
+    return path
+
+
+def test_profile_takes_arch_for_a_bare_state_dict(tmp_path):
+    sd = _bare_state_dict_file(tmp_path)
+    res = invoke(
+        "profile", "--input-model", str(sd), "--arch", json.dumps(SMALL_MLP), "--json",
+        "--runs", "2", "--warmup", "1", "--out", str(tmp_path / "ws"),
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["totals"]["framework"] == "torch"
+    res = invoke("profile", "--input-model", str(sd), "--out", str(tmp_path / "ws2"))
+    assert res.exit_code == 2
+    assert "bare state_dict" in res.output and "--arch" in res.output
+    res = invoke("profile", "--input-model", str(sd), "--arch", "nosuch", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "unknown arch 'nosuch'" in res.output
+
+
+def test_run_rejects_arch_without_a_model_file_before_writing(tmp_path):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"steps": [{"name": "train"}]}))
+    ws = tmp_path / "ws"
+    res = invoke("run", str(job), "--artifacts", str(ws), "--arch", "resnet18")
+    assert res.exit_code == 2 and "--arch" in res.output
+    assert not ws.exists()
+
+
+def test_scripts_take_arch_and_write_pt2_results(tmp_path):
+    from modules.compression.measure_inference_time import main as measure_main
+    from modules.compression.quantize_dynamic import main as quantize_main
+    from modules.storage.model_formats import load_model_file
+    from tests.corpus.make_corpus import pt2_bytes
+
+    sd = _bare_state_dict_file(tmp_path)
+    out = tmp_path / "q.pt"
+    assert quantize_main([str(sd), str(out), "--arch", json.dumps(SMALL_MLP)]) == 0
+    assert load_model_file(out).meta["num_classes"] == 10
+    assert quantize_main([str(sd), str(tmp_path / "x.pt")]) == 2
+    assert not (tmp_path / "x.pt").exists()
+
+    program = tmp_path / "resmlp.pt2"
+    program.write_bytes(pt2_bytes())
+    result = tmp_path / "measured.pt2"
+    argv = ["--input-model", str(program), "--output-model", str(result), "--runs", "2"]
+    assert measure_main(argv) == 0
+    loaded = load_model_file(result)
+    assert loaded.meta["format"] == "pt2" and loaded.meta["in_features"] == 64
+    wrong = tmp_path / "measured.pt"
+    argv = ["--input-model", str(program), "--output-model", str(wrong), "--runs", "2"]
+    assert measure_main(argv) == 2
+    assert not wrong.exists()

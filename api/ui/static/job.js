@@ -39,6 +39,7 @@
     progress.textContent = ev.percent + "%";
     var text = ev.percent + "% · " + ev.done + "/" + ev.total + " steps";
     if (ev.current_step) { text += " · running " + ev.current_step; }
+    if (ev.detail) { text += " · " + ev.detail; }
     label.textContent = text;
     var badge = document.createElement("span");
     badge.className = "badge status-" + ev.status.toLowerCase();

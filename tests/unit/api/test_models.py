@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -161,3 +162,115 @@ def test_declared_oversize_body_is_refused_before_reading(api) -> None:
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "too_large"
+
+
+# --- bring your own torch model: .pt2 programs and bare state dicts with an arch ---------------
+
+SMALL_MLP = {"name": "mlp", "in_features": 64, "hidden": [32], "num_classes": 10}
+
+
+def _bare_state_dict(arch: dict[str, object]) -> bytes:
+    import torch
+
+    from modules.storage.architectures import build_model
+
+    buffer = io.BytesIO()
+    torch.save(build_model(arch).state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _upload_with_arch(api, data: bytes, name: str, arch: str) -> object:
+    return api.client.post(
+        "/v1/models", headers=ALICE, files={"file": (name, data)}, data={"arch": arch}
+    )
+
+
+def test_upload_pt2_program(api) -> None:
+    from tests.corpus.make_corpus import pt2_bytes
+
+    data = pt2_bytes()
+    response = api.upload(data, "resmlp.pt2")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["framework"], body["format"]) == ("torch", "torch-export")
+    assert (body["in_features"], body["num_classes"]) == (64, 10)
+    assert api.stored_keys() == [
+        f"users/alice/models/{body['id']}/meta.json",
+        f"users/alice/models/{body['id']}/model.pt2",
+    ]
+
+
+def test_upload_bare_state_dict_with_an_arch_field(api) -> None:
+    from modules.storage.model_formats import load_model
+
+    response = _upload_with_arch(api, _bare_state_dict(SMALL_MLP), "sd.pt", json.dumps(SMALL_MLP))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["in_features"], body["num_classes"]) == (64, 10)
+    # Stored as the checkpoint it makes: it loads later with no arch given.
+    stored = Path(str(api.settings.store_url)) / f"users/alice/models/{body['id']}/model.pt"
+    assert load_model(stored.read_bytes()).meta["arch"]["name"] == "tree"
+    assert body["size"] == stored.stat().st_size
+
+
+def test_bad_state_dict_uploads_are_clear_4xx_and_store_nothing(api) -> None:
+    bare = _bare_state_dict(SMALL_MLP)
+    cases = [
+        ("no arch", api.upload(bare, "sd.pt"), 422, "arch"),
+        ("unknown arch", _upload_with_arch(api, bare, "sd.pt", "resnet19"), 422, "resnet19"),
+        (
+            "wrong arch",
+            _upload_with_arch(api, bare, "sd.pt", "resnet18"),
+            422,
+            "'conv1.weight'",
+        ),
+        ("not an arch", _upload_with_arch(api, bare, "sd.pt", "x; rm -rf"), 400, "arch"),
+        ("arch too long", _upload_with_arch(api, bare, "sd.pt", "a" * 5000), 400, "too long"),
+    ]
+    for label, response, status, needle in cases:
+        assert response.status_code == status, (label, response.text)
+        assert needle in response.json()["error"]["message"], (label, response.text)
+    assert api.stored_keys() == []
+
+
+def test_hostile_pt2_uploads_are_refused_and_run_nothing(api, tmp_path: Path) -> None:
+    from tests.corpus.make_corpus import build_corpus
+
+    marker = tmp_path / "PWNED"
+    corpus = build_corpus(tmp_path / "corpus", marker)
+    hostile = [s for s in corpus if s.name.startswith(("pt2_", "pt_bare"))]
+    assert len(hostile) == 6
+    for specimen in hostile:
+        data = Path(str(specimen.path)).read_bytes()
+        response = api.upload(data, str(specimen.upload_name))
+        assert response.status_code == 422, (specimen.name, response.text)
+        assert response.json()["error"]["code"] in ("unsafe_model", "bad_model"), specimen.name
+        assert "Traceback" not in response.text
+    assert not marker.exists(), "a .pt2 payload ran"
+    assert api.stored_keys() == []
+
+
+def test_mcaas_submit_uploads_a_bare_state_dict_with_arch(api, tmp_path: Path, monkeypatch) -> None:
+    """`mcaas submit sd.pt --arch ...` sends the arch field; without it the API's 422 is exit 2."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from modules.cli import app
+
+    def client_on_the_app(base_url: str, headers: dict[str, str], timeout: object) -> object:
+        api.client.headers.update(headers)
+        return contextlib.nullcontext(api.client)  # the fixture's client, already started
+
+    monkeypatch.setattr(httpx, "Client", client_on_the_app)
+    sd = tmp_path / "sd.pt"
+    sd.write_bytes(_bare_state_dict(SMALL_MLP))
+    args = ["submit", str(sd), "--preset", "measure", "--api-key", ALICE["X-API-Key"]]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert "bare state_dict" in refused.output
+    done = CliRunner().invoke(app, [*args, "--arch", json.dumps(SMALL_MLP)])
+    assert done.exit_code == 0, done.output
+    listing = api.client.get("/v1/models", headers=ALICE).json()
+    assert listing["count"] == 1 and listing["data"][0]["num_classes"] == 10
+    (job,) = api.client.get("/v1/jobs", headers=ALICE).json()["data"]
+    assert api.wait_for(job["id"])["status"] == "COMPLETED"

@@ -238,3 +238,33 @@ def test_step_states_follow_the_job() -> None:
     assert [s["state"] for s in step_states(rejected, records)] == ["done", "rejected", "skipped"]
     failed = job("FAILED", 0)
     assert [s["state"] for s in step_states(failed, [])] == ["failed", "skipped", "skipped"]
+
+
+def test_the_upload_form_takes_a_pt2_and_a_bare_state_dict_with_its_arch(ui) -> None:
+    import io
+
+    import torch
+
+    from modules.storage.architectures import build_model
+    from tests.corpus.make_corpus import pt2_bytes
+
+    csrf = login(ui)
+    page = ui.get("/ui/upload").text
+    assert 'name="arch"' in page and ".pt2" in page
+    for name, data, fields in (
+        ("resmlp.pt2", pt2_bytes(), {}),
+        ("sd.pt", None, {"arch": '{"name": "mlp", "in_features": 64, "hidden": [16], '
+                                 '"num_classes": 10}'}),
+    ):  # fmt: skip
+        if data is None:
+            buffer = io.BytesIO()
+            arch = {"name": "mlp", "in_features": 64, "hidden": [16], "num_classes": 10}
+            torch.save(build_model(arch).state_dict(), buffer)
+            data = buffer.getvalue()
+        started = upload(ui, csrf, data, name=name, **fields)
+        assert started.status_code == 303, started.text
+        job = wait_for(ui, started.headers["location"].rsplit("/", 1)[-1])
+        assert job["status"] == "COMPLETED", (name, job["reason"])
+    refused = upload(ui, csrf, data, name="sd.pt")  # the same state dict, no arch
+    assert refused.status_code == 422
+    assert "bare state_dict" in refused.text

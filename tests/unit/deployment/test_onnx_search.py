@@ -90,15 +90,21 @@ def test_the_search_excludes_the_fragile_node_and_then_passes(tmp_path):
     )
     grid = [t for t in result.trials if t["phase"] == "grid"]
     assert len(grid) == 16 and not any(t["passed"] for t in grid)
-    # Probes are named as in the pre-processed graph, where `benign` + `bias` became a Gemm.
-    probes = {t["unit"].split("/")[0]: t for t in result.trials if t["phase"] == "sensitivity"}
-    assert set(probes) == {"benign", "fragile"} and not any(t["candidate"] for t in probes.values())
-    assert probes["fragile"]["score"] < 0.5 < 0.99 < probes["benign"]["score"]
+    # One sensitivity pass ranks both nodes; it is recorded and never a candidate. Units are
+    # named as in the pre-processed graph, where `benign` + `bias` became a Gemm.
+    (sensitivity,) = [t for t in result.trials if t["phase"] == "sensitivity"]
+    assert not sensitivity["candidate"] and sensitivity["granularity"] == "node"
+    ranking = [(r["unit"].split("/")[0], r["damage"]) for r in sensitivity["ranking"]]
+    assert [name for name, _ in ranking] == ["fragile", "benign"]
+    assert ranking[0][1] > 0.5 > 0.05 > ranking[1][1]
     assert result.verdict.passed, result.verdict.reason
+    assert result.stop_reason == "cannot_beat_best" and "stopped:" in result.verdict.reason
     assert result.chosen["phase"] == "exclude" and result.chosen["chosen"] is True
     assert result.chosen["settings"]["nodes_to_exclude"] == ["fragile"]
     assert result.kind == "embedding" and "int8 search chose" in result.verdict.reason
-    for trial in result.trials:  # every trial: settings, size, parity and latency
+    for trial in result.trials:  # every candidate: settings, size, parity and latency
+        if not trial["candidate"]:
+            continue
         assert {"settings", "size_bytes", "parity", "latency_ms", "passed"} <= set(trial)
     ops = {n.name: n.op_type for n in result.model.graph.node}
     assert ops["fragile"] == "MatMul" and "MatMulInteger" in ops.values()
@@ -125,6 +131,7 @@ def test_an_impossible_threshold_returns_the_best_so_far_with_the_reason(tmp_pat
     assert "max abs error" in reason and "> max 0" in reason
     best = max((t for t in result.trials if t["candidate"]), key=lambda t: t["score"])
     assert result.chosen["trial"] == best["trial"]
+    assert result.stop_reason == "exclusion_cap" and "still failing" in result.stopped
     assert result.model.ByteSize() == result.chosen["size_bytes"]
 
 
@@ -139,7 +146,148 @@ def test_the_trial_budget_stops_the_search_and_says_so(tmp_path):
         budget=SearchBudget(latency_runs=2, latency_batch=8, max_trials=3),
     )
     assert len(result.trials) == 3 and result.stopped == "max_trials (3) reached"
+    assert result.stop_reason == "max_trials"
     assert not result.verdict.passed and "max_trials (3) reached" in result.verdict.reason
+
+
+def test_a_spent_time_budget_stops_the_search_and_says_so(tmp_path):
+    result = search_int8(
+        fragile_graph(),
+        feeds=features(),
+        calibration=None,
+        thresholds=OnnxQuantizeParams(),
+        meta={},
+        workdir=tmp_path,
+        budget=SearchBudget(latency_runs=2, latency_batch=8, max_seconds=0.0),
+    )
+    assert result.trials == [] and result.model is None
+    assert result.stop_reason == "time_budget" and "time budget (0 s) spent" in result.stopped
+    assert "time budget" in result.verdict.reason
+
+
+def chain_graph(
+    depth: int = 12, fragile: tuple[int, ...] = (7,), width: int = 64
+) -> onnx.ModelProto:
+    """features (batch, 16) -> `depth` x (MatMul `layer{i}` -> Add -> Relu) -> embedding.
+
+    For each f in `fragile`, layer f-1 keeps its unit 0 dead (zero weights, negative bias)
+    and layer f reads that unit with weights of 1000: harmless in float, ruinous in int8 (as
+    in fragile_graph).
+    """
+    rng = np.random.default_rng(3)
+    nodes, inits, x = [], [], "features"
+    for i in range(depth):
+        fan_in = 16 if i == 0 else width
+        w = (rng.normal(size=(fan_in, width)) * np.sqrt(2 / fan_in)).astype(np.float32)
+        b = np.full(width, 0.1, np.float32)
+        if i + 1 in fragile:
+            w[:, 0], b[0] = 0.0, -1.0
+        if i in fragile:
+            w[0, :] = 1000.0
+        out = "embedding" if i == depth - 1 else f"h{i}"
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"layer{i}"),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}" if i < depth - 1 else out]),
+        ]
+        if i < depth - 1:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [out]))
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        x = out
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", width])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_bisection_finds_a_planted_fragile_node_in_fewer_trials_than_nodes(tmp_path):
+    result = search_int8(
+        chain_graph(),
+        feeds=features(),
+        calibration=None,
+        thresholds=OnnxQuantizeParams(),
+        meta={},
+        workdir=tmp_path,
+        budget=QUICK,
+    )
+    assert result.verdict.passed, result.verdict.reason
+    excluded = result.chosen["settings"]["nodes_to_exclude"]
+    assert [name.split("/")[0] for name in excluded] == ["layer7"]
+    after_grid = [t for t in result.trials if t["phase"] != "grid"]
+    # One sensitivity pass, then the lone culprit in float passes at once: 2 trials, not 12.
+    assert len(after_grid) < 12 and after_grid[0]["phase"] == "sensitivity"
+    assert after_grid[0]["ranking"][0]["unit"].startswith("layer7")
+    assert [t["units_in_float"] for t in after_grid[1:]] == [1]
+    assert result.stop_reason == "cannot_beat_best"
+
+
+def test_several_culprits_are_found_by_galloping_then_bisecting(tmp_path):
+    result = search_int8(
+        chain_graph(fragile=(3, 7, 10)),
+        feeds=features(),
+        calibration=None,
+        thresholds=OnnxQuantizeParams(),
+        meta={},
+        workdir=tmp_path,
+        budget=QUICK,
+    )
+    assert result.verdict.passed, result.verdict.reason
+    excluded = sorted(name.split("/")[0] for name in result.chosen["settings"]["nodes_to_exclude"])
+    assert excluded == ["layer10", "layer3", "layer7"]
+    tried = [t["units_in_float"] for t in result.trials if t["phase"] == "exclude"]
+    assert tried == [1, 2, 4, 3] and result.stop_reason == "cannot_beat_best"
+    assert "3 unit(s) in float pass and 2 fail" in result.stopped
+
+
+def test_every_trial_reports_progress(tmp_path):
+    seen: list[dict] = []
+    result = search_int8(
+        fragile_graph(),
+        feeds=features(),
+        calibration=None,
+        thresholds=OnnxQuantizeParams(),
+        meta={},
+        workdir=tmp_path,
+        budget=QUICK,
+        progress=seen.append,
+    )
+    assert [p["trial"] for p in seen] == list(range(1, len(result.trials) + 1))
+    assert [p["phase"] for p in seen] == [t["phase"] for t in result.trials]
+    assert seen[-1]["passed"] and seen[-1]["best_passing_size_bytes"] == result.chosen["size_bytes"]
+
+
+def outlier_features(rows: int, *, seed: int) -> dict[str, np.ndarray]:
+    """Rows whose first four features are 40x larger in every other row."""
+    x = features(rows, seed=seed)["features"]
+    x[::2, :4] *= 40.0
+    return {"features": x}
+
+
+def test_a_candidate_that_passes_only_on_its_calibration_rows_is_not_chosen(tmp_path):
+    """Static int8 calibrated on ordinary rows clips the held-out rows' large features."""
+    calibrated = features(32, seed=1)
+    common = {
+        "calibration": [calibrated],
+        "thresholds": OnnxQuantizeParams(),
+        "meta": {},
+        "budget": QUICK,
+    }
+    proto = chain_graph(depth=2, fragile=())  # two plain layers
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    on_calibration = search_int8(proto, feeds=calibrated, workdir=tmp_path / "a", **common)
+    static = lambda r: [t for t in r.trials if t["settings"]["mode"] == "static"]  # noqa: E731
+    assert all(t["passed"] for t in static(on_calibration))  # the planted candidates
+    held_out = search_int8(
+        proto, feeds=outlier_features(32, seed=2), workdir=tmp_path / "b", **common
+    )
+    assert static(held_out) and not any(t["passed"] for t in static(held_out))
+    assert held_out.verdict.passed and held_out.chosen["settings"]["mode"] == "dynamic"
 
 
 # --- the step ---------------------------------------------------------------------------------
@@ -160,8 +308,12 @@ def test_the_step_searches_on_an_inputs_file_and_stores_every_trial(digits, ctx_
     out = onnx_quantize(ModelArtifact("onnx", fragile_graph(), {}), digits, params, ctx)
     assert out.verdict.passed, out.verdict.reason
     m = out.metrics
-    assert m["kind"] == "embedding" and m["inputs"] == {"inputs": "feats", "rows": 64}
-    assert m["calibration"]["inputs"] == "feats" and m["n_trials"] == len(m["trials"])
+    # Half the file's rows are held out to score on; the other half calibrates.
+    assert m["kind"] == "embedding"
+    assert m["inputs"] == {"inputs": "feats", "rows": 32, "held_out_of": 64}
+    assert m["calibration"]["inputs"] == "feats" and m["calibration"]["rows"] == 32
+    assert "does not score on" in m["calibration"]["note"]
+    assert m["n_trials"] == len(m["trials"]) and m["stop_reason"] == "cannot_beat_best"
     assert m["chosen"]["settings"]["nodes_to_exclude"] == ["fragile"]
     assert json.loads(out.files["int8_search.json"])["trials"] == m["trials"]
     back = load_model(save_model(out.model), filename="q.onnx")  # passes the safe loader
@@ -238,3 +390,34 @@ def test_the_cli_searches_with_a_local_inputs_file(tmp_path, capsys):
     missing = tmp_path / "missing.npz"
     assert main([*argv, "--inputs", str(missing)]) == 2
     assert f"error: inputs file {missing} does not exist" in capsys.readouterr().err
+
+
+def test_a_rejected_search_still_stores_its_trials_and_a_parity_report(
+    digits, ctx_factory, tmp_path
+):
+    ctx = with_inputs(ctx_factory(), tmp_path, features())
+    params = OnnxQuantizeParams(
+        inputs="feats", min_cosine=1.0, max_abs_error=0.0, batch_sizes=(1, 32), **QUICK_PARAMS
+    )
+    out = onnx_quantize(ModelArtifact("onnx", fragile_graph(), {}), digits, params, ctx)
+    assert not out.verdict.passed and "best so far" in out.verdict.reason
+    stored = json.loads(out.files["int8_search.json"])
+    assert stored["trials"] and stored["stop_reason"] == "exclusion_cap"
+    report = json.loads(out.files["parity_report.json"])
+    assert report["graph"].startswith("best so far") and report["passed"] is False
+    assert report["trial"] == out.metrics["chosen"]["trial"]
+    assert report["batch_sizes"] == [1, 32] and set(report["by_batch_size"]) == {"b1", "b32"}
+    assert report["thresholds"]["min_cosine"] == 1.0 and report["min_cosine"] < 1.0
+    assert report["inputs"]["held_out_of"] == 64
+    for trial in stored["trials"]:
+        if trial["candidate"]:
+            assert set(trial["by_batch_size"]) == {"b1", "b32"}
+
+
+def test_one_row_cannot_be_split_into_scored_and_calibration_rows(digits, ctx_factory, tmp_path):
+    from modules.errors import BadInputError
+
+    ctx = with_inputs(ctx_factory(), tmp_path, features(rows=1))
+    params = OnnxQuantizeParams(inputs="feats", **QUICK_PARAMS)
+    with pytest.raises(BadInputError, match=r"has 1 row\(s\); the search needs at least 2"):
+        onnx_quantize(ModelArtifact("onnx", fragile_graph(), {}), digits, params, ctx)

@@ -37,6 +37,30 @@ def test_custom_objectives():
 
 
 def test_dominates_is_strict():
-    assert dominates((1, 1), (1, 2))
-    assert not dominates((1, 1), (1, 1))
-    assert not dominates((0, 2), (1, 1))
+    assert dominates(pt(1, 1, 0.9), pt(1, 2, 0.9))
+    assert not dominates(pt(1, 1, 0.9), pt(1, 1, 0.9))
+    assert not dominates(pt(0, 2, 0.9), pt(1, 1, 0.9))
+
+
+def timed(size, latency, ci, accuracy=0.9):
+    return {**pt(size, latency, accuracy), "latency_ci95": list(ci)}
+
+
+def test_latency_within_overlapping_cis_is_a_tie_not_a_win():
+    # 1 is smaller; 0 looks 3x faster, but its CI overlaps 1's: no measurable difference.
+    points = [timed(200, 0.05, (0.04, 21.0)), timed(100, 0.15, (0.1, 0.2))]
+    assert dominates(points[1], points[0])
+    assert pareto_front(points) == [1]
+
+
+def test_latency_with_separate_cis_still_counts():
+    points = [timed(200, 0.05, (0.04, 0.06)), timed(100, 0.15, (0.1, 0.2))]
+    assert not dominates(points[1], points[0])
+    assert pareto_front(points) == [0, 1]
+
+
+def test_overlap_never_makes_the_slower_point_dominate_on_latency_alone():
+    # Same size and accuracy; only latency differs, within noise: neither dominates.
+    points = [timed(100, 1.0, (0.5, 1.6)), timed(100, 1.5, (1.2, 1.9))]
+    assert pareto_front(points) == [0, 1]
+    assert pareto_front(points, intervals={}) == [0]  # by the medians alone, 0 wins

@@ -109,3 +109,33 @@ def test_measure_passes_its_timing_params_and_records_threads(digits):
     stat = measure_model(ModelArtifact("sklearn", model), digits, params)["latency_ms"]["b1"]
     assert stat.keys() >= TIMING_KEYS and stat["ci_target"] == 0.2 and stat["n"] >= 3
     assert isinstance(stat["threads"], int) and stat["threads"] >= 1
+
+
+def test_a_worker_with_several_pool_processes_on_few_cores_says_so(monkeypatch):
+    from modules.evaluation.measure import timing_environment
+
+    monkeypatch.setenv("MCAAS_WORKER_CONCURRENCY", "4")
+    monkeypatch.setenv("MCAAS_WORKER_CPUS", "2")
+    env = timing_environment("sklearn")
+    assert env["worker_concurrency"] == 4 and env["cpus"] == 2
+    assert "4 worker pool processes" in env["warning"]
+    assert "--concurrency=1" in env["warning"]
+
+    monkeypatch.setenv("MCAAS_WORKER_CONCURRENCY", "1")
+    assert "warning" not in timing_environment("sklearn")
+    monkeypatch.delenv("MCAAS_WORKER_CONCURRENCY")
+    outside = timing_environment("torch")
+    assert outside["worker_concurrency"] is None and "warning" not in outside
+    assert outside["threads"] >= 1
+
+
+def test_measure_records_its_timing_environment(small_mlp, digits, monkeypatch):
+    from modules.evaluation.measure import MeasureParams, measure_model
+
+    monkeypatch.setenv("MCAAS_WORKER_CONCURRENCY", "3")
+    monkeypatch.setenv("MCAAS_WORKER_CPUS", "1")
+    metrics = measure_model(
+        small_mlp, digits, MeasureParams(batch_sizes=[1], warmup=1, runs=20, max_time_s=0.1)
+    )
+    assert metrics["timing_environment"]["worker_concurrency"] == 3
+    assert "warning" in metrics["timing_environment"]

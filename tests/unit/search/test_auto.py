@@ -129,3 +129,56 @@ def test_a_model_that_does_not_fit_the_data_is_a_clear_error(tmp_path):
         IncompatibleError, match="input model cannot be measured.*64 input features"
     ):
         run_step(job, 0, store=ws.store, log=ws.log)
+
+
+def _row(label, *, latency, ci, accuracy=0.95, size=1000, violations=()):
+    return {
+        "label": label,
+        "estimated_latency_ms": latency,
+        "energy_mj_estimate": latency,
+        "latency_ci95": list(ci),
+        "accuracy": accuracy,
+        "size_bytes": size,
+        "violations": list(violations),
+    }
+
+
+def test_overlapping_latency_cis_are_a_tie_settled_by_accuracy():
+    from modules.search.auto import beats
+
+    best = _row("best", latency=1.0, ci=(0.8, 1.2), accuracy=0.96)
+    # Looks 2x faster, but its CI overlaps: not measurably faster, and less accurate.
+    noisy = _row("noisy", latency=0.5, ci=(0.1, 0.9), accuracy=0.95)
+    assert not beats(noisy, best, "latency")
+    assert not beats(noisy, best, "energy")
+    assert beats(noisy, best, "size") is False  # same size: the rank key's tie-break
+    # Measurably faster (CIs apart) wins on latency even when a little less accurate.
+    fast = _row("fast", latency=0.5, ci=(0.45, 0.55), accuracy=0.95)
+    assert beats(fast, best, "latency")
+    # Tied on latency and as accurate: the smaller one wins.
+    smaller = _row("smaller", latency=1.1, ci=(0.9, 1.3), accuracy=0.96, size=500)
+    assert beats(smaller, best, "latency")
+
+
+def test_sweep_rows_carry_the_noisy_flag(small_mlp, digits, ctx_factory, monkeypatch):
+    from modules.evaluation.measure import MeasureParams
+    from modules.search import sweep
+
+    real = sweep.measure_model
+
+    def one_noisy(artifact, data, params):
+        metrics = real(artifact, data, params)
+        metrics["latency_ms"]["b1"]["noisy"] = True
+        metrics["latency_ms"]["b8"]["noisy"] = False
+        return metrics
+
+    monkeypatch.setattr(sweep, "measure_model", one_noisy)
+    row = sweep.candidate_row(
+        small_mlp,
+        digits,
+        profile=ctx_factory().profile,
+        measure=MeasureParams(batch_sizes=[1, 8], warmup=1, runs=20, max_time_s=0.2),
+    )
+    assert row["latency_noisy"] is True
+    assert row["latency_b8_noisy"] is False
+    assert "latency_noisy" in sweep.ROW_COLUMNS
