@@ -36,13 +36,17 @@ from modules.evaluation.measure import batch_of, thread_count, time_batches
 from modules.evaluation.stats import compare_latency
 from modules.storage.architectures import build_model, complete_arch
 from modules.storage.datasets import Dataset
+from modules.storage.graph_layers import lift_layers
+from modules.storage.inputs import dataset_for_model, torch_input_specs
 from modules.storage.keys import key_in_user, validate_key
 from modules.storage.model_formats import save_model, torch_io_dims
 from modules.training.fields import TrainingFields
 from modules.training.finetune import (
     accuracy,
+    as_tensors,
     check_fits_data,
     check_trainable,
+    eval_mode,
     fit,
     seed_everything,
 )
@@ -93,7 +97,7 @@ def distill(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A trained copy of `student`, taught by `teacher` (left unchanged) on (x, y)."""
     student = copy.deepcopy(student)
-    teacher.eval()
+    eval_mode(teacher)
     current = {"temperature": temperature, "alpha": alpha}
     used: list[dict[str, float]] = []
 
@@ -104,10 +108,12 @@ def distill(
         current["alpha"] = linear_schedule(epoch, epochs=epochs, start=alpha, end=alpha_final)
         used.append(dict(current))
 
-    def loss_fn(logits: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def loss_fn(
+        logits: torch.Tensor, inputs: tuple[torch.Tensor, ...], yb: torch.Tensor
+    ) -> torch.Tensor:
         # no_grad, not inference_mode: kl_div saves the teacher's output for backward.
         with torch.no_grad():
-            teacher_logits = teacher(xb).float()
+            teacher_logits = teacher(*inputs).float()
         return kd_loss(
             logits,
             teacher_logits,
@@ -146,6 +152,13 @@ class DistillParams(TrainingFields):
         description="Store key (users/{you}/...) of a torch model to use as the student, with "
         "its weights as the starting point; instead of student_arch.",
     )
+    student_prune: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Student = a copy of the teacher with this share of its neurons and "
+        "channels removed (structured pruning); instead of student_arch or student_key.",
+    )
     temperature: float = Field(default=4.0, gt=0, le=100, description="Softmax temperature T.")
     temperature_final: float | None = Field(
         default=None,
@@ -177,6 +190,11 @@ class DistillParams(TrainingFields):
     def _check_combination(self) -> DistillParams:
         if self.student_arch is not None and self.student_key is not None:
             raise ValueError("give student_arch or student_key, not both")
+        if self.student_prune is not None and (self.student_arch or self.student_key):
+            raise ValueError(
+                "student_prune makes the student from the teacher; give it without "
+                "student_arch or student_key"
+            )
         if self.temperature_final is not None and self.temperature_final > self.temperature:
             raise ValueError(
                 f"temperature_final {self.temperature_final} is above temperature "
@@ -190,8 +208,25 @@ class DistillParams(TrainingFields):
         return self
 
 
-def _student(params: DistillParams, data: Dataset, ctx: StepContext) -> nn.Module:
+def _student(
+    params: DistillParams, data: Dataset, ctx: StepContext, *, teacher: nn.Module
+) -> nn.Module:
+    if params.student_prune is not None:
+        from modules.compression.prune_structured import prune_structured
+
+        return prune_structured(
+            lift_layers(teacher),
+            amount=params.student_prune,
+            in_features=data.n_features,
+            example_inputs=as_tensors(data.X_train[:4]),
+        )
     if params.student_key is None:
+        if data.input_names:
+            raise IncompatibleError(
+                f"a zoo student takes one float array, but the teacher takes the inputs "
+                f"{', '.join(data.input_names)}; give student_prune (a pruned copy of the "
+                "teacher) or student_key (an uploaded model)"
+            )
         given = params.student_arch or DEFAULT_STUDENT
         teacher_dims = {"in_features": data.n_features, "num_classes": data.n_classes}
         for key, value in teacher_dims.items():
@@ -206,7 +241,9 @@ def _student(params: DistillParams, data: Dataset, ctx: StepContext) -> nn.Modul
             image_shape=data.image_shape,
         )
         seed_everything(ctx.seed)
-        return build_model(arch)
+        zoo = build_model(arch)
+        # Zoo archs take flat rows; a student of images or other N-D samples flattens first.
+        return nn.Sequential(nn.Flatten(), zoo) if len(data.sample_shape) > 1 else zoo
     if not key_in_user(params.student_key, ctx.user_id):
         raise BadInputError(
             f"student_key {params.student_key!r} is not under users/{ctx.user_id}/; a student "
@@ -226,15 +263,16 @@ def _student(params: DistillParams, data: Dataset, ctx: StepContext) -> nn.Modul
 def check_student_fits(student: nn.Module, teacher: nn.Module, *, x: np.ndarray) -> None:
     """IncompatibleError naming both sides when the student's input or output differs."""
     student_in = torch_io_dims(student).get("in_features")
-    if student_in is not None and student_in != x.shape[1]:
+    if student_in is not None and not x.dtype.names and student_in != x[0].size:
+        given = x.shape[1] if x.ndim == 2 else f"samples of shape {list(x.shape[1:])}"
         raise IncompatibleError(
-            f"the student takes {student_in} input features but the teacher takes {x.shape[1]}"
+            f"the student takes {student_in} input features but the teacher takes {given}"
         )
-    sample = torch.from_numpy(np.ascontiguousarray(x[:2], dtype=np.float32))
+    sample = as_tensors(x[:2])
     with torch.no_grad():
-        teacher_out = teacher.eval()(sample)
+        teacher_out = eval_mode(teacher)(*sample)
         try:
-            student_out = student.eval()(sample)
+            student_out = eval_mode(student)(*sample)
         except RuntimeError as exc:
             raise IncompatibleError(
                 f"the student does not accept the teacher's {x.shape[1]} input features: {exc}"
@@ -261,8 +299,9 @@ def distill_step(
 ) -> StepOutput:
     """Distill the input (teacher) model into a smaller student; compare the two."""
     teacher = model.obj
+    data = dataset_for_model(data, torch_input_specs(model.meta))
     check_fits_data(teacher, data.X_test, num_classes=data.n_classes, what="the teacher")
-    student = _student(params, data, ctx)
+    student = _student(params, data, ctx, teacher=teacher)
     check_trainable(student, step="distill")
     check_student_fits(student, teacher, x=data.X_test)
     start_accuracy = accuracy(student, data.X_test, data.y_test)
@@ -280,8 +319,15 @@ def distill_step(
         batch_size=params.batch_size,
         seed=ctx.seed,
     )
-    meta = {"in_features": data.n_features, "num_classes": data.n_classes}
-    out = ModelArtifact("torch", trained.eval(), meta)
+    meta: dict[str, Any] = {"in_features": data.n_features, "num_classes": data.n_classes}
+    if model.meta.get("inputs"):
+        # The student takes the teacher's inputs: it keeps their names, shapes and format.
+        meta = {
+            "format": model.meta.get("format"),
+            "inputs": model.meta["inputs"],
+            "num_classes": data.n_classes,
+        }
+    out = ModelArtifact("torch", eval_mode(trained), meta)
     source = ModelArtifact("torch", teacher, {**model.meta, **meta})
     # Teacher and student in the scaffold's before/after names (accuracy, params, tensor bytes).
     compared = compare(teacher, trained, data)

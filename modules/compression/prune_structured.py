@@ -3,6 +3,11 @@
 structured    Torch-Pruning's dependency graph removes whole neurons (Linear) and channels
               (Conv2d), slicing the BatchNorm, the next layer and residual adds to match, so
               the saved tensors are smaller and inference is faster. Importance: L1 or L2 norm.
+              A user's own model (meta["inputs"]: any nn.Module, or a .pt2 program, whose
+              layer calls graph_layers.lift_layers turns back into layer modules) is traced
+              on rows of the dataset, so adds, concatenations and norms of any layout couple
+              the channels they join; a graph that hard-codes a pruned size (a reshape to a
+              literal width, as exported attention does) is refused, naming the error.
 unstructured  magnitude (or |weight x gradient|) masks, layer-wise or global, multiplied into
               the weights: no pruning hooks are left. The file stays dense, so the metrics
               also give a CSR estimate and the DEFLATE-compressed size, each labelled.
@@ -42,9 +47,10 @@ from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
 from modules.errors import BadInputError
 from modules.storage.datasets import Dataset
+from modules.storage.graph_layers import lift_layers
 from modules.storage.layers import ResidualBlock
 from modules.training.fields import FineTuneFields
-from modules.training.finetune import fit
+from modules.training.finetune import as_tensors, fit
 
 Importance = Literal["l1", "l2", "gradient"]
 Scope = Literal["layer", "global"]
@@ -108,6 +114,36 @@ def classifier_name(model: nn.Module) -> str:
 # --- structured ------------------------------------------------------------------------------
 
 
+# Layers with weights that Torch-Pruning slices in a user's own model (any container).
+_OWN_MODEL_WEIGHTED: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.LayerNorm,
+    nn.Embedding,
+    nn.MultiheadAttention,
+)
+
+
+def check_own_model_support(model: nn.Module) -> None:
+    """Raise a BadInputError naming the first module with weights Torch-Pruning cannot slice."""
+    for name, sub in model.named_modules():
+        if isinstance(sub, _OWN_MODEL_WEIGHTED):
+            continue
+        inside = any(
+            (name + ".").startswith(other + ".")
+            for other, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and other != name
+        )
+        if list(sub.parameters(recurse=False)) and not inside:
+            raise BadInputError(
+                f"structured pruning cannot handle layer {name or 'model'} "
+                f"({type(sub).__name__}): it holds weights directly; layers with weights must "
+                f"be {', '.join(t.__name__ for t in _OWN_MODEL_WEIGHTED)}"
+            )
+
+
 def check_structured_support(model: nn.Module) -> None:
     """Raise a BadInputError naming the first layer structured pruning cannot handle."""
     seen_weights = False
@@ -158,27 +194,37 @@ def prune_structured(
     scope: Scope = "layer",
     round_to: int = 1,
     layers: Mapping[str, Any] | None = None,
+    example_inputs: tuple[torch.Tensor, ...] | None = None,
 ) -> nn.Module:
     """A copy of `model` with `amount` of each layer's neurons/channels physically removed.
 
     layers: per-layer control (see layer_select): a layer's own {"amount": a} or "skip"
     (its outputs are kept; its inputs still follow the layer before it). Layers coupled by a
     residual add are pruned as one group and take the first group member's setting.
+    example_inputs: rows the model is traced on, for a user's own model (any layout, any
+        inputs); None = a zoo model, traced on zeros of shape (2, in_features).
     """
     import torch_pruning as tp
 
     if not 0 <= amount < 1:
         raise BadInputError(f"amount must be in [0, 1), got {amount}")
-    check_structured_support(model)
+    if example_inputs is None:
+        check_structured_support(model)
+    else:
+        model = lift_layers(model)
+        check_own_model_support(model)
     pruned = copy.deepcopy(model).eval()
     modules = dict(pruned.named_modules())
     classifier = _classifier(pruned)
     overrides = structured_layer_amounts(pruned, layers or {})
     if amount == 0 and not any(overrides.values()):
         return pruned
+    traced = example_inputs if example_inputs is not None else (torch.zeros(2, in_features),)
+    with torch.no_grad():
+        expected = pruned(*traced).shape
     pruner = tp.pruner.BasePruner(
         pruned,
-        torch.zeros(2, in_features),
+        traced,
         importance=tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2),
         pruning_ratio=amount,
         pruning_ratio_dict={modules[n]: a for n, a in overrides.items() if a is not None},
@@ -187,7 +233,21 @@ def prune_structured(
         ignored_layers=[classifier] + [modules[n] for n, a in overrides.items() if a is None],
         round_to=round_to if round_to > 1 else None,
     )
-    pruner.step()
+    try:
+        pruner.step()
+        with torch.no_grad():
+            got = pruned(*traced).shape
+    except (RuntimeError, ValueError, IndexError) as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise BadInputError(
+            "structured pruning broke the model's graph (it fixes a size that pruning changed, "
+            f"e.g. a reshape to a literal width): {text}; use method 'unstructured', or skip "
+            "the layers that feed it (`layers`)"
+        ) from None
+    if got != expected:
+        raise BadInputError(
+            f"structured pruning changed the output shape from {list(expected)} to {list(got)}"
+        )
     return pruned
 
 
@@ -310,12 +370,13 @@ def gradient_scores(
     weights = prunable_weights(model)
     scores = {name: torch.zeros_like(w) for name, w in weights.items()}
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    xts = as_tensors(x)
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     model.eval()
-    for i in range(0, len(xt), batch_size):
+    for i in range(0, len(yt), batch_size):
         model.zero_grad(set_to_none=True)
-        loss_fn(model(xt[i : i + batch_size]), yt[i : i + batch_size]).backward()
+        batch = tuple(t[i : i + batch_size] for t in xts)
+        loss_fn(model(*batch), yt[i : i + batch_size]).backward()
         for name, w in weights.items():
             if w.grad is not None:
                 scores[name] += (w.detach() * w.grad).abs()
@@ -616,6 +677,8 @@ def _prune(model: nn.Module, data: Dataset, params: PruneParams, ctx: StepContex
             model,
             amount=params.amount,
             in_features=data.n_features,
+            # A zoo model is a Sequential/ResidualBlock tree; anything else is a user's own.
+            example_inputs=None if isinstance(model, _CONTAINERS) else as_tensors(data.X_train[:4]),
             importance="l2" if params.importance == "l2" else "l1",
             scope=params.scope,
             round_to=params.round_to,

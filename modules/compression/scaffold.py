@@ -22,7 +22,16 @@ from modules.core.artifact import ModelArtifact
 from modules.core.step import StepContext, StepOutput
 from modules.evaluation.measure import count_params
 from modules.storage.datasets import Dataset
-from modules.training.finetune import check_fits_data, check_trainable, fit, seed_everything
+from modules.storage.graph_layers import lift_layers
+from modules.storage.inputs import dataset_for_model, torch_input_specs
+from modules.training.finetune import (
+    check_fits_data,
+    check_trainable,
+    eval_mode,
+    fit,
+    forward,
+    seed_everything,
+)
 
 SIZE_METHOD = (
     "state_dict tensor bytes (the stored file adds a small header; its size is the step "
@@ -71,9 +80,9 @@ def state_dict_bytes(module: nn.Module) -> int:
 
 def logits(module: nn.Module, x: np.ndarray) -> torch.Tensor:
     """float32 logits of `module` on flat features (float16 layers emit half precision)."""
-    module.eval()
+    eval_mode(module)
     with torch.inference_mode():
-        return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float()
+        return forward(module, x).float()
 
 
 def compare(before: nn.Module, after: nn.Module, data: Dataset) -> dict[str, Any]:
@@ -123,9 +132,11 @@ def torch_step(
     """
     if fine_tune:
         check_trainable(model.obj, step=name)
+    data = dataset_for_model(data, torch_input_specs(model.meta))
     check_fits_data(model.obj, data.X_test, num_classes=data.n_classes, what="the input model")
     seed_everything(ctx.seed)
-    done = transform(copy.deepcopy(model.obj), data, params, ctx)
+    # An exported program's layer calls become layer modules the techniques can change.
+    done = transform(copy.deepcopy(lift_layers(model.obj)), data, params, ctx)
     module = done.module
     check_fits_data(module, data.X_test, num_classes=data.n_classes, what=f"the {name} output")
     metrics = dict(done.metrics)
@@ -150,10 +161,8 @@ def torch_step(
             "train_time_s": history["train_time_s"],
         }
     metrics.update(compare(model.obj, module, data))
-    meta = {
-        **model.meta,
-        "in_features": data.n_features,
-        "num_classes": data.n_classes,
-        **done.meta,
-    }
-    return StepOutput(model=ModelArtifact("torch", module.eval(), meta), metrics=metrics)
+    # A model with declared inputs (meta["inputs"], e.g. a .pt2 upload) keeps them and its
+    # format; a flat zoo model records its width.
+    width = {} if model.meta.get("inputs") else {"in_features": data.n_features}
+    meta = {**model.meta, **width, "num_classes": data.n_classes, **done.meta}
+    return StepOutput(model=ModelArtifact("torch", eval_mode(module), meta), metrics=metrics)

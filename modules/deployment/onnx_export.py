@@ -1,7 +1,9 @@
 """The `onnx_export` step: torch through torch.onnx.export, scikit-learn through skl2onnx.
 
 torch: the TorchScript exporter (`dynamo=False`, opset >= 17) with a dynamic batch axis on
-the input and the logits; the graph emits logits, and `source_framework: torch` in the
+the input and the logits (a model with declared inputs, `meta["inputs"]`, keeps their names,
+shapes and dtypes, every input with a dynamic batch axis and its dynamic dims named
+`<input>_<axis>`); the graph emits logits, and `source_framework: torch` in the
 artifact's meta tells the ONNX predictor to apply softmax. scikit-learn: skl2onnx with
 `zipmap=False`, so probabilities come back as one tensor. float32 can flip a KNN tie or
 land a sample on the other side of a tree threshold; with `precision: auto` the float32
@@ -33,6 +35,7 @@ from modules.core.step import StepContext, StepOutput, Verdict
 from modules.errors import IncompatibleError, McaasError
 from modules.evaluation.inference import make_predictor
 from modules.storage.datasets import Dataset
+from modules.storage.inputs import TensorSpec, dataset_for_model, torch_input_specs
 
 META_PREFIX = "mcaas."
 INPUT_NAME = "input"
@@ -75,12 +78,46 @@ def check_onnx(proto: Any) -> None:
         raise ExportError(f"onnx.checker rejected the graph: {_message(exc)}") from exc
 
 
-def export_torch(module: Any, *, in_features: int, opset: int = 17) -> Any:
-    """Export an nn.Module taking (batch, in_features) float32 to ONNX with a dynamic batch."""
+def export_torch(
+    module: Any,
+    *,
+    in_features: int,
+    opset: int = 17,
+    inputs: list[TensorSpec] | None = None,
+    sample: np.ndarray | None = None,
+) -> Any:
+    """Export an nn.Module to ONNX with a dynamic batch.
+
+    Without `inputs`: one (batch, in_features) float32 input named `input`. With them (the
+    model's declared inputs, batch axis first) and `sample` (rows of the dataset shaped for
+    the model): one named input each, dims declared dynamic (None or symbolic) kept dynamic.
+    """
     import onnx
     import torch
 
-    module.eval()
+    from modules.storage.graph_layers import lift_layers
+    from modules.training.finetune import as_tensors, eval_mode
+
+    # The TorchScript exporter switches modes, which an exported program's module refuses.
+    module = eval_mode(lift_layers(module))
+    if inputs:
+        if sample is None:
+            raise ExportError("exporting declared inputs needs sample rows")
+        args = as_tensors(sample[:2])
+        names = [spec.name for spec in inputs]
+        axes = {
+            spec.name: {0: "batch"}
+            | {
+                axis: f"{spec.name}_{axis}"
+                for axis, dim in enumerate(spec.shape or ())
+                if axis and not isinstance(dim, int)
+            }
+            for spec in inputs
+        }
+    else:
+        args = (torch.zeros(1, in_features, dtype=torch.float32),)
+        names = [INPUT_NAME]
+        axes = {INPUT_NAME: {0: "batch"}}
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -89,13 +126,13 @@ def export_torch(module: Any, *, in_features: int, opset: int = 17) -> Any:
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
-                (torch.zeros(1, in_features, dtype=torch.float32),),
+                args,
                 buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects
                 dynamo=False,
                 opset_version=opset,
-                input_names=[INPUT_NAME],
+                input_names=names,
                 output_names=["logits"],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes={**axes, "logits": {0: "batch"}},
             )
     except Exception as exc:  # the exporter's failures have many types; all mean "cannot"
         raise ExportError(f"torch.onnx.export failed: {_message(exc)}") from exc
@@ -181,13 +218,34 @@ def export_model(
     artifact: ModelArtifact, data: Dataset, params: OnnxExportParams
 ) -> tuple[ModelArtifact, dict[str, Any]]:
     """Export and check; returns the ONNX artifact and what was decided (raises ExportError)."""
+    info: dict[str, Any] = {"opset": params.opset, "source_framework": artifact.framework}
+    declared = artifact.framework == "torch" and bool(artifact.meta.get("inputs"))
+    if declared:
+        specs = torch_input_specs(artifact.meta)
+        shaped = dataset_for_model(data, specs)
+        proto = export_torch(
+            artifact.obj,
+            in_features=shaped.n_features,
+            opset=params.opset,
+            inputs=specs,
+            sample=shaped.X_test,
+        )
+        check_onnx(proto)
+        info["precision"] = "float32"
+        meta = {
+            "source_framework": "torch",
+            "source_format": artifact.meta.get("format"),
+            "inputs": artifact.meta["inputs"],
+            "num_classes": artifact.meta.get("num_classes") or data.n_classes,
+            "precision": "float32",
+        }
+        return onnx_artifact(proto, meta), info
     width = input_width(artifact, data)
     base_meta = {
         "source_framework": artifact.framework,
         "in_features": width,
         "num_classes": artifact.meta.get("num_classes") or data.n_classes,
     }
-    info: dict[str, Any] = {"opset": params.opset, "source_framework": artifact.framework}
     if artifact.framework == "torch":
         proto = export_torch(artifact.obj, in_features=width, opset=params.opset)
         check_onnx(proto)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -74,8 +74,11 @@ from modules.evaluation.measure import (
 from modules.evaluation.stats import compare_latency
 from modules.storage.datasets import Dataset
 from modules.storage.inputs import (
+    as_named_inputs,
     dataset_feeds,
+    dataset_for_model,
     load_stored_inputs,
+    model_input_specs,
     n_rows,
     onnx_inputs,
     onnx_outputs,
@@ -95,6 +98,7 @@ def inputs_param(value: str | None) -> str | None:
 
 
 MAX_BATCH_SIZES = 8
+MAX_DEPLOY_BATCH = 65_536  # rows per call; as measure's latency_batch
 # Rows per call at which an estimated auto-batch's memory is measured for the line fit.
 MEMORY_PROBE_BATCHES = (1, 8)
 
@@ -104,7 +108,7 @@ class DeployBatches(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    batch_sizes: tuple[int, ...] | None = Field(
+    batch_sizes: tuple[Annotated[int, Field(ge=1, le=MAX_DEPLOY_BATCH)], ...] | None = Field(
         default=None,
         max_length=MAX_BATCH_SIZES,
         description=(
@@ -123,9 +127,6 @@ class DeployBatches(BaseModel):
             return None
         if not value:
             raise ValueError("batch_sizes must name at least one size, or be none")
-        bad = [b for b in value if not 1 <= b <= 65_536]
-        if bad:
-            raise ValueError(f"batch_sizes must be in [1, 65536], got {bad}")
         return tuple(sorted(set(value)))
 
 
@@ -272,11 +273,13 @@ def native_outputs(native: ModelArtifact, kind: str) -> Callable[[np.ndarray], n
     if native.framework == "torch":
         import torch
 
-        module = native.obj.eval()
+        from modules.training.finetune import eval_mode, forward
+
+        module = eval_mode(native.obj)
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                return module(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+                return forward(module, x).numpy()
 
         return run
     estimator = native.obj
@@ -411,7 +414,7 @@ def check_output_parity(
     if reference.framework == "onnx":
         reference_fn = OrtRunner.of(reference.obj, threads=params.threads).run
     else:
-        if len(feeds) != 1:
+        if len(feeds) != 1 and reference.framework != "torch":
             raise IncompatibleError(
                 f"the native {reference.framework} model takes one feature array; the graph "
                 f"takes {len(feeds)} inputs"
@@ -424,7 +427,9 @@ def check_output_parity(
         )
 
         def reference_fn(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return {name: np.asarray(native_fn(next(iter(f.values()))))}
+            # Several inputs reach a torch model positionally, in the graph's input order.
+            x = as_named_inputs(f) if len(f) > 1 else next(iter(f.values()))
+            return {name: np.asarray(native_fn(x))}
 
     ref_out = reference_fn(feeds)
     kind, why = resolve_kind(params.output_kind, candidate.meta, ref_out)
@@ -541,6 +546,7 @@ def check_parity(
     ONNX Runtime predicts `sizes` rows per call (each checked, the worst decides; default
     the whole split at once).
     """
+    data = dataset_for_model(data, model_input_specs(native))
     x = data.X_test
     native_pred = make_predictor(native)
     native_pred.check_features(x)

@@ -19,7 +19,11 @@ RUN_CHUNK_ROWS = 512
 
 @dataclass
 class Predictor:
-    """Scores (class probabilities or logits, 2-D) and labels for a batch of flat features."""
+    """Scores (class probabilities or logits, 2-D) and labels for a batch of a dataset's X.
+
+    X is what the dataset holds once shaped for the model (`dataset_for_model`): flat
+    features, images, or a structured array with one field per named input.
+    """
 
     framework: str
     scores: Callable[[np.ndarray], np.ndarray]
@@ -29,6 +33,8 @@ class Predictor:
         return np.asarray(self.scores(x)).argmax(axis=1)
 
     def check_features(self, x: np.ndarray) -> None:
+        if x.dtype.names or x.ndim != 2:
+            return  # shaped inputs are checked against the model's specs (dataset_for_model)
         if self.n_features is not None and x.shape[1] != self.n_features:
             raise IncompatibleError(
                 f"model expects {self.n_features} input features, dataset has {x.shape[1]}"
@@ -38,12 +44,13 @@ class Predictor:
 def _torch_predictor(artifact: ModelArtifact) -> Predictor:
     import torch
 
-    module = artifact.obj
-    module.eval()
+    from modules.training.finetune import eval_mode, forward
+
+    module = eval_mode(artifact.obj)
 
     def scores(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            out = forward(module, x)
             return torch.softmax(out.float(), dim=1).numpy()
 
     return Predictor("torch", scores, artifact.meta.get("in_features"))
@@ -156,9 +163,29 @@ class OrtRunner:
         return out
 
     def run_matrix(self, x: np.ndarray) -> list[Any]:
-        """Every output for a flat matrix fed, in the input's float type, to the first input."""
-        feed = {self.matrix_input: x.astype(self.matrix_dtype, copy=False)}
-        return cast(list[Any], self.session.run(None, feed))
+        """Every output for a dataset's X: a single array to the first input, in its float
+        type; a structured array's fields to the inputs of the same names, in their dtypes."""
+        if x.dtype.names:
+            feed = {
+                s.name: np.ascontiguousarray(x[s.name], dtype=s.dtype or None) for s in self.inputs
+            }
+        else:
+            dtype = self.matrix_dtype if x.dtype.kind == "f" else self._first_dtype
+            feed = {self.matrix_input: x.astype(dtype, copy=False)}
+        try:
+            return cast(list[Any], self.session.run(None, feed))
+        except Exception as exc:  # ORT's own error types (Fail, InvalidArgument, ...)
+            text = " ".join(str(exc).split())[:400]
+            shapes = ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in feed.items())
+            raise IncompatibleError(
+                f"ONNX Runtime could not run the model on {shapes} (inputs: "
+                f"{', '.join(s.describe() for s in self.inputs)}): {text}"
+            ) from exc
+
+    @property
+    def _first_dtype(self) -> Any:
+        first = next((s for s in self.inputs if s.name == self.matrix_input), None)
+        return np.dtype(first.dtype) if first is not None and first.dtype else self.matrix_dtype
 
     def batch_sizes(self, wanted: int) -> list[int]:
         """Batch sizes to time: 1 and `wanted`, or the graph's fixed batch size."""

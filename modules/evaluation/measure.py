@@ -18,14 +18,25 @@ import tracemalloc
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
+from modules.errors import BadInputError
 from modules.evaluation.inference import Predictor, make_predictor
 from modules.evaluation.stats import median_interval, summarize
 from modules.storage.datasets import Dataset
+from modules.storage.inputs import (
+    as_named_inputs,
+    dataset_for_model,
+    load_stored_inputs,
+    model_input_specs,
+    onnx_inputs,
+    prepare_feeds,
+    torch_input_specs,
+)
+from modules.storage.keys import check_inputs_id
 from modules.storage.model_formats import save_model
 
 DEFAULT_CI_TARGET = 0.05
@@ -81,6 +92,25 @@ class MeasureParams(TimingFields):
         description="Batch sizes to time (each 1 to 1048576 rows: steps time their whole "
         "test split as one batch).",
     )
+    inputs: str | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "Id of an inputs file (POST /v1/inputs): one array per model input, for models "
+            "the dataset cannot feed (latency, size and memory only: it holds no labels); "
+            "none = the dataset's test split."
+        ),
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _id_shape(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_inputs_id(value)
+        except BadInputError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def time_batches(
@@ -210,6 +240,8 @@ def inference_memory(artifact: ModelArtifact, x: np.ndarray) -> dict[str, Any]:
     if artifact.framework == "torch":
         import torch
 
+        from modules.training.finetune import forward
+
         module = artifact.obj
         param_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
         act_bytes = 0
@@ -223,7 +255,7 @@ def inference_memory(artifact: ModelArtifact, x: np.ndarray) -> dict[str, Any]:
         handles = [m.register_forward_hook(hook) for m in leaves]
         try:
             with torch.inference_mode():
-                module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+                forward(module, x)
         finally:
             for h in handles:
                 h.remove()
@@ -305,22 +337,38 @@ def measure_model(
     params: MeasureParams,
     *,
     predictor: Predictor | None = None,
+    feeds: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """All measurements of one model on the test split."""
+    """All measurements of one model on the test split (or on `feeds`, with no accuracy).
+
+    feeds: the model's inputs, one row per sample, as one array or a structured array
+        with a field per named input (an inputs file's arrays); None = the test split,
+        shaped for the model's inputs.
+    """
     predictor = predictor or make_predictor(artifact)
-    x_test = data.X_test
-    predictor.check_features(x_test)
+    if feeds is None:
+        data = dataset_for_model(data, model_input_specs(artifact))
+        x_test = data.X_test
+        predictor.check_features(x_test)
+    else:
+        x_test = feeds
     blob = save_model(artifact)
     n_params, n_nonzero = count_params(artifact)
-    accuracy = float((predictor.labels(x_test) == data.y_test).mean())
+    scored: dict[str, Any] = (
+        {
+            "accuracy": float((predictor.labels(x_test) == data.y_test).mean()),
+            "n_test": len(data.y_test),
+        }
+        if feeds is None
+        else {"accuracy": None, "n_inputs_rows": len(x_test)}
+    )
     metrics: dict[str, Any] = {
         "framework": artifact.framework,
         "size_bytes": len(blob),
         "params": n_params,
         "nonzero_params": n_nonzero,
         "sparsity": (1 - n_nonzero / n_params) if n_params else 0.0,
-        "accuracy": accuracy,
-        "n_test": len(data.y_test),
+        **scored,
         "threads": thread_count(artifact.framework),
         "timing_environment": timing_environment(artifact.framework),
         "latency_ms": {},
@@ -350,10 +398,30 @@ def measure(
     model: ModelArtifact, data: Dataset, params: MeasureParams, ctx: StepContext
 ) -> StepOutput:
     """Measure size, parameters, accuracy, latency (median and 95% CI), throughput, memory."""
-    metrics = measure_model(model, data, params)
+    feeds = None if params.inputs is None else stored_feeds(model, params.inputs, ctx)
+    metrics = measure_model(model, data, params, feeds=feeds)
+    if feeds is not None:
+        metrics["inputs"] = params.inputs
     if ctx.repeats > 1:
         metrics.update(repeated_measurements(model, data, params, ctx))
     return StepOutput(model=None, metrics=metrics)
+
+
+def stored_feeds(model: ModelArtifact, inputs_id: str, ctx: StepContext) -> np.ndarray:
+    """The user's inputs file checked against the model's inputs, as one (structured) array."""
+    if ctx.read_bytes is None:
+        raise BadInputError("this runner cannot read stored inputs files")
+    specs = onnx_inputs(model.obj) if model.framework == "onnx" else None
+    if model.framework == "torch":
+        specs = torch_input_specs(model.meta)
+    if not specs:
+        raise BadInputError(
+            f"measure: the {model.framework} model declares no named inputs to match an "
+            "inputs file against; measure it on a dataset"
+        )
+    arrays = load_stored_inputs(ctx.read_bytes, user_id=ctx.user_id, inputs_id=inputs_id)
+    feeds = prepare_feeds(specs, arrays, source=f"inputs file {inputs_id}")
+    return as_named_inputs(feeds) if len(feeds) > 1 else next(iter(feeds.values()))
 
 
 def repeated_measurements(
@@ -369,9 +437,10 @@ def repeated_measurements(
     from modules.evaluation.repeat import repeat_runs
 
     profile = ctx.profile
+    feeds = None if params.inputs is None else stored_feeds(model, params.inputs, ctx)
 
     def one(_seed: int) -> dict[str, Any]:
-        again = measure_model(model, data, params)
+        again = measure_model(model, data, params, feeds=feeds)
         b1 = again["latency_ms"].get("b1")
         energy = (
             {"energy_mj_estimate": profile.power_w * b1["median"] / profile.compute_scale}
@@ -381,7 +450,7 @@ def repeated_measurements(
         return {
             "latency_ms": {k: v["median"] for k, v in again["latency_ms"].items()},
             "throughput_per_s": again["throughput_per_s"],
-            "accuracy": again["accuracy"],
+            **({"accuracy": again["accuracy"]} if again["accuracy"] is not None else {}),
             "size_bytes": again["size_bytes"],
             **energy,
         }

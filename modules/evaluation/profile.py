@@ -152,8 +152,13 @@ def _layer_flops(module: Any, args: tuple[Any, ...]) -> tuple[int, str]:
 
 
 def _record_calls(model: Any, rows: dict[str, Any], x: Any) -> dict[str, list[tuple[Any, Any]]]:
-    """One forward with hooks: each row's (inputs, output) per call."""
+    """One forward with hooks: each row's (inputs, output) per call.
+
+    x: the model's input tensor, or a tuple of its positional inputs.
+    """
     import torch
+
+    x = x if isinstance(x, tuple) else (x,)
 
     calls: dict[str, list[tuple[Any, Any]]] = {name: [] for name in rows}
 
@@ -166,7 +171,7 @@ def _record_calls(model: Any, rows: dict[str, Any], x: Any) -> dict[str, list[tu
     handles = [m.register_forward_hook(hook_for(n)) for n, m in rows.items()]
     try:
         with torch.inference_mode():
-            model(x)
+            model(*x)
     finally:
         for h in handles:
             h.remove()
@@ -176,8 +181,13 @@ def _record_calls(model: Any, rows: dict[str, Any], x: Any) -> dict[str, list[tu
 def time_layers(
     model: Any, rows: dict[str, Any], x: Any, *, warmup: int, runs: int
 ) -> tuple[dict[str, list[float]], list[float]]:
-    """Per-row ms per run (inclusive of nested rows) and the whole forward's ms, hooks on."""
+    """Per-row ms per run (inclusive of nested rows) and the whole forward's ms, hooks on.
+
+    x: the model's input tensor, or a tuple of its positional inputs.
+    """
     import torch
+
+    x = x if isinstance(x, tuple) else (x,)
 
     per_run: dict[str, list[float]] = {name: [] for name in rows}
     started: dict[str, int] = {}
@@ -205,7 +215,7 @@ def time_layers(
             for i in range(warmup + runs):
                 current.update(dict.fromkeys(rows, 0))
                 t0 = time.perf_counter_ns()
-                model(x)
+                model(*x)
                 elapsed = time.perf_counter_ns() - t0
                 if i >= warmup:
                     totals.append(elapsed / 1e6)
@@ -228,8 +238,10 @@ def profile_torch(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = artifact.obj.eval()
-    x = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float32))
+    from modules.training.finetune import as_tensors, eval_mode
+
+    model = eval_mode(artifact.obj)
+    x = as_tensors(x_np)
     rows = layer_modules(model)
     names = list(rows)
     inside = _nearest_rows(names)
@@ -246,7 +258,7 @@ def profile_torch(
     flops = _exclusive(flops_incl, inside)
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        model(x)
+        model(*x)
     # The int8 kernel is invisible to the whole-model count too; add its formula count.
     model_flops = int(counter.get_total_flops()) + int(
         sum(flops[n] for n in names if methods[n] != "flop_counter")
@@ -306,7 +318,7 @@ def profile_torch(
         "activation_bytes": total_act,
         "forward_ms": summarize(forward_ms, unit="ms"),
         "other_share": 1.0 - float(np.median(layer_share)) if layer_share else None,
-        "batch_size": int(x.shape[0]),
+        "batch_size": int(x[0].shape[0]),
         "threads": int(torch.get_num_threads()),
         "warmup": warmup,
         "runs": runs,

@@ -4,6 +4,15 @@ Nothing is downloaded. Built-in sets are split 75/25, stratified, with
 `random_state=seed`. Digits pixels (0..16) are scaled to [0, 1]; the tabular
 sets are standardized with the train split's mean and std. Every dataset carries
 a sha256 fingerprint of its arrays, so a run records exactly what it saw.
+
+Shapes. The built-in sets are flat `(n, features)`; `digits32` is digits upscaled
+(nearest neighbour) to `(n, 3, 32, 32)` for image models. A user's `.npz` keeps the
+shape it was saved with: `X_train` of shape `(n, C, H, W)` stays 4-D end to end.
+A model with several named inputs (token ids + attention mask) gets one array per
+input and split, named `X_train__<input>` and `X_test__<input>` (for example
+`X_train__input_ids`, `X_train__attention_mask`); such a dataset holds X as a
+numpy structured array, one field per input (each field keeps its own per-sample
+shape and dtype), so rows are selected, batched and fingerprinted like any array.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,13 +30,20 @@ import numpy as np
 from modules.errors import BadInputError, NotFoundError
 from modules.storage.npz_reader import read_npz
 
-BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "synthetic")
+BUILTIN_DATASETS = ("digits", "digits32", "iris", "wine", "breast_cancer", "synthetic")
+# Separates the split from the input name in a several-input .npz: X_train__input_ids.
+INPUT_KEY_SEP = "__"
 MAX_DATASET_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test arrays (X float32 2-D, y int64) plus where they came from."""
+    """Train and test arrays plus where they came from.
+
+    X has the sample axis first and any per-sample shape (float32, or int64 for a
+    single integer input such as token ids), or is a structured array with one field
+    per named model input. y is int64 class ids.
+    """
 
     name: str
     X_train: np.ndarray
@@ -39,8 +55,30 @@ class Dataset:
     image_shape: tuple[int, int, int] | None = None
 
     @property
+    def input_names(self) -> tuple[str, ...]:
+        """The named inputs of a several-input dataset; () for a single X array."""
+        return tuple(self.X_train.dtype.names or ())
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of a single X array, e.g. (3, 32, 32); () for named inputs."""
+        return () if self.input_names else tuple(int(d) for d in self.X_train.shape[1:])
+
+    @property
     def n_features(self) -> int:
-        return int(self.X_train.shape[1])
+        """Values per sample: flat width, C*H*W of an image, the sum over named inputs."""
+        if self.input_names:
+            fields: dict[str, Any] = dict(self.X_train.dtype.fields or {})
+            return sum(int(np.prod(fields[n][0].shape)) for n in self.input_names)
+        return int(np.prod(self.sample_shape))
+
+    def with_sample_shape(self, shape: tuple[int, ...]) -> Dataset:
+        """The same data with each sample reshaped (same values, same fingerprint)."""
+        return replace(
+            self,
+            X_train=self.X_train.reshape(len(self.X_train), *shape),
+            X_test=self.X_test.reshape(len(self.X_test), *shape),
+        )
 
     @property
     def n_classes(self) -> int:
@@ -54,6 +92,8 @@ class Dataset:
             "n_test": len(self.y_test),
             "n_features": self.n_features,
             "n_classes": self.n_classes,
+            **({"inputs": list(self.input_names)} if self.input_names else {}),
+            **({"sample_shape": list(self.sample_shape)} if len(self.sample_shape) > 1 else {}),
         }
 
 
@@ -74,8 +114,7 @@ def _finish(
     image_shape: tuple[int, int, int] | None = None,
 ) -> Dataset:
     x_tr, y_tr, x_te, y_te = arrays
-    x_tr = np.ascontiguousarray(x_tr, dtype=np.float32)
-    x_te = np.ascontiguousarray(x_te, dtype=np.float32)
+    x_tr, x_te = _features(x_tr), _features(x_te)
     y_tr = np.ascontiguousarray(y_tr, dtype=np.int64)
     y_te = np.ascontiguousarray(y_te, dtype=np.int64)
     return Dataset(
@@ -87,6 +126,29 @@ def _finish(
         fingerprint=fingerprint_arrays(x_tr, y_tr, x_te, y_te),
         image_shape=image_shape,
     )
+
+
+def _features(x: np.ndarray) -> np.ndarray:
+    """float32 for a single X array; named inputs keep int64 / bool fields as such."""
+    if not x.dtype.names:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x)
+
+
+def _named_inputs(arrays: dict[str, np.ndarray], *, where: str) -> np.ndarray:
+    """One structured array, a field per named input, from arrays with equal sample counts."""
+    counts = {name: len(arr) for name, arr in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise BadInputError(f"{where}: the inputs have different sample counts {counts}")
+    fields: list[tuple[str, Any, tuple[int, ...]]] = []
+    for name, arr in arrays.items():
+        kind = arr.dtype.kind
+        dtype = np.bool_ if kind == "b" else np.int64 if kind in "iu" else np.float32
+        fields.append((name, dtype, arr.shape[1:]))
+    out = np.empty(next(iter(counts.values())), dtype=fields)
+    for name, arr in arrays.items():
+        out[name] = arr
+    return out
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
@@ -102,6 +164,13 @@ def _builtin(name: str, seed: int) -> Dataset:
         bunch = skd.load_digits()
         x_tr, x_te, y_tr, y_te = _split(bunch.data / 16.0, bunch.target, seed)
         return _finish(name, (x_tr, y_tr, x_te, y_te), image_shape=(1, 8, 8))
+    if name == "digits32":
+        bunch = skd.load_digits()
+        images = (bunch.images / 16.0).astype(np.float32)
+        # Nearest-neighbour 4x upscaling to 32x32, the gray channel repeated as RGB.
+        big = images.repeat(4, axis=1).repeat(4, axis=2)[:, None].repeat(3, axis=1)
+        x_tr, x_te, y_tr, y_te = _split(big, bunch.target, seed)
+        return _finish(name, (x_tr, y_tr, x_te, y_te), image_shape=(3, 32, 32))
     if name == "synthetic":
         x, y = skd.make_classification(
             n_samples=2000,
@@ -124,33 +193,75 @@ def _builtin(name: str, seed: int) -> Dataset:
     return _finish(name, ((x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te))
 
 
-def _load_npz(path: Path) -> Dataset:
-    required = ("X_train", "y_train", "X_test", "y_test")
-    found = read_npz(
-        path, what=f"dataset {path.name}", max_bytes=MAX_DATASET_BYTES, max_arrays=64, only=required
-    )
-    missing = [k for k in required if k not in found]
-    if missing:
-        raise BadInputError(f"dataset {path.name}: missing arrays {missing}")
-    arrays = tuple(found[k] for k in required)
-    x_tr, y_tr, x_te, y_te = arrays
-    for key, arr in zip(required, arrays, strict=True):
-        if arr.dtype.kind not in "biuf":
-            raise BadInputError(f"dataset {path.name}: {key} has dtype {arr.dtype}, not numeric")
-    if x_tr.ndim < 2 or x_te.ndim < 2:
-        raise BadInputError(f"dataset {path.name}: X arrays need a sample axis and features")
-    x_tr = x_tr.reshape(len(x_tr), -1)
-    x_te = x_te.reshape(len(x_te), -1)
-    if x_tr.shape[1] != x_te.shape[1]:
+def _npz_split(npz: dict[str, np.ndarray], split: str, *, where: str) -> np.ndarray:
+    """X_{split}, or the structured array of every X_{split}__<input> array."""
+    key = f"X_{split}"
+    prefix = key + INPUT_KEY_SEP
+    named = sorted(k for k in npz if k.startswith(prefix))
+    if key in npz and named:
+        raise BadInputError(f"{where}: holds both {key} and {named[0]}; use one or the other")
+    if key in npz:
+        return _numeric(npz[key], key, where=where)
+    if not named:
         raise BadInputError(
-            f"dataset {path.name}: X_train has {x_tr.shape[1]} features, X_test {x_te.shape[1]}"
+            f"{where}: missing arrays [{key!r}] (or {prefix}<input> per named model input)"
+        )
+    arrays = {k.removeprefix(prefix): _numeric(npz[k], k, where=where) for k in named}
+    for name, arr in arrays.items():
+        if not name:
+            raise BadInputError(f"{where}: {prefix} needs an input name after it")
+        if arr.ndim < 1:
+            raise BadInputError(f"{where}: {prefix}{name} needs a sample axis")
+    return _named_inputs(arrays, where=where)
+
+
+def _numeric(arr: np.ndarray, key: str, *, where: str) -> np.ndarray:
+    if arr.dtype.kind not in "biuf":
+        raise BadInputError(f"{where}: {key} has dtype {arr.dtype}, not numeric")
+    return arr
+
+
+def _load_npz(path: Path) -> Dataset:
+    where = f"dataset {path.name}"
+    found = read_npz(path, what=where, max_bytes=MAX_DATASET_BYTES, max_arrays=64)
+    missing = [k for k in ("y_train", "y_test") if k not in found]
+    if missing:
+        raise BadInputError(f"{where}: missing arrays {missing}")
+    x_tr = _npz_split(found, "train", where=where)
+    x_te = _npz_split(found, "test", where=where)
+    y_tr = _numeric(found["y_train"], "y_train", where=where)
+    y_te = _numeric(found["y_test"], "y_test", where=where)
+    if x_tr.dtype.names or x_te.dtype.names:
+        if x_tr.dtype != x_te.dtype:
+            raise BadInputError(
+                f"{where}: the train inputs {_layout(x_tr)} differ from the test inputs "
+                f"{_layout(x_te)}"
+            )
+    elif x_tr.ndim < 2 or x_te.ndim < 2:
+        raise BadInputError(f"{where}: X arrays need a sample axis and features")
+    elif x_tr.shape[1:] != x_te.shape[1:]:
+        raise BadInputError(
+            f"{where}: X_train samples have shape (features) {list(x_tr.shape[1:])}, X_test "
+            f"{list(x_te.shape[1:])}"
         )
     if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
-        raise BadInputError(f"dataset {path.name}: X and y lengths differ")
+        raise BadInputError(f"{where}: X and y lengths differ")
     for key, y in (("y_train", y_tr), ("y_test", y_te)):
-        if y.ndim != 1 or (y.dtype.kind == "f" and not np.all(y == np.round(y))) or y.min() < 0:
-            raise BadInputError(f"dataset {path.name}: {key} must be 1-D non-negative class ids")
-    return _finish(f"npz:{path.name}", (x_tr, y_tr, x_te, y_te))
+        if (
+            y.ndim != 1
+            or not len(y)
+            or (y.dtype.kind == "f" and not np.all(y == np.round(y)))
+            or y.min() < 0
+        ):
+            raise BadInputError(f"{where}: {key} must be 1-D non-negative class ids")
+    sample = x_tr.shape[1:]
+    image = tuple(int(d) for d in sample) if len(sample) == 3 else None
+    return _finish(f"npz:{path.name}", (x_tr, y_tr, x_te, y_te), image_shape=image)  # type: ignore[arg-type]
+
+
+def _layout(x: np.ndarray) -> str:
+    fields: dict[str, Any] = dict(x.dtype.fields or {})
+    return ", ".join(f"{n} {fields[n][0].base} {list(fields[n][0].shape)}" for n in fields)
 
 
 _IDX_DTYPES: dict[int, Any] = {

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -266,14 +266,32 @@ def prepare_feeds(
 
 
 def dataset_feeds(specs: list[TensorSpec], x: np.ndarray, *, dataset: str) -> dict[str, np.ndarray]:
-    """Feed a dataset split to a standard model; other models need an inputs file."""
-    if not is_standard(specs):
+    """Feed a dataset split to a model: one array per input, checked and cast.
+
+    A structured split (several named inputs) feeds the inputs of the same names; a single
+    array feeds a single input, reshaped when the input's per-sample dims are fixed and
+    hold as many values; other models need an inputs file.
+    """
+    source = f"dataset {dataset}"
+    if x.dtype.names:
+        return prepare_feeds(specs, {n: x[n] for n in x.dtype.names}, source=source)
+    if len(specs) != 1:
         raise BadInputError(
-            f"the model's inputs {', '.join(s.describe() for s in specs)} are not one float "
-            f"feature tensor, so dataset {dataset} cannot feed them; give an inputs file "
-            "(`inputs`: the id of a .npz with one array per input, from POST /v1/inputs)"
+            f"the model's inputs {', '.join(s.describe() for s in specs)} cannot be fed from "
+            f"{source}, which holds one array {_describe_x(x)}; give an inputs file "
+            "(`inputs`: the id of a .npz with one array per input, from POST /v1/inputs) or a "
+            "dataset with X_train__<input> / X_test__<input> arrays"
         )
-    return prepare_feeds(specs, {specs[0].name: x}, source=f"dataset {dataset}")
+    spec = specs[0]
+    dims = _fixed_sample_dims(spec)
+    if (
+        spec.shape is not None
+        and len(spec.shape) != x.ndim
+        and dims is not None
+        and int(np.prod(dims)) == int(np.prod(x.shape[1:]))
+    ):
+        x = x.reshape(len(x), *dims)
+    return prepare_feeds(specs, {spec.name: x}, source=source)
 
 
 def n_rows(feeds: Mapping[str, np.ndarray]) -> int:
@@ -316,3 +334,117 @@ def stage_inputs_file(workspace: Path, path: Path) -> str:
     inputs_id, data = read_local_inputs(path)
     LocalStore(workspace / "store").put_bytes(inputs_key("local", inputs_id), data)
     return inputs_id
+
+
+def as_named_inputs(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One structured array, a field per input in the given order, from equal-length arrays."""
+    fields = [(name, arr.dtype, arr.shape[1:]) for name, arr in feeds.items()]
+    out = np.empty(n_rows(feeds), dtype=fields)
+    for name, arr in feeds.items():
+        out[name] = arr
+    return out
+
+
+# --- shaping a dataset for a model ---------------------------------------------------------------
+
+
+def torch_input_specs(meta: Mapping[str, Any]) -> list[TensorSpec] | None:
+    """A torch model's inputs with the batch axis first: meta["inputs"], else a flat width.
+
+    meta["inputs"] lists per-sample dims (batch excluded, None = dynamic); a zoo model
+    records only `in_features` (flat float input); None when the meta says neither.
+    """
+    declared = meta.get("inputs")
+    if declared:
+        return [
+            TensorSpec(
+                str(raw["name"]),
+                str(raw.get("dtype") or "float32"),
+                ("batch", *raw["shape"]) if raw.get("shape") is not None else None,
+            )
+            for raw in declared
+        ]
+    width = meta.get("in_features")
+    return [TensorSpec("input", "float32", ("batch", int(width)))] if width else None
+
+
+def model_input_specs(artifact: Any) -> list[TensorSpec] | None:
+    """The inputs a model artifact declares (None: unknown, feed the dataset as it is)."""
+    if artifact.framework == "onnx":
+        return onnx_inputs(artifact.obj)
+    if artifact.framework == "torch":
+        return torch_input_specs(artifact.meta)
+    width = getattr(artifact.obj, "n_features_in_", None)
+    return [TensorSpec("input", "float64", ("batch", int(width)))] if width else None
+
+
+def _fixed_sample_dims(spec: TensorSpec) -> tuple[int, ...] | None:
+    dims = (spec.shape or ())[1:]
+    if spec.shape is None or not all(isinstance(d, int) and d > 0 for d in dims):
+        return None
+    return tuple(int(d) for d in dims if isinstance(d, int))
+
+
+def _describe_x(x: np.ndarray) -> str:
+    if x.dtype.names:
+        fields: dict[str, Any] = dict(x.dtype.fields or {})
+        return ", ".join(
+            f"{n} ({fields[n][0].base} [n, {', '.join(map(str, fields[n][0].shape))}])"
+            for n in x.dtype.names
+        )
+    return f"X ({x.dtype} {[len(x), *x.shape[1:]]})"
+
+
+def dataset_for_model(data: Any, specs: list[TensorSpec] | None) -> Any:
+    """The dataset shaped for a model's inputs, or an IncompatibleError naming the input.
+
+    A single X array feeds a single input as it is when the rank matches, else reshaped
+    when the model's per-sample dims are fixed and hold as many values (flat digits into
+    a (1, 8, 8) model, images into a flat model). Named inputs must match the model's
+    input names; each field is checked like an inputs file (rank, fixed dims, dtype).
+    """
+    if not specs:
+        return data
+    source = f"dataset {data.name}"
+    x = data.X_test
+    if x.dtype.names:
+        check_inputs(specs, {n: x[n] for n in x.dtype.names}, source=source)
+        order = [s.name for s in specs]  # positional order of a torch model's inputs
+        return replace(
+            data,
+            X_train=as_named_inputs({n: data.X_train[n] for n in order}),
+            X_test=as_named_inputs({n: x[n] for n in order}),
+        )
+    if len(specs) > 1:
+        raise IncompatibleError(
+            f"the model takes {len(specs)} inputs ({', '.join(s.describe() for s in specs)}) "
+            f"but {source} holds one array {_describe_x(x)}; save one array per input as "
+            f"X_train__<input> and X_test__<input>"
+        )
+    spec = specs[0]
+    if spec.dtype is None:
+        raise IncompatibleError(f"input {spec.describe()} is not a plain tensor")
+    want = np.dtype(spec.dtype)
+    if want.kind in "iu" and x.dtype.kind == "f":
+        # A single X array is stored as float32; integer ids are cast back when whole.
+        if not all(np.array_equal(a, np.round(a)) for a in (data.X_train, data.X_test)):
+            raise IncompatibleError(
+                f"input {spec.describe()}: the model expects {spec.dtype}, {source} has "
+                f"{_describe_x(x)} with fractional values"
+            )
+        data = replace(data, X_train=data.X_train.astype(want), X_test=x.astype(want))
+    if spec.shape is not None and len(spec.shape) != x.ndim:
+        dims = _fixed_sample_dims(spec)
+        if dims is None or int(np.prod(dims)) != int(np.prod(x.shape[1:])):
+            raise IncompatibleError(
+                f"input {spec.describe()} cannot be fed from {source}: it has "
+                f"{_describe_x(x)}, a different rank and not a reshape of the same values"
+            )
+        data = data.with_sample_shape(dims)
+    width = spec.shape[1] if spec.shape is not None and len(spec.shape) == 2 else None
+    if isinstance(width, int) and data.X_test.ndim == 2 and data.X_test.shape[1] != width:
+        raise IncompatibleError(
+            f"model expects {width} input features, {source} has {data.X_test.shape[1]}"
+        )
+    check_inputs(specs, {spec.name: data.X_test}, source=source)
+    return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from torch import nn
 from modules.core.step import check_cancelled
 from modules.errors import BadInputError, IncompatibleError
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
 
 
 def seed_everything(seed: int) -> None:
@@ -22,6 +23,31 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def eval_mode(model: nn.Module) -> nn.Module:
+    """`model` in eval mode; an exported program's module (its mode fixed in the graph) as is."""
+    # ExportedProgram.module() refuses eval() and train().
+    with contextlib.suppress(NotImplementedError):
+        model.eval()
+    return model
+
+
+def as_tensors(x: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """A dataset's X as a model's positional inputs: one tensor, or one per named field.
+
+    A single array is float32 (integer arrays, e.g. token ids, stay int64); a structured
+    array (several named inputs) gives its fields in order, each with its own dtype.
+    """
+    if x.dtype.names:
+        return tuple(torch.from_numpy(np.ascontiguousarray(x[name])) for name in x.dtype.names)
+    dtype = np.int64 if x.dtype.kind in "iu" else np.float32
+    return (torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)),)
+
+
+def forward(model: nn.Module, x: np.ndarray) -> torch.Tensor:
+    """`model` on a dataset's X (any shape, or several named inputs)."""
+    return model(*as_tensors(x))
 
 
 def fit(
@@ -40,12 +66,13 @@ def fit(
 ) -> dict[str, Any]:
     """Train with Adam on (x, y); returns loss history and wall time.
 
-    loss_fn(logits, xb, yb): defaults to cross-entropy; distillation passes its own.
+    loss_fn(logits, inputs, yb): inputs is the batch's tuple of model inputs; defaults to
+        cross-entropy; distillation passes its own.
     after_step(global_step): runs after every optimizer step (pruning masks, schedules).
     before_epoch(epoch): runs before each epoch (temperature / alpha schedules).
     """
     seed_everything(seed)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    xts = as_tensors(x)
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     ce = nn.CrossEntropyLoss()
@@ -58,14 +85,14 @@ def fit(
         check_cancelled()
         if before_epoch is not None:
             before_epoch(epoch)
-        order = torch.randperm(len(xt), generator=generator)
+        order = torch.randperm(len(yt), generator=generator)
         total, count = 0.0, 0
-        for i in range(0, len(xt), batch_size):
+        for i in range(0, len(yt), batch_size):
             idx = order[i : i + batch_size]
-            xb, yb = xt[idx], yt[idx]
+            xbs, yb = tuple(t[idx] for t in xts), yt[idx]
             optimizer.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = loss_fn(logits, xb, yb) if loss_fn is not None else ce(logits, yb)
+            logits = model(*xbs)
+            loss = loss_fn(logits, xbs, yb) if loss_fn is not None else ce(logits, yb)
             loss.backward()
             optimizer.step()
             step += 1
@@ -86,9 +113,9 @@ def fit(
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy of a torch classifier on flat features."""
-    model.eval()
+    eval_mode(model)
     with torch.inference_mode():
-        logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        logits = forward(model, x)
     return float((logits.argmax(dim=1).numpy() == y).mean())
 
 
@@ -111,15 +138,16 @@ def check_trainable(model: nn.Module, *, step: str) -> None:
 
 def check_fits_data(model: nn.Module, x: np.ndarray, *, num_classes: int, what: str) -> None:
     """Run two rows through `model`; an IncompatibleError names expected and actual shapes."""
-    sample = torch.from_numpy(np.ascontiguousarray(x[:2], dtype=np.float32))
-    model.eval()
+    eval_mode(model)
     try:
         with torch.no_grad():
-            out = model(sample)
-    except RuntimeError as exc:
-        raise IncompatibleError(
-            f"{what} does not accept the data's {x.shape[1]} input features: {exc}"
-        ) from None
+            out = forward(model, x[:2])
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        given = (
+            ", ".join(x.dtype.names) if x.dtype.names else f"samples of shape {list(x.shape[1:])}"
+        )
+        text = " ".join(str(exc).split())[:300]
+        raise IncompatibleError(f"{what} does not accept the data's {given}: {text}") from None
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise IncompatibleError(
             f"{what} outputs shape {tuple(out.shape[1:])} per row, but the data has "

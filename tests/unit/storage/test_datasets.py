@@ -121,3 +121,74 @@ def test_truncated_idx_is_refused(tmp_path):
     p.write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(BadInputError, match="magic"):
         read_idx(p)
+
+
+# --- N-D samples and several named inputs -------------------------------------------------------
+
+
+def test_npz_images_keep_their_shape(tmp_path):
+    rng = np.random.default_rng(0)
+    p = _npz(
+        tmp_path / "img.npz",
+        X_train=rng.random((12, 3, 8, 8)),
+        y_train=np.arange(12) % 3,
+        X_test=rng.random((6, 3, 8, 8)),
+        y_test=np.arange(6) % 3,
+    )
+    ds = load_dataset(str(p))
+    assert ds.X_train.shape == (12, 3, 8, 8) and ds.X_train.dtype == np.float32
+    assert ds.sample_shape == (3, 8, 8) and ds.image_shape == (3, 8, 8)
+    assert ds.n_features == 192
+    assert ds.describe()["sample_shape"] == [3, 8, 8]
+
+
+def test_npz_named_inputs_become_one_field_per_input(tmp_path):
+    ids = np.arange(40, dtype=np.int64).reshape(4, 10)
+    p = _npz(
+        tmp_path / "tok.npz",
+        X_train__input_ids=ids,
+        X_train__attention_mask=np.ones((4, 10), dtype=np.int32),
+        y_train=np.array([0, 1, 0, 1]),
+        X_test__input_ids=ids[:2],
+        X_test__attention_mask=np.ones((2, 10), dtype=np.int32),
+        y_test=np.array([1, 0]),
+    )
+    ds = load_dataset(str(p))
+    assert set(ds.input_names) == {"input_ids", "attention_mask"}
+    assert ds.X_train["input_ids"].dtype == np.int64
+    assert ds.X_train["attention_mask"].dtype == np.int64  # int inputs widen to int64
+    np.testing.assert_array_equal(ds.X_test["input_ids"], ids[:2])
+    assert ds.describe()["inputs"] == list(ds.input_names)
+    assert ds.X_train[[2, 0]]["input_ids"].tolist() == [ids[2].tolist(), ids[0].tolist()]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (
+            {"X_train__a": np.zeros((4, 2)), "X_test__b": np.zeros((2, 2))},
+            "train inputs a float32 \\[2\\] differ from the test inputs b",
+        ),
+        ({"X_train__a": np.zeros((4, 2)), "X_train": np.zeros((4, 2))}, "holds both X_train"),
+        ({"X_train__a": np.zeros((4, 2)), "X_train__b": np.zeros((3, 2))}, "different sample"),
+        ({"X_train": np.zeros((4, 2, 2)), "X_test": np.zeros((2, 4))}, "samples have shape"),
+    ],
+)
+def test_npz_with_inconsistent_inputs_is_refused_by_name(tmp_path, arrays, message):
+    arrays = {"X_test__a": np.zeros((2, 2)), **arrays} if "X_test" not in arrays else arrays
+    if "X_test__b" in arrays:
+        arrays.pop("X_test__a")
+    p = _npz(tmp_path / "bad.npz", y_train=np.zeros(4), y_test=np.zeros(2), **arrays)
+    with pytest.raises(BadInputError, match=message):
+        load_dataset(str(p))
+
+
+def test_digits32_is_digits_upscaled_to_three_channel_32x32():
+    ds = load_dataset("digits32")
+    flat = load_dataset("digits")
+    assert ds.X_train.shape == (len(flat.y_train), 3, 32, 32)
+    np.testing.assert_array_equal(ds.y_test, flat.y_test)
+    # Each 8x8 pixel becomes a 4x4 block, the same in every channel.
+    first = ds.X_test[0]
+    np.testing.assert_allclose(first[0, ::4, ::4].reshape(-1), flat.X_test[0], rtol=1e-6)
+    np.testing.assert_array_equal(first[0], first[2])

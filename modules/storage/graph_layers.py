@@ -1,0 +1,137 @@
+"""Layer modules back into an exported graph, so module-level techniques see its layers.
+
+`ExportedProgram.module()` (what a `.pt2` upload becomes) is a GraphModule whose layers are
+ATen calls on parameters, `aten.linear(x, stem.weight, stem.bias)`, not `nn.Linear`
+modules: Torch-Pruning, low-rank factorization and dynamic quantization find nothing to
+work on, and the module refuses `train()`/`eval()`. `lift_layers` rebuilds it as a plain
+`torch.fx.GraphModule` (whose train()/eval() work) in which each linear, conv2d,
+batch_norm, layer_norm and embedding call is a call to a real layer module at the
+parameters' own path (`stem` becomes an `nn.Linear` holding the same `stem.weight`), so
+state_dict keys do not change and the layers' shapes are no longer constants of the
+graph. Any other module is returned as is.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+
+def _const(node: Any, index: int, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else default
+
+
+def _linear(node: Any, p: list[Any]) -> nn.Module:
+    weight, bias = p[0], p[1] if len(p) > 1 else None
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
+def _conv2d(node: Any, p: list[Any]) -> nn.Module:
+    weight, bias = p[0], p[1] if len(p) > 1 else None
+    groups = int(_const(node, 6, 1))
+    layer = nn.Conv2d(
+        weight.shape[1] * groups,
+        weight.shape[0],
+        tuple(weight.shape[2:]),
+        stride=tuple(_const(node, 3, [1, 1])),
+        padding=tuple(_const(node, 4, [0, 0])),
+        dilation=tuple(_const(node, 5, [1, 1])),
+        groups=groups,
+        bias=bias is not None,
+    )
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
+def _batch_norm(node: Any, p: list[Any]) -> nn.Module:
+    weight, bias, mean, var = p
+    layer = nn.BatchNorm2d(weight.shape[0], eps=float(_const(node, 7, 1e-5)))
+    layer.weight, layer.bias = weight, bias
+    layer.running_mean, layer.running_var = mean, var
+    return layer
+
+
+def _layer_norm(node: Any, p: list[Any]) -> nn.Module:
+    weight, bias = p[0], p[1] if len(p) > 1 else None
+    layer = nn.LayerNorm(
+        list(node.args[1]), eps=float(_const(node, 4, 1e-5)), bias=bias is not None
+    )
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
+def _embedding(node: Any, p: list[Any]) -> nn.Module:
+    layer = nn.Embedding(p[0].shape[0], p[0].shape[1])
+    layer.weight = p[0]
+    return layer
+
+
+# op -> (positions of the parameter args, position of the data input, builder)
+_LAYERS: dict[Any, tuple[tuple[int, ...], int, Callable[[Any, list[Any]], nn.Module]]] = {
+    aten.linear.default: ((1, 2), 0, _linear),
+    aten.conv2d.default: ((1, 2), 0, _conv2d),
+    aten.batch_norm.default: ((1, 2, 3, 4), 0, _batch_norm),
+    aten.layer_norm.default: ((2, 3), 0, _layer_norm),
+    aten.embedding.default: ((0,), 1, _embedding),
+}
+
+
+def _owner(targets: list[str]) -> str | None:
+    """The module path all of a call's parameters live under (`stem` of stem.weight)."""
+    owners = {t.rpartition(".")[0] for t in targets}
+    return owners.pop() if len(owners) == 1 else None
+
+
+def lift_layers(module: nn.Module) -> nn.Module:
+    """A copy of an exported GraphModule with its layer calls as layer modules; others as is."""
+    if not isinstance(module, fx.GraphModule):
+        return module
+    module = copy.deepcopy(module)
+    graph = module.graph
+    for node in list(graph.nodes):
+        rule = _LAYERS.get(node.target) if node.op == "call_function" else None
+        if rule is None:
+            continue
+        positions, data_at, build = rule
+        attrs = [node.args[i] if len(node.args) > i else None for i in positions]
+        present = [a for a in attrs if a is not None]
+        if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in present):
+            continue  # a layer fed computed weights stays a function call
+        if node.target is aten.batch_norm.default and (len(present) != 4 or node.args[5]):
+            continue
+        owner = _owner([str(a.target) for a in present])
+        if not owner:
+            continue
+        holder = module.get_submodule(owner)
+        names = {str(a.target).rpartition(".")[2] for a in present}
+        held = {n for n, _ in holder.named_parameters(recurse=False)}
+        held |= {n for n, _ in holder.named_buffers(recurse=False)} - {"num_batches_tracked"}
+        if list(holder.children()) or held != names:
+            continue  # the path holds more than this layer (MultiheadAttention's in_proj)
+        layer = build(node, [getattr(holder, str(a.target).rpartition(".")[2]) for a in present])
+        parent, _, child = owner.rpartition(".")
+        module.get_submodule(parent).register_module(child, layer)
+        with graph.inserting_before(node):
+            call = graph.call_module(owner, (node.args[data_at],))
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    rebuilt = fx.GraphModule(module, graph)
+    rebuilt.eval()
+    return rebuilt
