@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
@@ -87,6 +87,26 @@ class OnnxQuantizeParams(GateThresholds):
     calibration_batch: int = Field(
         default=32, ge=1, le=4096, description="static: samples per calibration batch."
     )
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        default="minmax",
+        description="static: activation ranges from the min/max seen, the KL-divergence "
+        "(entropy) optimum of a histogram, or a percentile of |activation| (clips outliers).",
+    )
+    percentile: float = Field(
+        default=99.999,
+        ge=90.0,
+        le=100.0,
+        description="static, calibrate_method=percentile: share (%) of |activation| values "
+        "the range covers.",
+    )
+    smooth_alpha: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="SmoothQuant: migrate activation outliers into the weights with scale "
+        "max|X|^a / max|W|^(1-a) per channel before quantizing (0.5 is the paper's default "
+        "for most transformers); none = off. Needs calibration rows.",
+    )
     inputs: str | None = Field(
         default=None,
         max_length=64,
@@ -137,6 +157,15 @@ class OnnxQuantizeParams(GateThresholds):
     def _id_shape(cls, value: str | None) -> str | None:
         return inputs_param(value)
 
+    @model_validator(mode="after")
+    def _static_only(self) -> OnnxQuantizeParams:
+        if self.mode != "static" and not self.search and self.calibrate_method != "minmax":
+            raise ValueError(
+                f"calibrate_method={self.calibrate_method} needs mode=static: dynamic mode "
+                "measures activation ranges at run time and calibrates nothing"
+            )
+        return self
+
     @field_validator("nodes_to_exclude")
     @classmethod
     def _node_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -155,6 +184,9 @@ def quant_settings(params: OnnxQuantizeParams) -> QuantSettings:
         per_channel=params.per_channel,
         reduce_range=params.reduce_range,
         nodes_to_exclude=tuple(params.nodes_to_exclude),
+        calibrate_method=params.calibrate_method,
+        percentile=params.percentile,
+        smooth_alpha=params.smooth_alpha,
     )
 
 
@@ -220,7 +252,7 @@ def onnx_quantize(
     if params.search:
         return _search(model, data, params, ctx)
     calibration, source = None, None
-    if params.mode == "static":
+    if params.mode == "static" or params.smooth_alpha is not None:
         calibration, source = step_calibration(model, data, params, ctx)
     start = time.perf_counter()
     try:
@@ -240,6 +272,7 @@ def onnx_quantize(
         "weight_type": params.weight_type,
         "per_channel": params.per_channel,
         "reduce_range": params.reduce_range,
+        "smooth_alpha": params.smooth_alpha,
         "nodes_excluded": len(params.nodes_to_exclude),
         "quantizable_nodes": quantizable,
         "size_bytes_before": size_before,
