@@ -12,9 +12,10 @@ the same activation (a transformer's Q, K and V projections share one, and one s
 them all). alpha = 0 leaves activations as they are; 1 moves all their range into weights.
 
 The 1/s goes into the node that produced the activation when that is a LayerNormalization
-whose output feeds only these weights (its scale and bias are divided by s, so the graph
-gains no node), else into a new `Mul` in front of the weights. Only MatMul and Gemm nodes
-whose weight is a 2-D initializer used nowhere else are smoothed.
+whose output feeds only these weights (a private copy of its scale and bias is divided by
+s, so the graph gains no node), else into a new `Mul` in front of the weights, which the
+quantizer then leaves in float (its input is the activation with the outliers). Only
+MatMul and Gemm nodes whose weight is a 2-D initializer used nowhere else are smoothed.
 
 ONNX Runtime's own `SmoothQuant` extra option imports neural-compressor 2.x
 (`neural_compressor.adaptor.ox_utils`), which the 3.x releases no longer ship; this module
@@ -157,19 +158,29 @@ def _fold_into_layernorm(proto: Any, activation: str, inv: np.ndarray) -> bool:
         return False
     if list(producer.output).index(activation) != 0 or _attr(producer, "axis", -1) != -1:
         return False
-    params = [name for name in list(producer.input)[1:3] if name]
-    uses: dict[str, int] = defaultdict(int)
-    for node in proto.graph.node:
-        for name in node.input:
-            uses[name] += 1
-    for name in params:
-        if name not in inits or uses[name] != 1:
+    # The exporter keeps one copy of equal initializers (every fresh LayerNorm's ones) and
+    # hands it to the other nodes through Identity nodes.
+    aliases = {
+        n.output[0]: n.input[0]
+        for n in proto.graph.node
+        if n.op_type == "Identity" and n.input and n.input[0] in inits
+    }
+    slots = [(i, aliases.get(name, name)) for i, name in enumerate(producer.input) if i in (1, 2)]
+    slots = [(i, name) for i, name in slots if name]
+    for _, name in slots:
+        if name not in inits or tuple(inits[name].dims) != (inv.shape[0],):
             return False
-        if tuple(inits[name].dims) != (inv.shape[0],):
-            return False
-    for name in params:
+    taken = set(inits) | {o for n in proto.graph.node for o in n.output}
+    for slot, name in slots:
         value = numpy_helper.to_array(inits[name]).astype(np.float32)
-        inits[name].CopyFrom(numpy_helper.from_array((value * inv).astype(np.float32), name))
+        # A private copy: the other users of a shared initializer must keep theirs.
+        private = f"{name}_smooth"
+        while private in taken:
+            private += "_"
+        taken.add(private)
+        scaled = numpy_helper.from_array((value * inv).astype(np.float32), private)
+        proto.graph.initializer.append(scaled)
+        producer.input[slot] = private
     return True
 
 
@@ -183,9 +194,11 @@ def _insert_mul(proto: Any, activation: str, readers: list[_Reader], inv: np.nda
         name += "_"
     proto.graph.initializer.append(numpy_helper.from_array(inv.astype(np.float32), f"{name}_inv"))
     mul = helper.make_node("Mul", [activation, f"{name}_inv"], [f"{name}_out"], name=name)
+    # By name: the node objects of an earlier listing are copies once the list is rebuilt.
     reader_names = {r.node.name for r in readers}
-    for reader in readers:
-        reader.node.input[0] = f"{name}_out"
+    for node in proto.graph.node:
+        if node.name in reader_names and node.input[0] == activation:
+            node.input[0] = f"{name}_out"
     nodes = list(proto.graph.node)
     first = min(i for i, n in enumerate(nodes) if n.name in reader_names)
     nodes.insert(first, mul)
