@@ -5,7 +5,9 @@ dynamic: weights become int8 ahead of time, activations are quantized on the fly
 batches drawn from the dataset's *train* split (a seeded sample, never the test split
 the parity gate and measurements use), or from the user's inputs file for graphs a
 dataset cannot feed, and the graph gets QuantizeLinear/DequantizeLinear pairs
-(`quantize_static`, QDQ format).
+(`quantize_static`, QDQ format), with ranges from `calibrate_method` (MinMax, entropy or
+percentile) and per-channel weight scales with `per_channel`. `smooth_alpha` first migrates
+activation outliers into the weights (SmoothQuant, modules.deployment.onnx_smooth).
 
 The graph is first run through ORT's `quant_pre_process` (ONNX shape inference and graph
 optimisation); a graph it cannot handle is quantized as it is, and the metrics say so.
