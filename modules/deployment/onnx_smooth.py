@@ -207,6 +207,17 @@ def _insert_mul(proto: Any, activation: str, readers: list[_Reader], inv: np.nda
     return name
 
 
+def _drop_orphans(proto: Any, *, replaced: set[str]) -> None:
+    # A folded LayerNorm reads its private copy; the original, now unread, would only add
+    # bytes (and an ONNX Runtime warning per tensor).
+    read = {name for node in proto.graph.node for name in node.input}
+    read |= {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
+    keep = [t for t in proto.graph.initializer if t.name in read or t.name not in replaced]
+    if len(keep) < len(proto.graph.initializer):
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+
+
 def smooth_graph(
     proto: Any, calibration: list[dict[str, np.ndarray]], *, alpha: float
 ) -> tuple[Any, dict[str, Any]]:
@@ -246,6 +257,7 @@ def smooth_graph(
             inserted.append(_insert_mul(out, activation, readers, inv))
         mean = float(act_max.mean()) or 1.0
         peak_ratio.append(float(act_max.max()) / mean)
+    _drop_orphans(out, replaced={t.name for t in proto.graph.initializer})
     return out, {
         "alpha": alpha,
         "smoothed_activations": folded + len(inserted),

@@ -236,3 +236,29 @@ def test_bad_static_params_are_named(params, needle):
 def test_bad_quantize_static_params_are_named(params, needle):
     with pytest.raises(ValidationError, match=needle):
         QuantizeStaticParams(**params)
+
+
+def test_the_script_quantizes_a_torch_file_and_refuses_a_mismatched_dataset(
+    small_cnn, tmp_path, capsys
+):
+    import json
+
+    from modules.deployment.quantize_static import main
+
+    model = tmp_path / "cnn.pt"
+    model.write_bytes(save_model(small_cnn))
+    out = tmp_path / "q.onnx"
+    argv = ["--input-model", str(model), "--output-model", str(out)]
+    assert main([*argv, "--calibration-samples", "64", "--calibrate-method", "percentile"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["verdict"]["passed"] and line["metrics"]["calibration"]["rows"] == 64
+    back = load_model(out.read_bytes(), filename="q.onnx")
+    assert back.meta["quantized"] == "static-int8" and conv_weights_are_int8(back.obj)
+
+    bad_out = tmp_path / "bad.onnx"
+    assert (
+        main(["--input-model", str(model), "--output-model", str(bad_out), "--dataset", "wine"])
+        == 2
+    )
+    assert "64 input features" in capsys.readouterr().err
+    assert not bad_out.exists()  # nothing half-written
