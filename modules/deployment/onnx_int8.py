@@ -38,6 +38,8 @@ class QuantSettings:
     nodes_to_exclude: tuple[str, ...] = ()
     # Empty: every node the quantizer supports; else only these (a sensitivity probe).
     nodes_to_quantize: tuple[str, ...] = field(default=())
+    # static: the activations' type; None = weight_type (what the search's grid runs).
+    activation_type: str | None = None
     # static: how activation ranges are read off the calibration batches.
     calibrate_method: str = "minmax"
     # percentile calibration: the share of |activation| values the range covers.
@@ -54,6 +56,8 @@ class QuantSettings:
             "reduce_range": self.reduce_range,
         }
         # Defaults stay out, so the JSON of a plain setting is what it was before they existed.
+        if self.activation_type is not None:
+            out["activation_type"] = self.activation_type
         if self.calibrate_method != "minmax":
             out["calibrate_method"] = self.calibrate_method
             if self.calibrate_method == "percentile":
@@ -71,6 +75,8 @@ class QuantSettings:
         parts = [self.mode, self.weight_type, "per-channel" if self.per_channel else "per-tensor"]
         if self.reduce_range:
             parts.append("reduce-range")
+        if self.mode == "static" and self.activation_type not in (None, self.weight_type):
+            parts.append(f"{self.activation_type} activations")
         if self.mode == "static" and self.calibrate_method != "minmax":
             parts.append(f"{self.calibrate_method}-calibrated")
         if self.smooth_alpha is not None:
@@ -259,7 +265,7 @@ def quantize_prepared(
                 str(dst),
                 _Reader(),
                 quant_format=QuantFormat.QDQ,
-                activation_type=_quant_type(settings.weight_type),
+                activation_type=_quant_type(settings.activation_type or settings.weight_type),
                 weight_type=_quant_type(settings.weight_type),
                 per_channel=settings.per_channel,
                 reduce_range=settings.reduce_range,

@@ -81,6 +81,13 @@ def conv_weights_are_int8(proto) -> bool:
     return bool(convs)
 
 
+def activation_zero_point_types(proto) -> set[int]:
+    """Element types of the zero points of every QuantizeLinear (activations, in QDQ)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    return {inits[n.input[2]].data_type for n in nodes if len(n.input) > 2}
+
+
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_static_per_channel_mlp_is_smaller_and_agrees(
     method, mlp_onnx, small_mlp, digits, ctx_factory
@@ -110,6 +117,8 @@ def test_static_qdq_on_the_zoo_cnn_passes_parity(small_cnn, digits, ctx_factory)
     m = out.metrics
     assert m["conv_nodes"] == 2 and m["calibration"]["rows"] == 256
     assert conv_weights_are_int8(out.model.obj)
+    # uint8 activations with int8 weights: ONNX Runtime's fast x86 int8 path.
+    assert activation_zero_point_types(out.model.obj) == {onnx.TensorProto.UINT8}
     assert m["compression_ratio"] > 1.5  # a tiny net: the int8 saving is diluted by scales
     back = load_model(save_model(out.model), filename="q.onnx")
     assert back.framework == "onnx" and back.meta["quantized"] == "static-int8"
