@@ -5,6 +5,11 @@ graph is prepared once (`prepare_graph`: ORT's `quant_pre_process`, then a stabl
 every node, since the quantizer selects and excludes nodes by name), then quantized with one
 `QuantSettings` (`quantize_prepared`). ORT's dynamic quantizer rewrites a Gemm as
 `<name>_MatMul` + `<name>_Add`, so a Gemm's own name is translated to that for it.
+
+Static settings also choose the activation type (uint8 with int8 weights is ORT's fast x86
+layout), the calibration method (MinMax, entropy, percentile; each keeps its own range
+cache) and SmoothQuant (`smooth_alpha`: modules.deployment.onnx_smooth runs first, and the
+Mul nodes it inserts stay float).
 """
 
 from __future__ import annotations
