@@ -5,11 +5,17 @@ graph is prepared once (`prepare_graph`: ORT's `quant_pre_process`, then a stabl
 every node, since the quantizer selects and excludes nodes by name), then quantized with one
 `QuantSettings` (`quantize_prepared`). ORT's dynamic quantizer rewrites a Gemm as
 `<name>_MatMul` + `<name>_Add`, so a Gemm's own name is translated to that for it.
+
+Static settings also choose the activation type (uint8 with int8 weights is ORT's fast x86
+layout), the calibration method (MinMax, entropy, percentile; each keeps its own range
+cache) and SmoothQuant (`smooth_alpha`: modules.deployment.onnx_smooth runs first, and the
+Mul nodes it inserts stay float).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +43,14 @@ class QuantSettings:
     nodes_to_exclude: tuple[str, ...] = ()
     # Empty: every node the quantizer supports; else only these (a sensitivity probe).
     nodes_to_quantize: tuple[str, ...] = field(default=())
+    # static: the activations' type; None = weight_type (what the search's grid runs).
+    activation_type: str | None = None
+    # static: how activation ranges are read off the calibration batches.
+    calibrate_method: str = "minmax"
+    # percentile calibration: the share of |activation| values the range covers.
+    percentile: float = 99.999
+    # SmoothQuant migration strength (None: off), applied before quantizing.
+    smooth_alpha: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form; the node lists only when set."""
@@ -46,6 +60,15 @@ class QuantSettings:
             "per_channel": self.per_channel,
             "reduce_range": self.reduce_range,
         }
+        # Defaults stay out, so the JSON of a plain setting is what it was before they existed.
+        if self.activation_type is not None:
+            out["activation_type"] = self.activation_type
+        if self.calibrate_method != "minmax":
+            out["calibrate_method"] = self.calibrate_method
+            if self.calibrate_method == "percentile":
+                out["percentile"] = self.percentile
+        if self.smooth_alpha is not None:
+            out["smooth_alpha"] = self.smooth_alpha
         if self.nodes_to_exclude:
             out["nodes_to_exclude"] = list(self.nodes_to_exclude)
         if self.nodes_to_quantize:
@@ -57,6 +80,12 @@ class QuantSettings:
         parts = [self.mode, self.weight_type, "per-channel" if self.per_channel else "per-tensor"]
         if self.reduce_range:
             parts.append("reduce-range")
+        if self.mode == "static" and self.activation_type not in (None, self.weight_type):
+            parts.append(f"{self.activation_type} activations")
+        if self.mode == "static" and self.calibrate_method != "minmax":
+            parts.append(f"{self.calibrate_method}-calibrated")
+        if self.smooth_alpha is not None:
+            parts.append(f"smoothquant-{self.smooth_alpha:g}")
         text = " ".join(parts)
         excluded = self.nodes_to_exclude
         if len(excluded) > 3:
@@ -72,6 +101,40 @@ def _quant_type(name: str) -> Any:
     from onnxruntime.quantization import QuantType
 
     return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
+
+
+def _calibrate_method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if name not in methods:
+        raise BadInputError(f"calibrate_method {name!r}: expected one of {', '.join(methods)}")
+    return methods[name]
+
+
+def _method_cache(cache: Path | None, settings: QuantSettings) -> str | None:
+    # Ranges differ per calibration method (and percentile), so each gets its own cache file.
+    if cache is None:
+        return None
+    if settings.calibrate_method == "minmax" and settings.smooth_alpha is None:
+        return str(cache)
+    tag = settings.calibrate_method
+    if tag == "percentile":
+        tag += f"-{settings.percentile:g}"
+    if settings.smooth_alpha is not None:
+        # A smoothed graph has other activations, hence other ranges.
+        tag += f"-smooth{settings.smooth_alpha:g}"
+    return str(cache.with_name(f"{cache.stem}.{tag}{cache.suffix}"))
+
+
+def _calibrate_options(settings: QuantSettings) -> dict[str, Any]:
+    if settings.calibrate_method == "percentile":
+        return {"CalibPercentile": settings.percentile}
+    return {}
 
 
 def calibration_feeds(
@@ -120,11 +183,16 @@ def prepare_graph(proto: Any, workdir: Path) -> tuple[Path, str]:
 
 @contextlib.contextmanager
 def quiet_quantizer() -> Iterator[None]:
-    """Silence ORT's quantizer, which logs a root-logger warning per weight it skips."""
+    """Silence ORT's quantizer, which logs a root-logger warning per weight it skips.
+
+    Its entropy and percentile calibrators also print their progress to stdout, which is
+    the CLI's (a step writes its results to its record, never to the terminal).
+    """
     before = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         logging.disable(before)
 
@@ -162,12 +230,20 @@ def quantize_prepared(
 
     dst = workdir / "quantized.onnx"
     dst.unlink(missing_ok=True)
+    smoothing: dict[str, Any] | None = None
+    if settings.smooth_alpha is not None:
+        source, smoothing = _smoothed(source, settings.smooth_alpha, workdir, calibration)
     gemms: set[str] = set()
-    if settings.mode == "dynamic" and (settings.nodes_to_exclude or settings.nodes_to_quantize):
+    if settings.mode == "dynamic" and (
+        settings.nodes_to_exclude or settings.nodes_to_quantize or smoothing
+    ):
         graph = onnx.load(str(source), load_external_data=False)
         gemms = {n.name for n in graph.graph.node if n.op_type == "Gemm"}
+    excluded = settings.nodes_to_exclude
+    if smoothing is not None:
+        excluded += tuple(smoothing["inserted_mul"])
     selection = {
-        "nodes_to_exclude": _dynamic_names(settings.nodes_to_exclude, gemms) or None,
+        "nodes_to_exclude": _dynamic_names(excluded, gemms) or None,
         "nodes_to_quantize": _dynamic_names(settings.nodes_to_quantize, gemms) or None,
     }
     with quiet_quantizer():
@@ -194,20 +270,41 @@ def quantize_prepared(
                 str(dst),
                 _Reader(),
                 quant_format=QuantFormat.QDQ,
-                activation_type=_quant_type(settings.weight_type),
+                activation_type=_quant_type(settings.activation_type or settings.weight_type),
                 weight_type=_quant_type(settings.weight_type),
                 per_channel=settings.per_channel,
                 reduce_range=settings.reduce_range,
-                calibration_cache_path=str(calibration_cache) if calibration_cache else None,
+                calibrate_method=_calibrate_method(settings.calibrate_method),
+                calibration_cache_path=_method_cache(calibration_cache, settings),
+                extra_options=_calibrate_options(settings),
                 **selection,
             )
     quantized = onnx.load(str(dst))
     dropped = drop_unused_opsets(quantized)
-    details = {
+    details: dict[str, Any] = {
         "dropped_opset_imports": dropped,
         "int8_nodes": sum(n.op_type in INT8_OPS for n in quantized.graph.node),
     }
+    if settings.mode == "static":
+        details["calibrate_method"] = settings.calibrate_method
+    if smoothing is not None:
+        details["smooth_quant"] = smoothing
     return quantized, details
+
+
+def _smoothed(
+    source: Path, alpha: float, workdir: Path, calibration: list[dict[str, np.ndarray]] | None
+) -> tuple[Path, dict[str, Any]]:
+    import onnx
+
+    from modules.deployment.onnx_smooth import smooth_graph
+
+    if not calibration:
+        raise BadInputError("SmoothQuant needs calibration batches (static mode or an inputs file)")
+    smoothed, info = smooth_graph(onnx.load(str(source)), calibration, alpha=alpha)
+    path = workdir / f"smoothed-{alpha:g}.onnx"
+    onnx.save(smoothed, str(path))
+    return path, info
 
 
 def drop_unused_opsets(proto: Any) -> list[str]:

@@ -213,6 +213,7 @@ SCRIPTS = [
     "modules.compression.quantize_dynamic",
     "modules.deployment.onnx_export",
     "modules.deployment.onnx_quantize",
+    "modules.deployment.quantize_static",
     "modules.evaluation.hardware_sim",
     "modules.evaluation.profile",
     "modules.search.auto",
