@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import get_step, list_steps, register_step
-from modules.core.step import StepContext, StepOutput, Verdict
+from modules.core.step import StepContext, StepOutput, Verdict, check_cancelled
 from modules.errors import IncompatibleError, McaasError
 from modules.evaluation.measure import MeasureParams
 from modules.evaluation.pareto import DEFAULT_MAXIMIZE, DEFAULT_MINIMIZE, pareto_front
@@ -436,6 +436,7 @@ def compress(
     start = time.perf_counter()
 
     def out_of_time() -> bool:
+        check_cancelled()  # asked before every candidate: a stopped job stops its search here
         return time.perf_counter() - start > params.max_time_s
 
     measure = MeasureParams(batch_sizes=[1], warmup=params.warmup, runs=params.runs)
@@ -460,7 +461,7 @@ def compress(
         full = _full(chain, params)
         proxy = full.with_epochs(params.proxy_epochs, distill_cap=params.proxy_distill_epochs)
         cand = Candidate(full, None, "proxy")
-        if n and out_of_time():
+        if out_of_time() and n:
             cand.lost = "not run: max_time reached"
             stopped_by = "max_time"
         else:
@@ -491,7 +492,7 @@ def compress(
         if not proxy_cand.row.get("trained_as_proxy"):
             finalists.append(proxy_cand)
             continue
-        if n and out_of_time():
+        if out_of_time() and n:
             proxy_cand.lost = "not fully trained: max_time reached"
             stopped_by = "max_time"
             continue
@@ -511,7 +512,7 @@ def compress(
     for n, fin in enumerate(finalists):
         for m, tail in enumerate(tails):
             cand = Candidate(fin.chain, tail, "gate", native=fin.native)
-            if (n or m) and out_of_time():
+            if out_of_time() and (n or m):
                 cand.lost = "not gated: max_time reached"
                 stopped_by = "max_time"
             else:
