@@ -264,6 +264,13 @@ class CompressParams(BaseModel):
     eta: int = Field(
         default=2, ge=2, le=10, description="Successive halving keeps 1/eta of the proxies."
     )
+    gate_share: float = Field(
+        default=0.25,
+        ge=0,
+        lt=1,
+        description="Share of max_time_s kept for the ONNX gate: no training run starts "
+        "after (1 - gate_share) x max_time_s.",
+    )
     finalists: int = Field(
         default=3, ge=1, le=50, description="Fewest chains fully trained and ONNX-gated."
     )
@@ -289,6 +296,7 @@ class Candidate:
     phase: str
     row: dict[str, Any] = field(default_factory=dict)
     native: ModelArtifact | None = None
+    native_row: dict[str, Any] | None = None
     onnx: ModelArtifact | None = None
     parity: dict[str, Any] | None = None
     hardware: dict[str, Any] | None = None
@@ -340,20 +348,33 @@ def _run_native(
     measure: MeasureParams,
     tag: str,
 ) -> tuple[ModelArtifact | None, dict[str, Any]]:
-    """Run a chain's native steps and measure the result; errors become a row's `error`."""
+    """Run a chain's native steps and measure the result; errors become a row's `error`.
+
+    The row's `stages` holds the size and batch-1 latency after each step (the waterfall).
+    """
     t0 = time.perf_counter()
+    stages: list[dict[str, Any]] = []
     try:
-        if chain.stages:
+        artifact = model
+        for i, stage in enumerate(chain.stages):
             artifact, _ = apply_steps(
-                model, data, _calls(chain.stages), ctx, seed=ctx.seed, tag=tag
+                artifact, data, _calls([stage]), ctx, seed=ctx.seed, tag=f"{tag}-{i}"
             )
-        else:
-            artifact = model
+            if i < len(chain.stages) - 1:
+                row = candidate_row(artifact, data, profile=ctx.profile, measure=measure)
+                stages.append(_stage_point(stage.label(), row))
         row = candidate_row(artifact, data, profile=ctx.profile, measure=measure)
     except McaasError as exc:
         return None, {"error": f"{type(exc).__name__}: {exc}", "run_time_s": 0.0}
+    if chain.stages:
+        stages.append(_stage_point(chain.stages[-1].label(), row))
+    row["stages"] = stages
     row["run_time_s"] = time.perf_counter() - t0
     return artifact, row
+
+
+def _stage_point(step: str, row: dict[str, Any]) -> dict[str, Any]:
+    return {"step": step, "size_bytes": row["size_bytes"], "latency_ms": row["latency_ms"]}
 
 
 def _gate(
@@ -435,9 +456,12 @@ def compress(
     """Compress to a budget: a chained search whose winner is a parity-gated ONNX model."""
     start = time.perf_counter()
 
-    def out_of_time() -> bool:
+    def out_of_time(share: float = 1.0) -> bool:
         check_cancelled()  # asked before every candidate: a stopped job stops its search here
-        return time.perf_counter() - start > params.max_time_s
+        return time.perf_counter() - start > share * params.max_time_s
+
+    # Training stops starting new runs early enough to leave the ONNX gate its share.
+    train_share = 1.0 - params.gate_share
 
     measure = MeasureParams(batch_sizes=[1], warmup=params.warmup, runs=params.runs)
     proxy_measure = MeasureParams(batch_sizes=[1], warmup=1, runs=3)
@@ -461,7 +485,7 @@ def compress(
         full = _full(chain, params)
         proxy = full.with_epochs(params.proxy_epochs, distill_cap=params.proxy_distill_epochs)
         cand = Candidate(full, None, "proxy")
-        if out_of_time() and n:
+        if out_of_time(train_share) and n:
             cand.lost = "not run: max_time reached"
             stopped_by = "max_time"
         else:
@@ -492,7 +516,7 @@ def compress(
         if not proxy_cand.row.get("trained_as_proxy"):
             finalists.append(proxy_cand)
             continue
-        if out_of_time() and n:
+        if out_of_time(train_share) and n:
             proxy_cand.lost = "not fully trained: max_time reached"
             stopped_by = "max_time"
             continue
@@ -511,7 +535,7 @@ def compress(
     gated: list[Candidate] = []
     for n, fin in enumerate(finalists):
         for m, tail in enumerate(tails):
-            cand = Candidate(fin.chain, tail, "gate", native=fin.native)
+            cand = Candidate(fin.chain, tail, "gate", native=fin.native, native_row=fin.row)
             if out_of_time() and (n or m):
                 cand.lost = "not gated: max_time reached"
                 stopped_by = "max_time"
@@ -583,7 +607,7 @@ def compress(
             indent=2,
             default=str,
         ).encode()
-    waterfall = _waterfall(model, data, winner, ctx, measure=proxy_measure, baseline=baseline)
+    waterfall = _waterfall(winner, winner.native_row if winner else None, baseline)
     summary["waterfall"] = waterfall
     figures = {
         "pareto": pareto_figure(
@@ -658,51 +682,15 @@ def _summary(
 
 
 def _waterfall(
-    model: ModelArtifact,
-    data: Dataset,
-    winner: Candidate | None,
-    ctx: StepContext,
-    *,
-    measure: MeasureParams,
-    baseline: dict[str, Any],
+    winner: Candidate | None, native_row: dict[str, Any] | None, baseline: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Size and latency after each stage of the winner's chain, from the input on."""
-    out = [
-        {
-            "index": 0,
-            "step": "input",
-            "size_bytes": baseline["size_bytes"],
-            "latency_ms": baseline["latency_ms"],
-        }
-    ]
+    points = [_stage_point("input", baseline)]
     if winner is None:
-        return out
-    current = model
-    for i, stage in enumerate(winner.chain.stages, start=1):
-        try:
-            current, _ = apply_steps(
-                current, data, _calls([stage]), ctx, seed=ctx.seed, tag=f"w{i}"
-            )
-            row = candidate_row(current, data, profile=ctx.profile, measure=measure)
-        except McaasError:
-            break
-        out.append(
-            {
-                "index": i,
-                "step": stage.label(),
-                "size_bytes": row["size_bytes"],
-                "latency_ms": row["latency_ms"],
-            }
-        )
-    out.append(
-        {
-            "index": len(out),
-            "step": winner.tail.name if winner.tail else "onnx",
-            "size_bytes": winner.row["size_bytes"],
-            "latency_ms": winner.row["latency_ms"],
-        }
-    )
-    return out
+        return [{"index": 0, **points[0]}]
+    points += (native_row or {}).get("stages", [])
+    points.append(_stage_point(winner.tail.name if winner.tail else "onnx", winner.row))
+    return [{"index": i, **p} for i, p in enumerate(points)]
 
 
 def _cell(value: Any) -> str:

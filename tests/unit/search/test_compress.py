@@ -64,6 +64,12 @@ def test_search_returns_a_parity_gated_onnx_winner(searched, small_mlp):
     assert native.framework == "torch"
     report = json.loads(out.files["deployment_report.json"])
     assert report["passed"] is True and report["compress"]["winner"]["label"] == winner["label"]
+    # The waterfall: the input, each native stage of the winner's chain, then its ONNX tail.
+    chain = next(c for c in candidates_of(out) if c["winner"])["chain"]
+    steps = [p["step"] for p in m["waterfall"]]
+    assert steps[0] == "input" and len(steps) == len(chain) + 2
+    assert steps[-1] == winner["label"].split(" => ")[-1]
+    assert m["waterfall"][-1]["size_bytes"] == winner["size_bytes"]
     page = out.files["report.html"].decode()
     assert "<svg" in page and html.escape(winner["label"]) in page
 
