@@ -129,3 +129,12 @@ def test_a_model_that_does_not_fit_the_data_is_a_clear_error(tmp_path):
         IncompatibleError, match="input model cannot be measured.*64 input features"
     ):
         run_step(job, 0, store=ws.store, log=ws.log)
+
+
+def test_the_default_torch_search_tries_int8_in_its_first_round(small_mlp):
+    from modules.search.auto import default_search
+
+    spaces = default_search(small_mlp)
+    assert "quantize_dynamic" in [s.step for s in spaces]
+    first_round = [space.step for _, space, _ in trial_plan(spaces, len(spaces))]
+    assert "quantize_dynamic" in first_round
