@@ -157,6 +157,7 @@ def default_search(model: ModelArtifact) -> list[SearchSpace]:
     from modules.core.registry import list_steps
 
     known = {s.name: s for s in list_steps()}
+    wanted: list[tuple[str, dict[str, list[Any]], dict[str, Any]]]
     if model.framework == "torch":
         wanted = [
             ("prune_structured", {"amount": [0.25, 0.5, 0.75, 0.9]}, {"method": "structured"}),
