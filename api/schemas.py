@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modules.core.jobspec import DEFAULT_PROFILE, MAX_STEPS, StepCall
+from modules.core.profiles import get_profile
 from modules.core.records import JobStatus
 from modules.storage.datasets import BUILTIN_DATASETS
 
@@ -66,8 +67,53 @@ class InputsListPublic(BaseModel):
     count: int
 
 
+class GoalCreate(BaseModel):
+    """Compress to a budget in one call: the job becomes one `compress` step on this goal."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str | dict[str, Any] = Field(
+        default=DEFAULT_PROFILE,
+        description="Profile name (GET /v1/profiles) or an inline budget the result must fit.",
+    )
+    max_drop: float = Field(
+        default=1.0,
+        ge=0,
+        le=100,
+        description="Largest accuracy drop: percentage points (absolute) or percent (relative).",
+    )
+    drop_kind: Literal["absolute", "relative"] = Field(
+        default="absolute", description="How max_drop is read."
+    )
+    objective: Literal["size", "latency", "energy"] = Field(
+        default="size", description="What the winner minimizes among the candidates that pass."
+    )
+    max_time_s: float = Field(
+        default=600.0, gt=0, le=86_400, description="No new candidate starts after this long."
+    )
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        # get_profile raises NotFoundError (unknown name) or ValidationError (bad inline
+        # budget); both become a 422 at goal.profile.
+        try:
+            get_profile(value)
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def step_call(self) -> StepCall:
+        """The one `compress` step this goal stands for."""
+        params = self.model_dump(include={"max_drop", "drop_kind", "objective", "max_time_s"})
+        return StepCall(name="compress", params=params)
+
+
 class JobCreate(BaseModel):
-    """A job to run: an uploaded model (or a `train` first step), data, budget and steps."""
+    """A job to run: an uploaded model (or a `train` first step), data, budget and steps.
+
+    Give `steps`, or a `goal` (compress to a budget in one call), not both.
+    """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -80,11 +126,34 @@ class JobCreate(BaseModel):
     profile: str | dict[str, Any] = Field(
         default=DEFAULT_PROFILE, description="Profile name (GET /v1/profiles) or an inline budget."
     )
-    steps: list[StepCall] = Field(
-        min_length=1, max_length=MAX_STEPS, description="Steps in order (GET /v1/steps)."
+    steps: list[StepCall] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_STEPS,
+        description="Steps in order (GET /v1/steps); or give `goal` instead.",
+    )
+    goal: GoalCreate | None = Field(
+        default=None,
+        description="Compress to a budget: profile, max_drop, objective, max_time_s; the job "
+        "runs the `compress` step and its profile is goal.profile.",
     )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed for splits and training.")
     repeats: int = Field(default=1, ge=1, le=20, description="Repeated runs for statistics.")
+
+    @model_validator(mode="after")
+    def _steps_or_goal(self) -> JobCreate:
+        if (self.steps is None) == (self.goal is None):
+            raise ValueError("give either `steps` or `goal`, not both and not neither")
+        if self.goal is not None and "profile" in self.model_fields_set:
+            raise ValueError("with `goal`, the profile is goal.profile; drop the top-level one")
+        return self
+
+    def job_steps(self) -> list[StepCall]:
+        """The steps to run: the given ones, or the goal's one `compress` step."""
+        return [self.goal.step_call()] if self.goal is not None else list(self.steps or [])
+
+    def job_profile(self) -> str | dict[str, Any]:
+        return self.goal.profile if self.goal is not None else self.profile
 
     @field_validator("dataset")
     @classmethod

@@ -552,6 +552,88 @@ def auto(
             console.print(f"{file_name}: {ws.path_of(key)}", soft_wrap=True)
 
 
+COMPRESS_FILES = ("report.html", "deployment_report.json", "compress.json")
+
+
+@app.command()
+@handles_errors
+def compress(
+    model: Path = typer.Argument(..., help="Model file (.pt or .skops)."),
+    profile: str = typer.Option(DEFAULT_PROFILE, help="Hardware profile the result must fit."),
+    max_drop: float | None = typer.Option(
+        None, help="Largest accuracy drop (points, or % if relative)."
+    ),
+    drop_kind: str | None = typer.Option(None, help="absolute (points) | relative (%)."),
+    objective: str | None = typer.Option(None, help="Minimize: size | latency | energy."),
+    max_time: float | None = typer.Option(
+        None, help="No new candidate starts after this many seconds."
+    ),
+    dataset: DatasetOption = "digits",
+    seed: int = typer.Option(0, help="Seed."),
+    output: Path = typer.Option(..., help="Directory for model.onnx, the reports and more."),
+    trust_pickle: TrustPickleOption = False,
+    params_json: ParamsOption = None,
+) -> None:
+    """Compress to a budget: a chained search handing back a parity-gated ONNX model."""
+    import tempfile
+
+    from modules.pipeline.local import LocalWorkspace, run_single_step, write_atomic
+
+    if output.exists() and not output.is_dir():
+        raise BadInputError(f"--output {output} is a file; give a directory")
+    given = {
+        "max_drop": max_drop,
+        "drop_kind": drop_kind,
+        "objective": objective,
+        "max_time_s": max_time,
+    }
+    params = step_params(given, params_json)
+    with (
+        tempfile.TemporaryDirectory(prefix="mcaas-compress-") as tmp,
+        console.status(f"compress: searching chains for profile {profile}"),
+    ):
+        work = Path(tmp)
+        record = run_single_step(
+            "compress",
+            params,
+            input_path=model,
+            output_path=None,
+            dataset=dataset,
+            profile=profile,
+            seed=seed,
+            trust_pickle=trust_pickle,
+            workspace=work,
+        )
+        ws = LocalWorkspace(work)
+        met = not record.rejected
+        blobs: dict[str, bytes] = {}
+        # model.onnx only ever holds a winner that passed parity and the budget.
+        if record.output_key and record.output_key.endswith(".onnx"):
+            blobs["model.onnx" if met else "best_so_far.onnx"] = ws.store.get_bytes(
+                record.output_key
+            )
+        for file_name, key in sorted(record.files.items()):
+            if file_name in COMPRESS_FILES or file_name.startswith("native_model"):
+                target = file_name.replace("native_model", "model" if met else "best_so_far")
+                blobs[target] = ws.store.get_bytes(key)
+    output.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, blob in blobs.items():
+        written[name] = output / name
+        write_atomic(output / name, blob)
+    metrics = record.metrics
+    console.print(tradeoff_table(f"compress on {profile}", metrics["rows"]))
+    console.print(("goal met: " if met else "REJECTED: ") + metrics["reason"])
+    console.print(
+        f"{metrics['n_candidates']} candidates, {metrics['n_gated']} through the ONNX gate, "
+        f"stopped by {metrics['stopped_by']} after {metrics['elapsed_s']:.1f} s"
+    )
+    for name, path in written.items():
+        console.print(f"{name}: {path}", soft_wrap=True)
+    if not met:
+        raise typer.Exit(1)
+
+
 def _share_cell(share: Any, ci: Any = None) -> str:
     if not isinstance(share, int | float):
         return "-"

@@ -109,7 +109,8 @@ def create_job(
     if body.model_id is not None:
         model_meta = get_model_meta(services.store, user_id=user, model_id=body.model_id)
         model_key = model_meta["key"]
-    check_job_inputs(services.store, user_id=user, model_meta=model_meta, steps=body.steps)
+    steps = body.job_steps()
+    check_job_inputs(services.store, user_id=user, model_meta=model_meta, steps=steps)
     check_job_dataset(model_meta, dataset=body.dataset)
     spec = parse_job_spec(
         {
@@ -117,8 +118,8 @@ def create_job(
             "user_id": user,
             "model": model_key,
             "dataset": body.dataset,
-            "profile": body.profile,
-            "steps": [call.model_dump() for call in body.steps],
+            "profile": body.job_profile(),
+            "steps": [call.model_dump() for call in steps],
             "seed": body.seed,
             "repeats": body.repeats,
         }

@@ -82,6 +82,13 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            name="compress-to-budget",
+            summary="Compress to budget: search chains (distil, prune, low-rank, int8) for the "
+            "smallest parity-gated ONNX that fits the profile within 1 pt of accuracy.",
+            frameworks=("torch", "sklearn"),
+            steps=(("compress", {"max_drop": 1.0}),),
+        ),
+        Preset(
             name="onnx-parity",
             summary="Export to ONNX, measure it and check it agrees with the original.",
             frameworks=("torch", "sklearn"),

@@ -174,10 +174,13 @@ def default_search(model: ModelArtifact) -> list[SearchSpace]:
     from modules.core.registry import list_steps
 
     known = {s.name: s for s in list_steps()}
+    wanted: list[tuple[str, dict[str, list[Any]], dict[str, Any]]]
     if model.framework == "torch":
         wanted = [
             ("prune_structured", {"amount": [0.25, 0.5, 0.75, 0.9]}, {"method": "structured"}),
             ("lowrank", {"ratio": [0.1, 0.25, 0.5]}, {"rank_rule": "ratio"}),
+            # int8 weights alone: ~4x smaller with no drop in the project's torch table.
+            ("quantize_dynamic", {"dtype": ["int8"]}, {}),
         ]
     else:
         final = getattr(model.obj, "steps", [[None, model.obj]])[-1][1]

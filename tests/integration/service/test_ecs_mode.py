@@ -152,6 +152,23 @@ def test_a_technique_script_runs_with_no_arguments(aws, alice_model) -> None:
     assert_step_stored(aws, job_id=job_id, step=step, model_key=alice_model)
 
 
+def test_ecs_entry_runs_compress_from_env_vars(aws, alice_model) -> None:
+    """STEP=compress: the search runs as the container's one step; its ONNX winner is stored."""
+    job_id = _name("ecs-compress")
+    env = {**aws["env"], **contract(aws, alice_model, job_id, "compress")}
+    env["STEP_PARAMS"] = json.dumps({"max_drop": 50, "max_time_s": 1})
+    result = run_entry("workers.ecs_entry", env)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["step"] == "compress" and line["verdict"]["passed"], line["verdict"]
+    prefix = f"users/alice/edge-8mb/{job_id}/00-compress/"
+    keys = keys_under(aws, prefix)
+    for name in ("model.onnx", "native_model.pt", "compress.json", "report.html"):
+        assert f"{prefix}{name}" in keys
+    (item,) = step_items(aws, job_id)
+    assert item["step_name"] == {"S": "compress"}
+
+
 def test_env_var_mode_refuses_a_foreign_model_key(aws, torch_model_bytes) -> None:
     foreign = "users/bob/models/m1/model.pt"
     aws["s3"].put_object(Bucket=aws["bucket"], Key=foreign, Body=torch_model_bytes)

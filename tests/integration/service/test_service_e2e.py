@@ -141,6 +141,21 @@ def test_the_compression_pipeline_over_http(service, torch_model_bytes, rows_of)
     assert html.status_code == 200 and "<html" in html.text.lower()
 
 
+def test_a_goal_job_over_http_hands_back_a_gated_onnx(service, torch_model_bytes) -> None:
+    """POST /v1/jobs with a goal: the Celery worker runs the compress search."""
+    model_id = service.upload(torch_model_bytes).json()["id"]
+    goal = {"profile": "edge-8mb", "max_drop": 50, "max_time_s": 1}
+    submitted = service.submit({"model_id": model_id, "goal": goal})
+    assert submitted.status_code == 202, submitted.text
+    job = service.wait_for(submitted.json()["id"], timeout_s=240)
+    assert job["status"] == "COMPLETED", job["reason"]
+    (record,) = job["records"]
+    assert record["step"] == "compress" and record["verdict"]["passed"]
+    prefix = f"users/alice/edge-8mb/{job['id']}/00-compress/"
+    keys = service.keys(prefix)
+    assert f"{prefix}model.onnx" in keys and f"{prefix}report.html" in keys
+
+
 def test_tenant_isolation_over_http(service, torch_model_bytes) -> None:
     model_id = service.upload(torch_model_bytes).json()["id"]
     job_id = service.submit({"model_id": model_id, "steps": [{"name": "measure"}]}).json()["id"]

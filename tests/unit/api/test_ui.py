@@ -268,3 +268,26 @@ def test_the_upload_form_takes_a_pt2_and_a_bare_state_dict_with_its_arch(ui) -> 
     refused = upload(ui, csrf, data, name="sd.pt")  # the same state dict, no arch
     assert refused.status_code == 422
     assert "bare state_dict" in refused.text
+
+
+def test_the_compress_to_budget_choice_starts_a_compress_job(
+    ui, torch_model_bytes, monkeypatch
+) -> None:
+    from dataclasses import replace
+
+    from modules.pipeline import presets
+
+    real = presets.PRESETS["compress-to-budget"]
+    assert real.step_calls() == [{"name": "compress", "params": {"max_drop": 1.0}}]
+    # The same choice with a one-second search, so the job ends inside the test.
+    quick = replace(real, steps=(("compress", {"max_drop": 50, "max_time_s": 1}),))
+    monkeypatch.setitem(presets.PRESETS, "compress-to-budget", quick)
+    csrf = login(ui)
+    assert "compress-to-budget" in ui.get("/ui/upload").text
+    started = upload(ui, csrf, torch_model_bytes, name="mlp.pt", preset="compress-to-budget")
+    assert started.status_code == 303, started.text
+    job_id = started.headers["location"].rsplit("/", 1)[-1]
+    job = wait_for(ui, job_id)
+    assert job["status"] == "COMPLETED", job["reason"]
+    assert [s["name"] for s in job["steps"]] == ["compress"]
+    assert job["records"][0]["output_key"].endswith("model.onnx")

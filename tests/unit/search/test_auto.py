@@ -182,3 +182,12 @@ def test_sweep_rows_carry_the_noisy_flag(small_mlp, digits, ctx_factory, monkeyp
     assert row["latency_noisy"] is True
     assert row["latency_b8_noisy"] is False
     assert "latency_noisy" in sweep.ROW_COLUMNS
+
+
+def test_the_default_torch_search_tries_int8_in_its_first_round(small_mlp):
+    from modules.search.auto import default_search
+
+    spaces = default_search(small_mlp)
+    assert "quantize_dynamic" in [s.step for s in spaces]
+    first_round = [space.step for _, space, _ in trial_plan(spaces, len(spaces))]
+    assert "quantize_dynamic" in first_round
