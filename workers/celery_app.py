@@ -92,6 +92,7 @@ class _PoolLimits:
 
     shape: PoolShape | None = None
     memory_cap: int | None = None
+    threads: int | None = None
 
 
 @worker_init.connect
@@ -120,7 +121,7 @@ def _plan_pool(worker: Any, settings: Settings) -> None:
     """Export the pool shape, decide each pool process's memory cap, and have billiard
     replace a pool process whose resident memory stays above half of it after a task."""
     shape = pool_shape(worker.concurrency)
-    export_pool_shape(shape)
+    _PoolLimits.threads = export_pool_shape(shape)
     cap = memory_cap_bytes(
         settings.worker_memory_limit_mb,
         concurrency=shape.concurrency,
@@ -139,5 +140,5 @@ def _fresh_clients(**_: Any) -> None:
     worker_step_cache.cache_clear()
     if _PoolLimits.memory_cap is not None:
         apply_memory_cap(_PoolLimits.memory_cap)
-    if _PoolLimits.shape is not None:
-        set_timing_threads(_PoolLimits.shape.threads_per_process)
+    if _PoolLimits.threads is not None:
+        set_timing_threads(_PoolLimits.threads)

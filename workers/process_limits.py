@@ -54,13 +54,22 @@ def pool_shape(concurrency: object) -> PoolShape:
     return PoolShape(concurrency=size, cpus=cpus)
 
 
-def export_pool_shape(shape: PoolShape) -> None:
+def export_pool_shape(shape: PoolShape) -> int:
     """Put the pool shape and the per-process thread count in the environment, before the
-    pool forks, so every pool process (and what it starts) sees them."""
+    pool forks, so every pool process (and what it starts) sees them; returns that count.
+
+    An OMP_NUM_THREADS the operator set is kept when it is below the process's share of
+    the cores (a benchmark pinning both sides to one thread), never raised above it.
+    """
+    threads = shape.threads_per_process
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        threads = min(threads, int(given))
     os.environ[CONCURRENCY_ENV] = str(shape.concurrency)
     os.environ[CPUS_ENV] = str(shape.cpus)
     for name in THREAD_ENVS:
-        os.environ[name] = str(shape.threads_per_process)
+        os.environ[name] = str(threads)
+    return threads
 
 
 def set_timing_threads(threads: int) -> None:

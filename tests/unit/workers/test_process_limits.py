@@ -98,3 +98,12 @@ def test_compose_and_the_ecs_worker_run_one_pool_process_under_a_memory_cap() ->
     parameters = template["Parameters"]
     default_cap = parameters["WorkerMemoryLimitMb"]["Default"]
     assert default_cap < parameters["StepRunnerMemory"]["Default"]
+
+
+def test_an_operators_lower_thread_count_is_kept_never_raised(monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert export_pool_shape(PoolShape(concurrency=1, cpus=8)) == 1
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert export_pool_shape(PoolShape(concurrency=2, cpus=8)) == 4
+    assert os.environ["MKL_NUM_THREADS"] == "4"
