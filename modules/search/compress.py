@@ -455,7 +455,6 @@ def _proxy_key(row: dict[str, Any], *, floor: float, slack: float, objective: st
     return (1.0, -float(row["accuracy"]), 0.0)
 
 
-@register_step("compress", params=CompressParams, accepts={"torch", "sklearn"}, gate=True)
 def _progress(phase: str, done: int, total: int, cand: Candidate) -> None:
     """One line per candidate for the CLI bar and the dashboard's job events."""
     outcome = cand.lost or ("error" if "error" in (cand.row or {}) else "done")
@@ -469,6 +468,7 @@ def _progress(phase: str, done: int, total: int, cand: Candidate) -> None:
     )
 
 
+@register_step("compress", params=CompressParams, accepts={"torch", "sklearn"}, gate=True)
 def compress(
     model: ModelArtifact, data: Dataset, params: CompressParams, ctx: StepContext
 ) -> StepOutput:
