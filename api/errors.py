@@ -14,6 +14,7 @@ from api.quotas import QuotaExceededError
 from modules.errors import (
     BadInputError,
     IncompatibleError,
+    InvalidParamsError,
     McaasError,
     ModelFormatError,
     NotFoundError,
@@ -58,6 +59,7 @@ STATUS_OF: tuple[tuple[type[McaasError], int], ...] = (
     (UnsafeModelError, 422),
     (ModelFormatError, 422),
     (IncompatibleError, 422),
+    (InvalidParamsError, 422),
     (BadInputError, 400),
 )
 

@@ -15,6 +15,12 @@ class BadInputError(McaasError, ValueError):
     code = "bad_input"
 
 
+class InvalidParamsError(BadInputError):
+    """A job spec or step params fail validation; the message names each field (HTTP 422)."""
+
+    code = "invalid_request"
+
+
 class NotFoundError(BadInputError):
     """A named thing (step, profile, dataset, arch, model, job) does not exist (HTTP 404)."""
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from modules.core.profiles import Profile, get_profile
 from modules.core.registry import get_step
-from modules.errors import BadInputError
+from modules.errors import BadInputError, InvalidParamsError
 
 MAX_STEPS = 50
 # The profile of a job that names none (a name in modules/core/profiles.py).
@@ -110,11 +110,11 @@ def _clip(text: str, limit: int = 200) -> str:
 
 
 def parse_job_spec(data: dict[str, Any]) -> JobSpec:
-    """Validate a job spec, turning pydantic's errors into one BadInputError."""
+    """Validate a job spec, turning pydantic's errors into one InvalidParamsError."""
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise BadInputError(f"invalid job spec: {format_validation_error(exc)}") from None
+        raise InvalidParamsError(f"invalid job spec: {format_validation_error(exc)}") from None
 
 
 def read_job_file(path: Path) -> dict[str, Any]:

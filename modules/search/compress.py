@@ -45,7 +45,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import get_step, list_steps, register_step
-from modules.core.step import StepContext, StepOutput, Verdict, check_cancelled
+from modules.core.step import (
+    StepContext,
+    StepOutput,
+    Verdict,
+    check_cancelled,
+    report_progress,
+)
 from modules.errors import IncompatibleError, McaasError
 from modules.evaluation.measure import MeasureParams
 from modules.evaluation.pareto import DEFAULT_MAXIMIZE, DEFAULT_MINIMIZE, pareto_front
@@ -449,6 +455,19 @@ def _proxy_key(row: dict[str, Any], *, floor: float, slack: float, objective: st
     return (1.0, -float(row["accuracy"]), 0.0)
 
 
+def _progress(phase: str, done: int, total: int, cand: Candidate) -> None:
+    """One line per candidate for the CLI bar and the dashboard's job events."""
+    outcome = cand.lost or ("error" if "error" in (cand.row or {}) else "done")
+    report_progress(
+        {
+            "text": f"{phase} {done}/{total}: {cand.label()} ({outcome})",
+            "phase": phase,
+            "done": done,
+            "total": total,
+        }
+    )
+
+
 @register_step("compress", params=CompressParams, accepts={"torch", "sklearn"}, gate=True)
 def compress(
     model: ModelArtifact, data: Dataset, params: CompressParams, ctx: StepContext
@@ -494,6 +513,7 @@ def compress(
             )
             cand.row["trained_as_proxy"] = proxy != full
         proxies.append(cand)
+        _progress("proxy", n + 1, len(chains), cand)
     ran = [c for c in proxies if c.row]
     ran.sort(
         key=lambda c: _proxy_key(
@@ -526,6 +546,7 @@ def compress(
         )
         proxy_cand.lost = "superseded by its fully trained run"
         candidates.append(cand)
+        _progress("full training", n + 1, len(survivors), cand)
         if cand.native is None:
             cand.lost = "failed: " + cand.row["error"]
         else:
@@ -542,6 +563,7 @@ def compress(
             else:
                 _gate(cand, data, ctx, params, measure=measure, floor=floor, tag=f"g{n}-{m}")
             candidates.append(cand)
+            _progress("ONNX gate", n * len(tails) + m + 1, len(finalists) * len(tails), cand)
             if cand.onnx is not None:
                 gated.append(cand)
         fin.lost = fin.lost or "native finalist; see its ONNX candidates"

@@ -184,8 +184,8 @@ def test_bad_input_over_http_stores_nothing(service, torch_model_bytes) -> None:
         (service.upload(torch_model_bytes[:500], "m.pt"), 422),
         (service.upload(torch_model_bytes, "../../m.pt"), 400),
         (service.submit({"model_id": "f" * 20, "steps": [{"name": "measure"}]}), 404),
-        (service.submit({"steps": [{"name": "no_such_step"}]}), 400),
-        (service.submit({"steps": [{"name": "train", "params": {"epochs": 0}}]}), 400),
+        (service.submit({"steps": [{"name": "no_such_step"}]}), 422),
+        (service.submit({"steps": [{"name": "train", "params": {"epochs": 0}}]}), 422),
         (service.http.get("/v1/jobs"), 401),
     ]
     for response, status in cases:

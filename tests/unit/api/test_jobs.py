@@ -198,11 +198,11 @@ def test_tenant_isolation(api, sklearn_model_bytes) -> None:
 def test_bad_job_specs_get_4xx_and_store_nothing(api) -> None:
     cases = [
         ({"model_id": "0" * 20, "steps": [{"name": "measure"}]}, 404, "not_found"),
-        ({"steps": [{"name": "no_such_step"}]}, 400, "bad_input"),
-        ({"steps": [{"name": "train", "params": {"epochs": -1}}]}, 400, "bad_input"),
-        ({"steps": [{"name": "train", "params": {"no_such_param": 1}}]}, 400, "bad_input"),
-        ({"steps": [{"name": "measure"}]}, 400, "bad_input"),  # no model, not train first
-        ({"steps": [TRAIN], "profile": "no-such-profile"}, 400, "bad_input"),
+        ({"steps": [{"name": "no_such_step"}]}, 422, "invalid_request"),
+        ({"steps": [{"name": "train", "params": {"epochs": -1}}]}, 422, "invalid_request"),
+        ({"steps": [{"name": "train", "params": {"no_such_param": 1}}]}, 422, "invalid_request"),
+        ({"steps": [{"name": "measure"}]}, 422, "invalid_request"),  # no model, not train first
+        ({"steps": [TRAIN], "profile": "no-such-profile"}, 422, "invalid_request"),
         ({"steps": [TRAIN], "dataset": "/etc/passwd"}, 422, "invalid_request"),
         ({"steps": [TRAIN], "user_id": "bob"}, 422, "invalid_request"),
         ({"steps": []}, 422, "invalid_request"),
@@ -220,9 +220,9 @@ def test_bad_job_specs_get_4xx_and_store_nothing(api) -> None:
 def test_out_of_range_batch_sizes_are_refused_naming_the_field(api, sizes) -> None:
     measure = {"name": "measure", "params": {"batch_sizes": sizes}}
     response = api.submit({"steps": [TRAIN, measure]})
-    assert response.status_code == 400, response.text
+    assert response.status_code == 422, response.text
     error = response.json()["error"]
-    assert error["code"] == "bad_input" and "batch_sizes" in error["message"], error
+    assert error["code"] == "invalid_request" and "batch_sizes" in error["message"], error
     assert api.client.get("/v1/jobs", headers=ALICE).json()["count"] == 0
 
 

@@ -153,7 +153,6 @@ def test_feature_count_mismatch_is_refused(knn_file):
         ({"ratio": 0}, "greater than 0"),
         ({"ratio": 1.5}, "less than or equal to 1"),
         ({"ratio": 0.1, "tolerance_pts": 1}, "not both"),
-        ({"method": "kmeans"}, "needs ratio or tolerance_pts"),
         (
             {"tolerance_pts": 1, "search_ratios": [0.1, 2]},
             "search_ratios.1=2: Input should be less than or equal to 1",
@@ -173,3 +172,12 @@ def test_too_few_prototypes_for_k_is_refused(knn_file):
             input_path=knn_file,
             output_path=None,
         )
+
+
+def test_the_default_is_kmeans_at_a_tenth_of_the_points():
+    from modules.compression.knn_prototypes import DEFAULT_KMEANS_RATIO, KnnPrototypesParams
+
+    params = KnnPrototypesParams()
+    assert params.method == "kmeans" and params.ratio == DEFAULT_KMEANS_RATIO == 0.1
+    assert KnnPrototypesParams(tolerance_pts=1.0).ratio is None  # the search picks the ratio
+    assert KnnPrototypesParams(method="condensed").ratio is None  # its natural size

@@ -24,12 +24,18 @@ FAST = {
 ROOMY = {"memory_budget_mb": 64, "compute_scale": 1, "power_w": 1}
 
 
+# What the module's search told progress displays, candidate by candidate.
+REPORTS: list[dict] = []
+
+
 @pytest.fixture(scope="module")
 def searched(small_mlp, digits, tmp_path_factory):
+    from modules.core.step import reporting_progress
     from tests.unit.conftest import make_ctx
 
     ctx = make_ctx(tmp_path_factory.mktemp("compress"), profile=ROOMY)
-    return compress(small_mlp, digits, CompressParams(max_drop=5, **FAST), ctx)
+    with reporting_progress(REPORTS.append):
+        return compress(small_mlp, digits, CompressParams(max_drop=5, **FAST), ctx)
 
 
 def candidates_of(out):
@@ -184,3 +190,18 @@ def test_a_new_chain_source_is_searched_without_changing_the_search(
 def test_bad_params_are_refused(bad, field):
     with pytest.raises(ValidationError, match=field):
         CompressParams(**bad)
+
+
+def test_every_candidate_is_reported_to_progress_displays(searched):
+    own = [r for r in REPORTS if r.get("phase") in ("proxy", "full training", "ONNX gate")]
+    by_phase = {}
+    for report in own:
+        by_phase.setdefault(report["phase"], []).append(report)
+    assert {"proxy", "ONNX gate"} <= set(by_phase)
+    assert len(by_phase["proxy"]) == by_phase["proxy"][0]["total"]  # every chain
+    for reports in by_phase.values():
+        done = [r["done"] for r in reports]
+        assert done == sorted(set(done)) and done[-1] <= reports[-1]["total"]
+    gated = [c for c in candidates_of(searched) if c["phase"] == "gate"]
+    assert len(by_phase["ONNX gate"]) == len(gated)
+    assert all(r["text"].startswith(r["phase"]) for r in own)
