@@ -108,10 +108,21 @@ def test_a_job_past_the_memory_cap_fails_and_the_worker_serves_the_next(
     fault_stack.overrides["MCAAS_WORKER_MEMORY_LIMIT_MB"] = str(MEMORY_CAP_MB)
     fault_stack.service_env()
     worker = fault_stack.start_worker(extra_args=HOSTILE_WORKER)
-    for pid in pool_children(worker):
-        limits = Path(f"/proc/{pid}/limits").read_text()
-        (line,) = [row for row in limits.splitlines() if row.startswith("Max address space")]
-        assert line.split()[3] == str(MEMORY_CAP_MB * 2**20), line
+
+    def address_caps() -> list[str]:
+        caps = []
+        for pid in pool_children(worker):
+            limits = Path(f"/proc/{pid}/limits").read_text()
+            (row,) = [r for r in limits.splitlines() if r.startswith("Max address space")]
+            caps.append(row.split()[3])
+        return caps
+
+    # A pool process applies its cap in worker_process_init, just after the fork.
+    wait_until(
+        lambda: (caps := address_caps()) and set(caps) == {str(MEMORY_CAP_MB * 2**20)},
+        timeout_s=30,
+        what=f"every pool process capped at {MEMORY_CAP_MB} MiB",
+    )
 
     started = time.monotonic()
     services, job_id = submit_job(fault_stack, [{"name": ALLOCATE, "params": {"megabytes": 3072}}])
