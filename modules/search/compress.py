@@ -57,7 +57,7 @@ from modules.evaluation.measure import MeasureParams
 from modules.evaluation.pareto import DEFAULT_MAXIMIZE, DEFAULT_MINIMIZE, pareto_front
 from modules.evaluation.plots import pareto_figure, render, waterfall_figure
 from modules.evaluation.stats import compare_latency
-from modules.search.auto import OBJECTIVE_KEYS, accuracy_floor, rank_key, violations
+from modules.search.auto import OBJECTIVE_KEYS, accuracy_floor, beats, violations
 from modules.search.sweep import (
     CandidateRejected,
     apply_steps,
@@ -570,7 +570,11 @@ def compress(
 
     passed_parity = [c for c in gated if c.parity and c.parity["passed"]]
     pool = passed_parity or gated
-    winner = min(pool, key=lambda c: rank_key(c.row, params.objective)) if pool else None
+    # As auto chooses: latency CIs that overlap are a tie, settled by accuracy, then size.
+    winner = pool[0] if pool else None
+    for cand in pool[1:]:
+        if winner is not None and beats(cand.row, winner.row, params.objective):
+            winner = cand
     met = winner is not None and not winner.row["violations"]
     for cand in gated:
         if cand is winner:
