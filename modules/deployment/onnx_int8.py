@@ -8,8 +8,18 @@ every node, since the quantizer selects and excludes nodes by name), then quanti
 
 Static settings also choose the activation type (uint8 with int8 weights is ORT's fast x86
 layout), the calibration method (MinMax, entropy, percentile; each keeps its own range
-cache) and SmoothQuant (`smooth_alpha`: modules.deployment.onnx_smooth runs first, and the
-Mul nodes it inserts stay float).
+cache), SmoothQuant (`smooth_alpha`: modules.deployment.onnx_smooth runs first, and the
+Mul nodes it inserts stay float) and the format of the graph (`quant_format`):
+
+* `qoperator` (the default): QLinearConv, QGemm, QLinearMatMul, QLinearAdd... ops that
+  read int8 tensors directly. A bias is int32 at the implied scale (input scale x weight
+  scale), so it costs 4 bytes per channel; a zoo CNN came out 7% smaller than in QDQ.
+* `qdq`: float ops between QuantizeLinear/DequantizeLinear pairs, which ONNX Runtime fuses
+  into the same int8 kernels at load time (measured: the same latency as QOperator here),
+  with a scale and a zero point stored for every bias besides the weight's.
+
+Every quantized graph is then compacted (modules.deployment.onnx_compact: short names,
+shared scalars, no doc strings or default attributes), which changes no output bit.
 """
 
 from __future__ import annotations
@@ -24,12 +34,30 @@ from typing import Any
 
 import numpy as np
 
+from modules.deployment.onnx_compact import compact_graph
 from modules.errors import BadInputError
 from modules.storage.inputs import n_rows, take_rows
 
 INT8_OPS = frozenset(
-    {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "QLinearMatMul"}
+    {
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLinear",
+        "QuantizeLinear",
+        "QLinearMatMul",
+        "QLinearConv",
+        "QGemm",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QLinearConcat",
+        "QLinearSoftmax",
+        "QLinearLeakyRelu",
+        "QLinearSigmoid",
+    }
 )
+QUANT_FORMATS = ("qoperator", "qdq")
 
 
 @dataclass(frozen=True)
@@ -51,6 +79,8 @@ class QuantSettings:
     percentile: float = 99.999
     # SmoothQuant migration strength (None: off), applied before quantizing.
     smooth_alpha: float | None = None
+    # static: QLinear ops reading int8 directly, or float ops between Q/DQ pairs.
+    quant_format: str = "qoperator"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form; the node lists only when set."""
@@ -63,6 +93,8 @@ class QuantSettings:
         # Defaults stay out, so the JSON of a plain setting is what it was before they existed.
         if self.activation_type is not None:
             out["activation_type"] = self.activation_type
+        if self.mode == "static":
+            out["quant_format"] = self.quant_format
         if self.calibrate_method != "minmax":
             out["calibrate_method"] = self.calibrate_method
             if self.calibrate_method == "percentile":
@@ -84,6 +116,8 @@ class QuantSettings:
             parts.append(f"{self.activation_type} activations")
         if self.mode == "static" and self.calibrate_method != "minmax":
             parts.append(f"{self.calibrate_method}-calibrated")
+        if self.mode == "static":
+            parts.append("QDQ" if self.quant_format == "qdq" else "QOperator")
         if self.smooth_alpha is not None:
             parts.append(f"smoothquant-{self.smooth_alpha:g}")
         text = " ".join(parts)
@@ -214,11 +248,15 @@ def quantize_prepared(
     workdir: Path,
     calibration: list[dict[str, np.ndarray]] | None = None,
     calibration_cache: Path | None = None,
+    compact: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Quantize a prepared graph file with one setting; returns (quantized graph, details).
 
     calibration_cache: where static activation ranges are kept between calls on the same
-    graph and data (ranges depend on neither the weight settings nor the node selection).
+    graph and data (ranges depend on neither the weight settings, the format nor the node
+    selection).
+    compact: run the compaction pass (off where a caller matches tensors by name, as the
+    search's sensitivity pass does).
     """
     import onnx
     from onnxruntime.quantization import (
@@ -265,11 +303,18 @@ def quantize_prepared(
                 def get_next(self) -> dict[str, np.ndarray] | None:
                     return next(batches, None)
 
+            if settings.quant_format not in QUANT_FORMATS:
+                raise BadInputError(
+                    f"quant_format {settings.quant_format!r}: expected one of "
+                    f"{', '.join(QUANT_FORMATS)}"
+                )
             quantize_static(
                 str(source),
                 str(dst),
                 _Reader(),
-                quant_format=QuantFormat.QDQ,
+                quant_format=(
+                    QuantFormat.QDQ if settings.quant_format == "qdq" else QuantFormat.QOperator
+                ),
                 activation_type=_quant_type(settings.activation_type or settings.weight_type),
                 weight_type=_quant_type(settings.weight_type),
                 per_channel=settings.per_channel,
@@ -285,8 +330,12 @@ def quantize_prepared(
         "dropped_opset_imports": dropped,
         "int8_nodes": sum(n.op_type in INT8_OPS for n in quantized.graph.node),
     }
+    if compact:
+        # Nodes the user named to stay in float keep their names, so they can be found.
+        details["compaction"] = compact_graph(quantized, keep_node_names=set(excluded))
     if settings.mode == "static":
         details["calibrate_method"] = settings.calibrate_method
+        details["quant_format"] = settings.quant_format
     if smoothing is not None:
         details["smooth_quant"] = smoothing
     return quantized, details

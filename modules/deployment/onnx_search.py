@@ -6,12 +6,20 @@ embedding or regression; see modules.deployment.parity_metrics) with the step's 
 at every one of the deploy batch sizes (rows per ONNX Runtime call; the worst one decides,
 as in the gate). The step scores on rows it does not calibrate on.
 
-1. grid: dynamic and static (static only with calibration rows) x per-tensor and
-   per-channel x reduce_range off and on x int8 and uint8 weights.
+1. grid (`grid_settings`): dynamic x per-tensor and per-channel x reduce_range off and on x
+   int8 and uint8 weights; with calibration rows also static: uint8 activations with int8
+   weights (U8S8, ORT's fast x86 layout) in QOperator format, per-tensor and per-channel,
+   reduce_range off and on, the same in QDQ format once (per-channel), and U8U8 and S8S8
+   once each; on transformer-like graphs (a MatMul or Gemm reading a LayerNormalization)
+   also SmoothQuant (alpha 0.5) before static U8S8 and before dynamic int8. The most
+   promising settings come first, so a max_trials that cuts the grid short cuts the
+   least likely ones.
 2. sensitivity, only when no grid setting passes: one pass ranks the nodes. The base
    setting (the best-scoring of those within 25% of the fastest grid latency: leaving
    nodes in float recovers precision, never speed) is quantized once more with every
-   candidate node's input and output exposed; both graphs run once on the evaluation rows,
+   candidate node's input and output exposed (in QDQ format and uncompacted, so the int8
+   graph's float tensors keep the fp32 graph's names; QOperator differs from it only in
+   how the same int8 values are stored); both graphs run once on the evaluation rows,
    and a node's damage is how much it raises the relative error of its tensor:
    err(output) - err(input), with err = ||int8 - fp32|| / ||fp32||. Units are single
    nodes, or op types when there are more than max_sensitivity_nodes candidate nodes.
@@ -64,6 +72,8 @@ SIZE_TIE = 0.01
 LATENCY_TIE = 0.10
 # The exclusions start from the best setting at most this much slower than the fastest.
 BASE_SPEED_BAND = 0.25
+# SmoothQuant's migration strength in the grid: the paper's default for most transformers.
+SMOOTH_ALPHA = 0.5
 # A unit that raises its tensor's relative error by less than this does not hurt; it is
 # never excluded.
 DAMAGE_FLOOR = 1e-6
@@ -133,20 +143,53 @@ class SearchResult:
     stopped: str
 
 
-def grid_settings(*, static: bool) -> list[QuantSettings]:
-    """Every whole-graph setting the grid phase tries, dynamic first."""
-    modes = ("dynamic", "static") if static else ("dynamic",)
-    return [
-        QuantSettings(mode=mode, weight_type=wt, per_channel=pc, reduce_range=rr)
-        for mode in modes
-        for pc in (False, True)
-        for rr in (False, True)
+def grid_settings(*, static: bool, transformer_like: bool = False) -> list[QuantSettings]:
+    """Every whole-graph setting the grid phase tries, the most promising first.
+
+    static: calibration rows exist (static and SmoothQuant settings need them).
+    transformer_like: a LayerNorm feeds a MatMul/Gemm, where SmoothQuant can help.
+    """
+    dynamic = [
+        QuantSettings(mode="dynamic", weight_type=wt, per_channel=pc, reduce_range=rr)
         for wt in ("int8", "uint8")
+        for rr in (False, True)
+        for pc in (False, True)
     ]
+    if not static:
+        return dynamic
+    u8s8 = QuantSettings(mode="static", weight_type="int8", activation_type="uint8")
+    fast = [replace(u8s8, per_channel=pc) for pc in (False, True)]
+    smooth = (
+        [
+            replace(u8s8, per_channel=True, smooth_alpha=SMOOTH_ALPHA),
+            QuantSettings(mode="dynamic", per_channel=True, smooth_alpha=SMOOTH_ALPHA),
+        ]
+        if transformer_like
+        else []
+    )
+    rest = [
+        replace(u8s8, per_channel=True, quant_format="qdq"),
+        *(replace(u8s8, per_channel=pc, reduce_range=True) for pc in (False, True)),
+        replace(u8s8, per_channel=True, weight_type="uint8"),
+        replace(u8s8, per_channel=True, activation_type="int8"),
+    ]
+    # Whole-graph int8 first (static U8S8, dynamic int8), then the smoothing, then the rest.
+    return [*fast, *dynamic[:2], *smooth, *rest, *dynamic[2:]]
+
+
+def transformer_like(proto: Any) -> bool:
+    """True when a LayerNormalization feeds a MatMul/Gemm that SmoothQuant can rescale."""
+    from modules.deployment.onnx_smooth import smoothable_groups
+
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    return any(producers.get(act) == "LayerNormalization" for act in smoothable_groups(proto))
 
 
 def candidate_nodes(proto: Any, mode: str) -> list[tuple[str, str]]:
-    """(name, op type) of the nodes the quantizer would turn int8 that a search can target."""
+    """(name, op type) of the nodes the quantizer would turn int8 that a search can target.
+
+    Static nodes are those of the QDQ registry, the format the sensitivity pass runs in.
+    """
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
     registry = IntegerOpsRegistry if mode == "dynamic" else QDQRegistry
@@ -217,13 +260,16 @@ class _Search:
         self.trials.append(record)
         return record
 
-    def quantize(self, settings: QuantSettings) -> tuple[Any, dict[str, Any]]:
+    def quantize(
+        self, settings: QuantSettings, *, compact: bool = True
+    ) -> tuple[Any, dict[str, Any]]:
         return quantize_prepared(
             self.source,
             settings,
             workdir=self.workdir,
             calibration=self.calibration,
             calibration_cache=self.workdir / CALIBRATION_CACHE,
+            compact=compact,
         )
 
     def run(self, phase: str, settings: QuantSettings) -> dict[str, Any]:
@@ -440,7 +486,9 @@ def _sensitivity_pass(
     by_name = {n.name: n for n in prepared.graph.node}
     names = sorted({t for name, _ in nodes for t in (*by_name[name].input, *by_name[name].output)})
     try:
-        int8, _ = search.quantize(settings)
+        # QDQ and uncompacted: its float tensors carry the fp32 graph's names.
+        probe = replace(settings, quant_format="qdq") if settings.mode == "static" else settings
+        int8, _ = search.quantize(probe, compact=False)
         errors = tensor_errors(prepared, int8, search.feeds, names, search.budget.threads)
     except Exception as exc:  # the base graph could be quantized once; say why not now
         record.update(error=_message(exc), passed=False, score=None, granularity=granularity)
@@ -571,7 +619,8 @@ def search_int8(
         progress=progress,
     )
     try:
-        for settings in grid_settings(static=bool(calibration)):
+        like = transformer_like(onnx.load(str(source), load_external_data=False))
+        for settings in grid_settings(static=bool(calibration), transformer_like=like):
             search.run("grid", settings)
         if search.smallest_passing() is not None:
             search.stop(

@@ -68,15 +68,20 @@ def run_graph(proto, feeds):
 
 
 def conv_weights_are_int8(proto) -> bool:
-    """Every Conv reads its weight through a DequantizeLinear of an int8 initializer."""
+    """Every convolution reads an int8 weight: a QLinearConv's own, or a Conv's through a
+    DequantizeLinear (QDQ); no float Conv is left."""
     producers = {o: n for n in proto.graph.node for o in n.output}
     inits = {t.name: t for t in proto.graph.initializer}
-    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "QLinearConv")]
     for conv in convs:
-        dq = producers.get(conv.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear":
-            return False
-        if inits[dq.input[0]].data_type != onnx.TensorProto.INT8:
+        if conv.op_type == "QLinearConv":
+            weight = conv.input[3]
+        else:
+            dq = producers.get(conv.input[1])
+            if dq is None or dq.op_type != "DequantizeLinear":
+                return False
+            weight = dq.input[0]
+        if inits[weight].data_type != onnx.TensorProto.INT8:
             return False
     return bool(convs)
 
@@ -111,12 +116,17 @@ def test_calibration_set_size_is_the_param(mlp_onnx, digits, ctx_factory):
     assert out.metrics["calibration"]["rows"] == 40
 
 
-def test_static_qdq_on_the_zoo_cnn_passes_parity(small_cnn, digits, ctx_factory):
-    out = quantize_static(small_cnn, digits, QuantizeStaticParams(), ctx_factory())
+@pytest.mark.parametrize("quant_format", ["qoperator", "qdq"])
+def test_static_int8_on_the_zoo_cnn_passes_parity(quant_format, small_cnn, digits, ctx_factory):
+    params = QuantizeStaticParams(quant_format=quant_format)
+    out = quantize_static(small_cnn, digits, params, ctx_factory())
     assert out.verdict.passed, out.verdict.reason
     m = out.metrics
     assert m["conv_nodes"] == 2 and m["calibration"]["rows"] == 256
+    assert m["quant_format"] == quant_format and m["compaction"]["compacted"]
     assert conv_weights_are_int8(out.model.obj)
+    ops = {n.op_type for n in out.model.obj.graph.node}
+    assert ("QLinearConv" in ops) == (quant_format == "qoperator")
     # uint8 activations with int8 weights: ONNX Runtime's fast x86 int8 path.
     assert activation_zero_point_types(out.model.obj) == {onnx.TensorProto.UINT8}
     assert m["compression_ratio"] > 1.5  # a tiny net: the int8 saving is diluted by scales
