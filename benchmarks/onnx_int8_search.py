@@ -11,13 +11,16 @@ fp32 ONNX graph and the same calibration rows:
   blocks per stage) trained briefly on digits (8x8, so it is ResNet-18's parameters, not
   its image size). Compared by label agreement with fp32 and by test accuracy.
 
-Rows: fp32; ORT dynamic int8 (per-channel); static QDQ per-channel MinMax (uint8
-activations, int8 weights); static with
-SmoothQuant (transformer); dynamic with SmoothQuant (transformer); the accuracy-aware
+Rows: fp32; ORT dynamic int8 (per-channel); static per-channel MinMax (uint8
+activations, int8 weights, QOperator format: the default); the same in QDQ format; static
+with SmoothQuant (transformer); dynamic with SmoothQuant (transformer); the accuracy-aware
 search (`search_int8`, its default budget but `max_trials`; the time it took); and a peer
 row from NNCF's `nncf.quantize` for ONNX on the same calibration rows when nncf is
 installed (the `bench` extra). For the torch nets the static row is the `quantize_static`
-step (export + QDQ). Latency at batch 1 and 32, 1 ONNX Runtime thread, every row's
+step (export + static int8 at its defaults), followed by the format and type variants
+the default was chosen from: QDQ vs QOperator, U8S8 vs U8U8 vs S8S8 (activations x
+weights), per-channel vs per-tensor. Every int8 graph is compacted (the note says how many
+bytes that took off). Latency at batch 1 and 32, 1 ONNX Runtime thread, every row's
 session timed interleaved (ROUNDS rounds of a few runs each), median with its 95% CI.
 Not a test: nothing here asserts on speed.
 
@@ -82,7 +85,7 @@ CONFIG: dict[str, Any] = {
     "distill_seq": 32,
     "eval_rows": 16,
     "calibration_rows": 32,
-    "search_trials": 16,
+    "search_trials": 20,
     "rounds": 3,
     "runs_b1": 5,
     "runs_b32": 1,
@@ -194,13 +197,14 @@ class Bench:
     def quantize(self, label: str, settings: QuantSettings) -> None:
         start = time.perf_counter()
         try:
-            q, _ = quantize_prepared(
+            q, details = quantize_prepared(
                 self.source, settings, workdir=self.workdir, calibration=self.calibration
             )
         except Exception as exc:  # a setting ORT cannot quantize is a row with its error
             self.add(label, None, note=f"{type(exc).__name__}: {exc}"[:200])
             return
-        self.add(label, q, note=settings.label(), seconds=time.perf_counter() - start)
+        note = settings.label() + _compaction_note(details)
+        self.add(label, q, note=note, seconds=time.perf_counter() - start)
 
     def search(self, trials: int) -> None:
         (self.workdir / "search").mkdir(exist_ok=True)
@@ -305,6 +309,13 @@ class Bench:
         return lines
 
 
+def _compaction_note(details: dict[str, Any]) -> str:
+    info = details.get("compaction") or {}
+    if not info.get("compacted"):
+        return ""
+    return f"; compacted {info['size_bytes_before']:,} -> {info['size_bytes_after']:,} bytes"
+
+
 def _repeat_rows(values: np.ndarray, batch: int) -> np.ndarray:
     reps = -(-batch // len(values))
     return np.concatenate([values] * reps)[:batch]
@@ -360,6 +371,7 @@ def bench_transformer(root: Path, config: dict[str, Any]) -> Bench:
     bench.quantize("dynamic", QuantSettings(mode="dynamic", per_channel=True))
     static = QuantSettings(mode="static", per_channel=True, activation_type="uint8")
     bench.quantize("static", static)
+    bench.quantize("static QDQ", replace(static, quant_format="qdq"))
     bench.quantize("static + SmoothQuant 0.5", replace(static, smooth_alpha=0.5))
     bench.quantize(
         "dynamic + SmoothQuant 0.5",
@@ -399,12 +411,23 @@ def bench_torch_net(
     params = QuantizeStaticParams(calibration_samples=config["calibration_rows"] * 4)
     out = quantize_static(artifact, data, params, _ctx(step_dir))
     seconds = time.perf_counter() - start
+    note = out.verdict.reason if out.verdict else ""
     bench.add(
         "static (quantize_static step)",
         out.model.obj if out.model is not None else None,
-        note=out.verdict.reason if out.verdict else "",
+        note=note + _compaction_note(out.metrics),
         seconds=seconds,
     )
+    # What the step's default (QOperator, U8S8, per-channel) was chosen from.
+    u8s8 = QuantSettings(mode="static", per_channel=True, activation_type="uint8")
+    for label, settings in (
+        ("static QDQ U8S8", replace(u8s8, quant_format="qdq")),
+        ("static QOperator U8U8", replace(u8s8, weight_type="uint8")),
+        ("static QDQ U8U8", replace(u8s8, weight_type="uint8", quant_format="qdq")),
+        ("static QOperator S8S8", replace(u8s8, activation_type="int8")),
+        ("static QOperator U8S8 per-tensor", replace(u8s8, per_channel=False)),
+    ):
+        bench.quantize(label, settings)
     bench.search(config["search_trials"])
     bench.peer(transformer=False)
     return bench
