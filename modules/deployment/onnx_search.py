@@ -18,8 +18,8 @@ as in the gate). The step scores on rows it does not calibrate on.
    setting (the best-scoring of those within 25% of the fastest grid latency: leaving
    nodes in float recovers precision, never speed) is quantized once more with every
    candidate node's input and output exposed (in QDQ format and uncompacted, so the int8
-   graph's float tensors keep the fp32 graph's names; QOperator differs from it only in
-   how the same int8 values are stored); both graphs run once on the evaluation rows,
+   graph's float tensors keep the fp32 graph's names; a QOperator graph holds the same
+   int8 weights and activation ranges in other ops); both graphs run once on the evaluation rows,
    and a node's damage is how much it raises the relative error of its tensor:
    err(output) - err(input), with err = ||int8 - fp32|| / ||fp32||. Units are single
    nodes, or op types when there are more than max_sensitivity_nodes candidate nodes.
