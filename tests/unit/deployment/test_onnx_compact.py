@@ -123,8 +123,10 @@ def _conv_graph(*, zero_points: np.ndarray) -> onnx.ModelProto:
         helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="q"),
         helper.make_node(
             "QLinearConv",
-            ["xq", "x_scale", "x_zp", "w", "w_scale", "w_zp"]
-            + ["y_scale_twin_of_x_scale", "y_zp", "bias"],
+            [
+                *("xq", "x_scale", "x_zp", "w", "w_scale", "w_zp"),
+                *("y_scale_twin_of_x_scale", "y_zp", "bias"),
+            ],
             ["yq"],
             name="conv",
             doc_string="a node doc string",
