@@ -405,6 +405,7 @@ def _search(
         "batching": batching,
         "stop_reason": result.stop_reason,
         "stopped": result.stopped,
+        "skipped": result.skipped,
         "search_time_s": time.perf_counter() - start,
     }
     files = {

@@ -13,7 +13,11 @@ as in the gate). The step scores on rows it does not calibrate on.
    once each; on transformer-like graphs (a MatMul or Gemm reading a LayerNormalization)
    also SmoothQuant (alpha 0.5) before static U8S8 and before dynamic int8. The most
    promising settings come first, so a max_trials that cuts the grid short cuts the
-   least likely ones.
+   least likely ones. A setting that differs from a passing one only in weight or
+   activation type or reduce_range stores the same bytes (those change zero-point types,
+   not sizes), so it cannot be smaller; they exist to recover precision, and the U8S8 /
+   int8 member tried first is the fast x86 layout, so it is skipped (listed in `skipped`
+   with the trial it defers to, never run).
 2. sensitivity, only when no grid setting passes: one pass ranks the nodes. The base
    setting (the best-scoring of those within 25% of the fastest grid latency: leaving
    nodes in float recovers precision, never speed) is quantized once more with every
@@ -141,6 +145,8 @@ class SearchResult:
     batch_sizes: list[int]
     stop_reason: str
     stopped: str
+    # Grid settings not run because a passing setting of the same bytes already exists.
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def grid_settings(*, static: bool, transformer_like: bool = False) -> list[QuantSettings]:
@@ -175,6 +181,12 @@ def grid_settings(*, static: bool, transformer_like: bool = False) -> list[Quant
     ]
     # Whole-graph int8 first (static U8S8, dynamic int8), then the smoothing, then the rest.
     return [*fast, *dynamic[:2], *smooth, *rest, *dynamic[2:]]
+
+
+def size_class(settings: QuantSettings) -> tuple[Any, ...]:
+    """What decides a setting's bytes: mode, format, scale granularity, smoothing."""
+    quant_format = settings.quant_format if settings.mode == "static" else None
+    return (settings.mode, quant_format, settings.per_channel, settings.smooth_alpha)
 
 
 def transformer_like(proto: Any) -> bool:
@@ -618,9 +630,24 @@ def search_int8(
         batch_sizes=sorted(set(batch_sizes or [1])),
         progress=progress,
     )
+    skipped: list[dict[str, Any]] = []
     try:
         like = transformer_like(onnx.load(str(source), load_external_data=False))
         for settings in grid_settings(static=bool(calibration), transformer_like=like):
+            twin = next(
+                (
+                    t
+                    for t in search.candidates()
+                    if t["passed"]
+                    and size_class(QuantSettings(**t["settings"])) == size_class(settings)
+                ),
+                None,
+            )
+            if twin is not None:
+                skipped.append(
+                    {"label": settings.label(), "settings": settings.as_dict(), "as": twin["trial"]}
+                )
+                continue
             search.run("grid", settings)
         if search.smallest_passing() is not None:
             search.stop(
@@ -645,6 +672,7 @@ def search_int8(
         "batch_sizes": search.batch_sizes,
         "stop_reason": search.stop_reason,
         "stopped": search.stopped,
+        "skipped": skipped,
     }
     if chosen is None:
         errors = sorted({t["error"] for t in search.trials if t.get("error")})

@@ -322,6 +322,32 @@ def test_a_candidate_that_passes_only_on_its_calibration_rows_is_not_chosen(tmp_
     assert held_out.verdict.passed and held_out.chosen["settings"]["mode"] == "dynamic"
 
 
+def test_type_variants_of_a_passing_setting_are_skipped_and_listed(tmp_path):
+    """Weight/activation types and reduce_range change no byte: once one passes, the rest wait."""
+    rows = features(32, seed=1)
+    result = search_int8(
+        chain_graph(depth=2, fragile=()),
+        feeds=rows,
+        calibration=[rows],
+        thresholds=OnnxQuantizeParams(),
+        meta={},
+        workdir=tmp_path,
+        budget=QUICK,
+    )
+    assert result.verdict.passed and result.skipped
+    run = {t["label"] for t in result.trials}
+    by_trial = {t["trial"]: t for t in result.trials}
+    for skip in result.skipped:
+        assert skip["label"] not in run
+        twin = by_trial[skip["as"]]
+        assert twin["passed"]
+        same = ("mode", "quant_format", "per_channel")
+        assert all(twin["settings"].get(k) == skip["settings"].get(k) for k in same)
+    # Every size class of the grid ran at least once; only same-bytes variants were skipped.
+    grid = grid_settings(static=True)
+    assert len(result.trials) + len(result.skipped) == len(grid)
+
+
 # --- the step ---------------------------------------------------------------------------------
 
 
