@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.api.conftest import ALICE
-from tests.unit.api.test_ui import login, ui, ui_settings, upload, wait_for  # noqa: F401
+from tests.unit.api.test_ui import login, upload, wait_for
 
 # A one-second search: the input model and the first candidate of each round only.
 QUICK = {"max_drop": "50", "max_time_s": "1"}
@@ -33,7 +33,8 @@ def test_the_upload_page_offers_the_goal_fields_with_the_apis_bounds_and_default
     max_time = re.search(r'<input id="new-max_time_s"[^>]*>', fieldset, re.S)
     assert max_time is not None and 'value="600.0"' in max_time.group(0)
     assert "min=" not in max_time.group(0)  # > 0 is exclusive: the server says so by name
-    for name, choices in (("drop_kind", ["absolute", "relative"]), ("objective", ["size", "latency", "energy"])):  # fmt: skip
+    enums = {"drop_kind": ["absolute", "relative"], "objective": ["size", "latency", "energy"]}
+    for name, choices in enums.items():
         select = fieldset.split(f'id="new-{name}"', 1)[1].split("</select>", 1)[0]
         assert re.findall(r'<option value="([^"]+)"', select) == choices
     # Only the goal preset's option says so; the script shows the fieldset for that one.
@@ -115,15 +116,15 @@ def test_a_goal_nobody_meets_shows_the_best_so_far_marked_as_such(ui, torch_mode
 @pytest.mark.parametrize(
     ("fields", "field", "needle"),
     [
-        ({"max_drop": "-1"}, "max_drop", "goal.max_drop: Input should be greater than or equal to 0"),
+        ({"max_drop": "-1"}, "max_drop", "goal.max_drop: Input should be greater than or equal"),
         ({"max_drop": "abc"}, "max_drop", "goal.max_drop: Input should be a valid number"),
-        ({"max_drop": "nan"}, "max_drop", "goal.max_drop: Input should be less than or equal to 100"),
+        ({"max_drop": "nan"}, "max_drop", "goal.max_drop: Input should be less than or equal"),
         ({"max_time_s": "0"}, "max_time_s", "goal.max_time_s: Input should be greater than 0"),
-        ({"drop_kind": "sideways"}, "drop_kind", "goal.drop_kind: Input should be 'absolute' or 'relative'"),
-        ({"objective": "speed"}, "objective", "goal.objective: Input should be 'size', 'latency' or"),
-        ({"profile": "no-such-profile"}, "profile", "goal.profile: unknown profile 'no-such-profile'"),
+        ({"drop_kind": "sideways"}, "drop_kind", "goal.drop_kind: Input should be 'absolute'"),
+        ({"objective": "speed"}, "objective", "goal.objective: Input should be 'size', 'latency'"),
+        ({"profile": "nope"}, "profile", "goal.profile: unknown profile 'nope'"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_goal_value_is_a_422_shown_beside_its_field_and_stores_nothing(
     ui, ui_settings, torch_model_bytes, fields, field, needle
 ) -> None:
