@@ -89,6 +89,8 @@
   source.addEventListener("end", function (e) { source.close(); apply(JSON.parse(e.data)); });
   source.onerror = function () {
     failures += 1;
-    if (failures >= 3) { source.close(); poll(); }
+    // CLOSED: the browser gave up by itself (an answer that is not a 200 event stream) and
+    // will not reconnect, so waiting for a third failure would wait forever.
+    if (failures >= 3 || source.readyState === EventSource.CLOSED) { source.close(); poll(); }
   };
 })();
