@@ -93,6 +93,10 @@ def _fmt_speedup(compared: Any) -> str:
     return f"{text} {NOISY_MARK}" if compared.get("noisy") else text
 
 
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def compress_outcome(records: list[StepRecord], artifacts: list[Any]) -> dict[str, Any] | None:
     """The last `compress` step's goal, outcome and winner, with the keys of its handed-back
     files (model.onnx, report.html, compress.json...); None when the job has no such step."""
@@ -102,7 +106,8 @@ def compress_outcome(records: list[StepRecord], artifacts: list[Any]) -> dict[st
     record = max(found, key=lambda r: r.index)
     m = record.metrics
     mine = [a for a in artifacts if a.index == record.index]
-    winner = m.get("winner") if isinstance(m.get("winner"), dict) else None
+    winner = m.get("winner") or None
+    winner = _as_dict(winner) if winner is not None else None
     unit = "%" if m.get("drop_kind") == "relative" else "pt"
     elapsed = m.get("elapsed_s")
     out: dict[str, Any] = {
@@ -119,12 +124,13 @@ def compress_outcome(records: list[StepRecord], artifacts: list[Any]) -> dict[st
         "elapsed": f"{elapsed:.1f} s" if isinstance(elapsed, int | float) else "-",
         "stopped_by": m.get("stopped_by") or "-",
         "winner": None,
-        # The winner's ONNX only when the step stored it (a missed goal stores none).
+        # The ONNX the step stored: the winner's, or the best-so-far's when the goal was missed.
         "model": next((a for a in mine if a.kind == "model"), None),
         "files": {a.name: a for a in mine if a.kind == "file"},
     }
     if winner is not None:
-        parity = winner.get("parity") if isinstance(winner.get("parity"), dict) else {}
+        baseline = _as_dict(m.get("baseline"))
+        parity = _as_dict(winner.get("parity"))
         ratio = winner.get("size_ratio")
         drop = winner.get("drop_pt")
         out["winner"] = {
@@ -132,7 +138,9 @@ def compress_outcome(records: list[StepRecord], artifacts: list[Any]) -> dict[st
             "size": fmt_size(winner.get("size_bytes")),
             "size_ratio": f"{ratio:.1f}x" if isinstance(ratio, int | float) else "-",
             "accuracy": fmt_pct(winner.get("accuracy")),
-            "drop": f"{drop:.2f} pt" if isinstance(drop, int | float) else "-",
+            "input_accuracy": fmt_pct(baseline.get("accuracy")),
+            # drop_pt is input minus winner; the page shows the change, so a gain reads "+".
+            "change": f"{-drop:+.2f} pt" if isinstance(drop, int | float) else "-",
             "latency": fmt_latency(winner.get("latency_ms"), winner.get("latency_ci95")),
             "vs_input": _fmt_speedup(winner.get("latency_vs_input")),
             "parity": None if not parity else bool(parity.get("passed")),

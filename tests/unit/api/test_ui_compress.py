@@ -78,6 +78,7 @@ def test_the_form_goal_starts_a_goal_job_and_the_page_shows_the_winner(
     assert shown is not None and html.unescape(shown.group(1)) == winner["label"]
     assert "profile mobile" in card and "50.0 % (relative)" in card and "minimize latency" in card
     assert f"{winner['size_ratio']:.1f}x smaller" in card
+    assert f"{-winner['drop_pt']:+.2f} pt against the input" in card  # a gain reads "+"
     report_href = re.search(r'id="compress-report" href="([^"]+)"', card)
     model_href = re.search(r'id="compress-model" href="([^"]+)"', card)
     assert report_href is not None and model_href is not None
