@@ -405,7 +405,7 @@ def _upload_page(
         request,
         "upload.html",
         {
-            # Messages shown beside their fields are not repeated in the banner.
+            # The banner sums up what each field says beside it (one place to look first).
             "error": None if error is None else _banner(error, fields),
             "field_errors": fields,
             "form": form,
