@@ -9,6 +9,13 @@ batch_norm, layer_norm and embedding call is a call to a real layer module at th
 parameters' own path (`stem` becomes an `nn.Linear` holding the same `stem.weight`), so
 state_dict keys do not change and the layers' shapes are no longer constants of the
 graph. Any other module is returned as is.
+
+The graph's shape arithmetic is also made visible to the TorchScript tracer that the ONNX
+export uses: an exported graph reads sizes with `aten.sym_size.int` and reshapes with
+`aten.view.default(x, [s0, s1 * 2, 8])`, and the tracer records those ints as constants, so
+an exported attention block exported to ONNX only ran at the batch and length it was traced
+with. `x.size(d)` and the tensor methods `view`/`reshape`/`expand`, and `torch.arange`, are
+what the tracer follows: the lifted graph calls those instead (same values in eager mode).
 """
 
 from __future__ import annotations
@@ -96,6 +103,46 @@ def _owner(targets: list[str]) -> str | None:
     return owners.pop() if len(owners) == 1 else None
 
 
+# Ops whose size arguments the tracer bakes when called as ATen overloads -> tensor methods.
+_SIZE_METHODS: dict[Any, str] = {
+    aten.view.default: "view",
+    aten.reshape.default: "reshape",
+    aten._unsafe_view.default: "reshape",
+    aten.expand.default: "expand",
+}
+_ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
+
+
+def _computed(value: Any) -> bool:
+    """Whether an argument holds a graph value (a size read from an input), not literals."""
+    if isinstance(value, fx.Node):
+        return True
+    return isinstance(value, list | tuple) and any(_computed(v) for v in value)
+
+
+def traceable_shapes(graph: fx.Graph) -> None:
+    """Rewrite size reads and size-taking calls to the forms the TorchScript tracer follows."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        replacement: tuple[str, Any, tuple[Any, ...], dict[str, Any]]
+        if node.target is aten.sym_size.int:
+            replacement = ("call_method", "size", node.args, {})
+        elif node.target in _SIZE_METHODS and _computed(node.args[1:]):
+            replacement = ("call_method", _SIZE_METHODS[node.target], node.args, dict(node.kwargs))
+        elif node.target in _ARANGE and _computed(node.args):
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "pin_memory"}
+            replacement = ("call_function", torch.arange, node.args, kwargs)
+        else:
+            continue
+        op, target, args, kwargs = replacement
+        with graph.inserting_before(node):
+            new = graph.create_node(op, target, args, kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
 def lift_layers(module: nn.Module) -> nn.Module:
     """A copy of an exported GraphModule with its layer calls as layer modules; others as is."""
     if not isinstance(module, fx.GraphModule):
@@ -132,6 +179,7 @@ def lift_layers(module: nn.Module) -> nn.Module:
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
+    traceable_shapes(graph)
     rebuilt = fx.GraphModule(module, graph)
     rebuilt.eval()
     return rebuilt
