@@ -97,6 +97,70 @@ _LAYERS: dict[Any, tuple[tuple[int, ...], int, Callable[[Any, list[Any]], nn.Mod
 }
 
 
+def _dequantized_int8(node: Any) -> tuple[Any, Any] | None:
+    """(int8 weight, scale) get_attr nodes when `node` is Int8Linear's traced weight.
+
+    Int8Linear exports as linear(x, weight.to(float32) * scale.unsqueeze(1), bias): a .pt2
+    written after quantize_dynamic keeps the int8 tensors, and lifting turns the pattern
+    back into an Int8Linear (with its int8 kernel) instead of a float32 computation.
+    """
+    if not (isinstance(node, fx.Node) and node.target is aten.mul.Tensor and len(node.args) == 2):
+        return None
+    cast_node, unsqueeze = node.args
+    if not (isinstance(cast_node, fx.Node) and isinstance(unsqueeze, fx.Node)):
+        return None
+    if cast_node.target is not aten.to.dtype or unsqueeze.target is not aten.unsqueeze.default:
+        return None
+    weight, scale = cast_node.args[0], unsqueeze.args[0]
+    if cast_node.args[1:] != (torch.float32,) or unsqueeze.args[1:] not in ((1,), (-1,)):
+        return None
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (weight, scale)):
+        return None
+    return weight, scale
+
+
+def _lift_int8(module: fx.GraphModule, node: Any) -> bool:
+    """Replace a traced Int8Linear call by the layer module; False when the pattern is absent."""
+    from modules.storage.layers import Int8Linear
+
+    if node.op != "call_function" or node.target is not aten.linear.default:
+        return False
+    found = _dequantized_int8(node.args[1] if len(node.args) > 1 else None)
+    if found is None:
+        return False
+    bias = node.args[2] if len(node.args) > 2 else None
+    attrs = [*found, *([bias] if bias is not None else [])]
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return False
+    owner = _owner([str(a.target) for a in attrs])
+    if not owner:
+        return False
+    holder = module.get_submodule(owner)
+    tensors = {n: t for n, t in holder.named_buffers(recurse=False)}
+    tensors |= {n: t for n, t in holder.named_parameters(recurse=False)}
+    if list(holder.children()) or set(tensors) != {str(a.target).rpartition(".")[2] for a in attrs}:
+        return False
+    weight = tensors["weight"]
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        return False
+    layer = Int8Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight, layer.scale = weight, tensors["scale"]
+    if bias is not None:
+        layer.bias = tensors["bias"]
+    parent, _, child = owner.rpartition(".")
+    module.get_submodule(parent).register_module(child, layer)
+    graph = module.graph
+    with graph.inserting_before(node):
+        call = graph.call_module(owner, (node.args[0],))
+    node.replace_all_uses_with(call)
+    dequantize = node.args[1]
+    graph.erase_node(node)
+    for dead in (dequantize, *dequantize.args):
+        if isinstance(dead, fx.Node) and not dead.users and dead.op == "call_function":
+            graph.erase_node(dead)
+    return True
+
+
 def _owner(targets: list[str]) -> str | None:
     """The module path all of a call's parameters live under (`stem` of stem.weight)."""
     owners = {t.rpartition(".")[0] for t in targets}
@@ -150,6 +214,8 @@ def lift_layers(module: nn.Module) -> nn.Module:
     module = copy.deepcopy(module)
     graph = module.graph
     for node in list(graph.nodes):
+        if _lift_int8(module, node):
+            continue
         rule = _LAYERS.get(node.target) if node.op == "call_function" else None
         if rule is None:
             continue
