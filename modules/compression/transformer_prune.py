@@ -338,8 +338,8 @@ def _neuron_scores(gm: fx.GraphModule, group: FfnGroup, p: int) -> torch.Tensor:
     return score
 
 
-def _n_keep(width: int, amount: float, round_to: int) -> int:
-    keep = width - int(amount * width)
+def _n_keep(width: int, n_drop: int, round_to: int) -> int:
+    keep = width - n_drop
     if round_to > 1:
         keep = min(width, math.ceil(keep / round_to) * round_to)
     return max(1, keep)
@@ -358,11 +358,11 @@ def _kept_indices(
         flat = torch.cat(normalized)
         n_drop = int(amounts[0] * flat.numel())
         threshold = flat.sort().values[n_drop - 1] if n_drop else -math.inf
-        counts = [
-            _n_keep(len(s), float((s <= threshold).float().mean()), round_to) for s in normalized
-        ]
+        counts = [_n_keep(len(s), int((s <= threshold).sum()), round_to) for s in normalized]
     else:
-        counts = [_n_keep(len(s), a, round_to) for s, a in zip(scores, amounts, strict=True)]
+        counts = [
+            _n_keep(len(s), int(a * len(s)), round_to) for s, a in zip(scores, amounts, strict=True)
+        ]
     return [
         torch.sort(torch.argsort(s, descending=True, stable=True)[:k]).values
         for s, k in zip(scores, counts, strict=True)

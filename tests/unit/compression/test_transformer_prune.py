@@ -122,6 +122,24 @@ def test_gated_mlps_prune_gate_and_up_together_and_written_out_gelu_is_elementwi
     assert widths == [12, 12, 10] and pruned.get_submodule("down").in_features == 12
 
 
+def test_global_scope_ranks_all_ffn_neurons_together():
+    torch.manual_seed(0)
+    model = GatedBlock().eval()
+    with torch.no_grad():
+        # Half of `pre`'s neurons nearly dead: globally they rank below every gated neuron.
+        model.pre.weight[:10] *= 1e-3
+        model.pre.bias[:10] *= 1e-3
+        model.post.weight[:, :10] *= 1e-3
+    program = export_tokens(model, token_args()).module()
+    x = token_args()
+    pruned = prune_structured(program, amount=0.25, in_features=1, example_inputs=x, scope="global")
+    kept = {n: pruned.get_submodule(n).out_features for n in ("pre", "gate", "up")}
+    # 25% of all 44 hidden neurons go: the 10 dead ones first, so `pre` loses at least 10.
+    assert kept["pre"] + kept["gate"] == 44 - 11 and kept["gate"] == kept["up"]
+    assert kept["pre"] <= 10 and kept["gate"] >= 23
+    assert pruned(*x).shape == (3, 6)
+
+
 def test_layers_skip_and_round_to_apply_to_ffn_groups():
     torch.manual_seed(0)
     program = export_tokens(GatedBlock().eval(), token_args()).module()
