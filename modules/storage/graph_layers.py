@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from modules.storage.layers import Float16Linear, Int8Linear
+
 aten = torch.ops.aten
 
 
@@ -36,6 +38,11 @@ def _const(node: Any, index: int, default: Any) -> Any:
 
 def _linear(node: Any, p: list[Any]) -> nn.Module:
     weight, bias = p[0], p[1] if len(p) > 1 else None
+    if weight.dtype == torch.float16 and not isinstance(weight, nn.Parameter):
+        # A stored quantize_dynamic(float16) program: its buffers go back into the layer.
+        half = Float16Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        half.weight, half.bias = weight, bias
+        return half
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     layer.weight = weight
     if bias is not None:
@@ -121,8 +128,6 @@ def _dequantized_int8(node: Any) -> tuple[Any, Any] | None:
 
 def _lift_int8(module: fx.GraphModule, node: Any) -> bool:
     """Replace a traced Int8Linear call by the layer module; False when the pattern is absent."""
-    from modules.storage.layers import Int8Linear
-
     if node.op != "call_function" or node.target is not aten.linear.default:
         return False
     found = _dequantized_int8(node.args[1] if len(node.args) > 1 else None)
@@ -235,11 +240,20 @@ def lift_layers(module: nn.Module) -> nn.Module:
         held |= {n for n, _ in holder.named_buffers(recurse=False)} - {"num_batches_tracked"}
         if list(holder.children()) or held != names:
             continue  # the path holds more than this layer (MultiheadAttention's in_proj)
-        layer = build(node, [getattr(holder, str(a.target).rpartition(".")[2]) for a in present])
+        try:
+            layer = build(
+                node, [getattr(holder, str(a.target).rpartition(".")[2]) for a in present]
+            )
+        except TypeError:
+            continue  # buffers where the layer holds parameters: the call stays a function
         parent, _, child = owner.rpartition(".")
         module.get_submodule(parent).register_module(child, layer)
         with graph.inserting_before(node):
             call = graph.call_module(owner, (node.args[data_at],))
+            if isinstance(layer, Float16Linear):
+                # The graph's linear returned float16 (the layer returns float32): the same
+                # values, cast back, so its dtype checks and casts after it still hold.
+                call = graph.call_method("half", (call,))
         node.replace_all_uses_with(call)
         graph.erase_node(node)
     for node in list(graph.nodes):

@@ -8,7 +8,7 @@ from modules.core.jobspec import parse_job_spec
 from modules.pipeline.local import LocalWorkspace
 from modules.storage.datasets import load_dataset
 from modules.storage.graph_layers import lift_layers
-from modules.storage.layers import Int8Linear
+from modules.storage.layers import Float16Linear, Int8Linear
 from modules.storage.model_formats import load_model, save_model
 from tests.unit.byo_models import (
     TOKEN_INPUTS,
@@ -98,3 +98,20 @@ def test_a_transformer_pt2_is_quantized_through_the_store_and_round_trips(tmp_pa
         want, got = model(ids, mask), back.obj(ids, mask)
     assert got.shape == want.shape == (8, 4)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_a_float16_program_is_stored_at_half_size_and_lifts_back_to_float16_layers(
+    digits, ctx_factory
+):
+    torch.manual_seed(0)
+    artifact = byo_artifact(_program(ResidualMLP(width=256).eval(), MLP_INPUTS), MLP_INPUTS)
+    out = quantize_step(artifact, digits, QuantizeParams(dtype="float16"), ctx_factory())
+    stored = save_model(out.model)
+    assert len(stored) < 0.6 * len(save_model(artifact))
+    back = load_model(stored)
+    lifted = lift_layers(back.obj)
+    halves = sorted(n for n, m in lifted.named_modules() if isinstance(m, Float16Linear))
+    assert halves == ["block.0", "block.2", "head", "stem"]
+    x = torch.from_numpy(digits.X_test[:16]).float()
+    with torch.no_grad():
+        assert torch.equal(lifted(x), out.model.obj(x)) and torch.equal(back.obj(x), lifted(x))
