@@ -88,6 +88,7 @@ def test_a_transformer_pt2_is_quantized_through_the_store_and_round_trips(tmp_pa
     quantized = {"layer.self_attn.out_proj", "layer.linear1", "layer.linear2", "head"}
     assert set(record.metrics["quantized_layers"]) == quantized
     # The fused in_proj is a raw parameter of the graph, not a Linear: it stays float32.
+    assert record.metrics["kept_float32"] == ["layer.self_attn"]
     assert record.output_size < 0.75 * record.input_size
     back = load_model(ws.store.get_bytes(record.output_key))
     assert set(_int8_layers(back.obj)) == quantized
