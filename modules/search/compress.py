@@ -565,11 +565,11 @@ def compress(
     chains = [Chain()]
     skipped: list[Skipped] = []
     for source in _CHAIN_SOURCES:
-        for item in source(model, data, steps):
-            if isinstance(item, Skipped):
-                skipped.append(item)
-            elif item not in chains:
-                chains.append(item)
+        for proposed in source(model, data, steps):
+            if isinstance(proposed, Skipped):
+                skipped.append(proposed)
+            elif proposed not in chains:
+                chains.append(proposed)
     tails: list[Tail] = []
     for tail_src in _TAIL_SOURCES:
         for tail_item in tail_src(model, steps):
