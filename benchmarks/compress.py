@@ -155,9 +155,10 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         single = r["met_single"]
         ok = r["ratio_value"] is not None and r["ratio_value"] >= single
+        versus = f"{single:.1f}x" if single else "no single technique passed"
         out.append(
             f"- {r['model']} on {r['profile']}: at least as small as the best single technique: "
-            f"{'met' if ok else 'missed'} ({r['ratio']} vs {single:.1f}x)"
+            f"{'met' if ok else 'missed'} ({r['ratio']} vs {versus})"
         )
     failed = [f"{r['model']} on {r['profile']}" for r in rows if not r["parity_passed"]]
     out.append(
