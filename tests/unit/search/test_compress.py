@@ -296,3 +296,16 @@ def test_every_candidate_is_reported_to_progress_displays(searched):
     gated = [c for c in candidates_of(searched) if c["phase"] == "gate"]
     assert len(by_phase["ONNX gate"]) == len(gated)
     assert all(r["text"].startswith(r["phase"]) for r in own)
+
+
+def test_forest_candidates_keep_shares_of_its_own_trees(digits):
+    from sklearn.ensemble import RandomForestClassifier
+
+    from modules.core.artifact import ModelArtifact
+    from modules.search.compress import sklearn_chains
+
+    forest = RandomForestClassifier(n_estimators=20, max_depth=4, random_state=0)
+    forest.fit(digits.X_train, digits.y_train)
+    chains = sklearn_chains(ModelArtifact("sklearn", forest, {}), digits, {"forest_prune"})
+    counts = [c.stages[0].params["n_trees"] for c in chains if isinstance(c, Chain)]
+    assert counts == [1, 2, 4, 6, 10]
