@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -555,6 +556,39 @@ def auto(
 COMPRESS_FILES = ("report.html", "deployment_report.json", "compress.json")
 
 
+@contextlib.contextmanager
+def candidate_progress(label: str) -> Iterator[Progress]:
+    """A bar that follows a search candidate by candidate, while a step body runs in it.
+
+    Each report the step makes (`report_progress`, with `phase`, `done`, `total` and `text`)
+    moves the bar to `done`/`total` of its phase and prints the candidate's line above it,
+    so the candidates scroll by as they finish.
+    """
+    from modules.core.step import reporting_progress
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} candidates"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(f"{label}: starting", total=None)
+
+        def moved(info: dict[str, Any]) -> None:
+            text = str(info.get("text", ""))
+            done, total = info.get("done"), info.get("total")
+            if isinstance(done, int) and isinstance(total, int) and total > 0:
+                phase = info.get("phase", "")
+                progress.update(task, completed=done, total=total, description=f"{label}: {phase}")
+            if text:
+                progress.console.print(f"  {text}", highlight=False, markup=False)
+
+        with reporting_progress(moved):
+            yield progress
+
+
 @app.command()
 @handles_errors
 def compress(
@@ -590,7 +624,7 @@ def compress(
     params = step_params(given, params_json)
     with (
         tempfile.TemporaryDirectory(prefix="mcaas-compress-") as tmp,
-        console.status(f"compress: searching chains for profile {profile}"),
+        candidate_progress(f"compress on {profile}"),
     ):
         work = Path(tmp)
         record = run_single_step(

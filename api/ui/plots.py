@@ -2,7 +2,7 @@
 
 The same figure functions as the `report` step (modules/evaluation/plots.py), so a job
 without a report step still gets its plots. Points: every step that measured size,
-latency and accuracy, plus every candidate of a sweep or auto step. matplotlib is imported
+latency and accuracy, plus every candidate of a sweep, auto or compress step. matplotlib is imported
 only when a plot is drawn; torch never is.
 """
 
@@ -21,6 +21,10 @@ PLOTS = {
     "waterfall": "Size and latency waterfall, step by step",
     "sparsity": "Sparsity (or, when it does not vary, parameters) against accuracy and latency",
 }
+
+
+# Meta-steps whose metrics list every candidate they tried (`rows`): each is a point too.
+CANDIDATE_STEPS = {"sweep", "auto", "compress"}
 
 
 def _step_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -48,7 +52,7 @@ def _step_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _candidate_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for record in records:
-        if record["step"] in {"sweep", "auto"}:
+        if record["step"] in CANDIDATE_STEPS:
             metrics = record.get("metrics") or {}
             rows += [
                 r for r in metrics.get("rows") or [] if isinstance(r, dict) and not r.get("error")

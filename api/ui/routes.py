@@ -24,9 +24,17 @@ from api.deps import DispatcherDep, ServicesDep, SettingsDep
 from api.errors import status_for
 from api.quotas import ApiLimits, QuotaExceededError, declared_length, get_limits
 from api.routes.events import job_event, step_states
-from api.routes.jobs import create_job, get_report, job_artifacts, owned_job
+from api.routes.jobs import REPORT_CSP, create_job, get_report, job_artifacts, owned_job
 from api.schemas import JobCreate
-from api.ui.forms import receive_upload_form
+from api.ui.forms import (
+    GOAL_FIELDS,
+    InvalidFormError,
+    form_errors,
+    goal_from_form,
+    goal_inputs,
+    is_goal_preset,
+    receive_upload_form,
+)
 from api.ui.plots import PLOTS, plot_png
 from api.ui.session import (
     Session,
@@ -37,12 +45,13 @@ from api.ui.session import (
     session_secret,
     set_session_cookie,
 )
-from api.ui.views import job_headline, step_rows
+from api.ui.views import compress_outcome, job_headline, step_rows
 from modules.core.jobspec import DEFAULT_PROFILE
 from modules.core.records import JobRecord
 from modules.errors import BadInputError, McaasError, NotFoundError
 from modules.pipeline.presets import PRESETS, get_preset
 from modules.pipeline.settings import Services
+from modules.storage.keys import key_in_user
 from modules.storage.model_catalog import (
     get_model_meta,
     list_model_metas,
@@ -53,7 +62,11 @@ from modules.storage.model_catalog import (
 HERE = Path(__file__).resolve().parent
 TEMPLATES_DIR = HERE.parent / "templates"
 STATIC_DIR = HERE / "static"
-STATIC_FILES = {"dashboard.css": "text/css", "job.js": "text/javascript"}
+STATIC_FILES = {
+    "dashboard.css": "text/css",
+    "job.js": "text/javascript",
+    "upload.js": "text/javascript",
+}
 
 # Pages load scripts, styles and images from this origin only; nothing may frame them.
 PAGE_HEADERS = {
@@ -268,6 +281,7 @@ def _job_context(services: Services, job: JobRecord, user: str) -> dict[str, Any
         "states": step_states(job, records),
         "rows": step_rows(records),
         "headline": job_headline(job, records),
+        "compress": compress_outcome(records, artifacts),
         "artifacts": artifacts,
         "plots": PLOTS if records else {},
         "version": f"{len(records)}-{job.status}",
@@ -325,6 +339,21 @@ def job_report_page(
     return get_report(job_id, session.user_id, services, format=format)  # type: ignore[arg-type]
 
 
+@router.get("/jobs/{job_id}/steps/{index}/report")
+def step_report_page(job_id: str, index: int, request: Request, services: ServicesDep) -> Response:
+    """One step's own report.html (a compress search's), opened in the browser like the
+    deployment report: same sandboxing CSP, only a key that step's record names."""
+    session = require_session(request)
+    owned_job(services, job_id, session.user_id)
+    record = next((r for r in services.log.records(job_id) if r.index == index), None)
+    key = None if record is None else record.files.get("report.html")
+    if key is None or not key_in_user(key, session.user_id):
+        raise NotFoundError(f"step {index} of job {job_id} wrote no report.html")
+    return HTMLResponse(
+        services.store.get_bytes(key), headers={"Content-Security-Policy": REPORT_CSP}
+    )
+
+
 @router.get("/jobs/{job_id}/files")
 def job_file(
     job_id: str,
@@ -362,23 +391,40 @@ def _upload_page(
     session: Session,
     services: Services,
     *,
-    error: str | None = None,
-    status_code: int = 200,
+    error: McaasError | None = None,
+    submitted: tuple[str, dict[str, str]] | None = None,
 ) -> HTMLResponse:
+    """The upload page; after a refused submit, with its error (field by field where the
+    fields are known) and the values the user gave, in the form that sent them."""
     from modules.storage.datasets import BUILTIN_DATASETS
 
+    goal_presets = [p.name for p in PRESETS.values() if is_goal_preset(p)]
+    form, values = submitted or ("", {})
+    fields = error.fields if isinstance(error, InvalidFormError) else {}
     return page(
         request,
         "upload.html",
         {
-            "error": error,
+            # The banner sums up what each field says beside it (one place to look first).
+            "error": None if error is None else _banner(error, fields),
+            "field_errors": fields,
+            "form": form,
+            "values": {k: v for k, v in values.items() if k != "csrf"},
+            "goal_presets": goal_presets,
+            "goal_inputs": goal_inputs(PRESETS[goal_presets[0]] if goal_presets else None),
             "profiles": _profiles(),
             "datasets": list(BUILTIN_DATASETS),
             "models": list_model_metas(services.store, user_id=session.user_id)[:50],
         },
         session=session,
-        status_code=status_code,
+        status_code=200 if error is None else status_for(error),
     )
+
+
+def _banner(error: McaasError, fields: dict[str, str]) -> str:
+    if fields:
+        return f"Check the form: {'; '.join(fields.values())}."
+    return str(error)
 
 
 @router.get("/upload")
@@ -393,13 +439,31 @@ def _check_choices(texts: dict[str, str], *, framework: str) -> None:
     from modules.core.profiles import BUILTIN_PROFILES
     from modules.storage.datasets import BUILTIN_DATASETS
 
-    get_preset(texts.get("preset", ""), framework=framework)
+    preset = get_preset(texts.get("preset", ""), framework=framework)
     profile = texts.get("profile") or DEFAULT_PROFILE
-    if profile not in BUILTIN_PROFILES:
+    # A goal's profile is checked (and named goal.profile) with the rest of the goal.
+    if not is_goal_preset(preset) and profile not in BUILTIN_PROFILES:
         raise BadInputError(f"unknown profile {profile!r}; one of {', '.join(BUILTIN_PROFILES)}")
     dataset = texts.get("dataset") or "digits"
     if dataset not in BUILTIN_DATASETS:
         raise BadInputError(f"unknown dataset {dataset!r}; one of {', '.join(BUILTIN_DATASETS)}")
+
+
+def _job_body(texts: dict[str, str], *, framework: str, model_id: str | None) -> JobCreate:
+    """The job the form asks for, validated as POST /v1/jobs validates its body: a preset's
+    steps, or for compress-to-budget a `goal` built from the form's goal fields."""
+    _check_choices(texts, framework=framework)
+    preset = get_preset(texts.get("preset", ""), framework=framework)
+    body: dict[str, Any] = {"model_id": model_id, "dataset": texts.get("dataset") or "digits"}
+    if is_goal_preset(preset):
+        body["goal"] = goal_from_form(preset, texts)
+    else:
+        body["profile"] = texts.get("profile") or DEFAULT_PROFILE
+        body["steps"] = preset.step_calls()
+    try:
+        return JobCreate.model_validate(body)
+    except ValidationError as exc:
+        raise form_errors(exc) from None
 
 
 def _start_job(
@@ -412,20 +476,7 @@ def _start_job(
     framework: str,
     texts: dict[str, str],
 ) -> str:
-    _check_choices(texts, framework=framework)
-    preset = get_preset(texts.get("preset", ""), framework=framework)
-    try:
-        body = JobCreate.model_validate(
-            {
-                "model_id": model_id,
-                "dataset": texts.get("dataset") or "digits",
-                "profile": texts.get("profile") or DEFAULT_PROFILE,
-                "steps": preset.step_calls(),
-            }
-        )
-    except ValidationError as exc:
-        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
-        raise BadInputError(problems) from None
+    body = _job_body(texts, framework=framework, model_id=model_id)
     return create_job(body, user, services, dispatcher, limits).id
 
 
@@ -436,6 +487,7 @@ async def upload_and_start(
     """Store the uploaded model (the API's safe loaders), start the preset, show the job."""
     session = require_session(request)
     limits = get_limits(request)
+    form = None
     try:
         # Both limits before anything is read or stored: a refused job leaves no upload.
         await run_in_threadpool(limits.check_jobs, services, session.user_id)
@@ -451,7 +503,8 @@ async def upload_and_start(
         upload = form.upload
         arch = form.texts.get("arch") or None
         artifact = await run_in_threadpool(validate_model_bytes, upload.data, upload.filename, arch)
-        _check_choices(form.texts, framework=artifact.framework)
+        # The whole job is validated before the upload is stored: a refused form stores nothing.
+        _job_body(form.texts, framework=artifact.framework, model_id=None)
         meta = await run_in_threadpool(
             lambda: save_upload(
                 services.store,
@@ -474,7 +527,8 @@ async def upload_and_start(
             )
         )
     except McaasError as exc:
-        return _upload_page(request, session, services, error=str(exc), status_code=status_for(exc))
+        texts = form.texts if form is not None else {}
+        return _upload_page(request, session, services, error=exc, submitted=("new", texts))
     return RedirectResponse(f"/ui/jobs/{job_id}", status_code=303)
 
 
@@ -488,9 +542,16 @@ def start_job(
     profile: Annotated[str, Form(max_length=64)] = DEFAULT_PROFILE,
     preset: Annotated[str, Form(max_length=64)] = "",
     dataset: Annotated[str, Form(max_length=64)] = "digits",
+    max_drop: Annotated[str, Form(max_length=64)] = "",
+    drop_kind: Annotated[str, Form(max_length=64)] = "",
+    objective: Annotated[str, Form(max_length=64)] = "",
+    max_time_s: Annotated[str, Form(max_length=64)] = "",
 ) -> Response:
     """Start a preset on a model uploaded before."""
     session = require_session(request)
+    goal = dict(zip(GOAL_FIELDS, (max_drop, drop_kind, objective, max_time_s), strict=True))
+    texts = {"model_id": model_id, "profile": profile, "preset": preset, "dataset": dataset}
+    texts.update(goal)
     try:
         if not csrf_ok(session, csrf):
             raise BadInputError("the form is out of date; reload the page and try again")
@@ -502,10 +563,10 @@ def start_job(
             user=session.user_id,
             model_id=meta["id"],
             framework=meta["framework"],
-            texts={"profile": profile, "preset": preset, "dataset": dataset},
+            texts=texts,
         )
     except McaasError as exc:
-        return _upload_page(request, session, services, error=str(exc), status_code=status_for(exc))
+        return _upload_page(request, session, services, error=exc, submitted=("old", texts))
     return RedirectResponse(f"/ui/jobs/{job_id}", status_code=303)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from modules.core.records import JobRecord, StepRecord
 from modules.evaluation.summary import (
+    NOISY_MARK,
     batch_column_title,
     fmt_batch_latency,
     fmt_latency,
@@ -79,3 +80,70 @@ def job_headline(job: JobRecord, records: list[StepRecord]) -> dict[str, Any]:
         "accuracy_delta": None if delta is None else f"{delta:+.2f} pt",
         "gates": gates,
     }
+
+
+def _fmt_speedup(compared: Any) -> str:
+    """compare_latency's verdict on input vs winner, as the page says it."""
+    if not isinstance(compared, dict):
+        return "-"
+    ratio = compared.get("ratio")
+    if not isinstance(ratio, int | float) or not compared.get("measurable"):
+        return str(compared.get("note") or "no measurable difference")
+    text = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    return f"{text} {NOISY_MARK}" if compared.get("noisy") else text
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def compress_outcome(records: list[StepRecord], artifacts: list[Any]) -> dict[str, Any] | None:
+    """The last `compress` step's goal, outcome and winner, with the keys of its handed-back
+    files (model.onnx, report.html, compress.json...); None when the job has no such step."""
+    found = [r for r in records if r.step == "compress"]
+    if not found:
+        return None
+    record = max(found, key=lambda r: r.index)
+    m = record.metrics
+    mine = [a for a in artifacts if a.index == record.index]
+    winner = m.get("winner") or None
+    winner = _as_dict(winner) if winner is not None else None
+    unit = "%" if m.get("drop_kind") == "relative" else "pt"
+    elapsed = m.get("elapsed_s")
+    out: dict[str, Any] = {
+        "index": record.index,
+        "met": bool(m.get("met_goal")),
+        "reason": m.get("reason") or (record.verdict or {}).get("reason") or "",
+        "goal": {
+            "profile": m.get("profile") or record.profile or "-",
+            "max_drop": f"{m.get('max_drop')} {unit} ({m.get('drop_kind') or 'absolute'})",
+            "objective": m.get("objective") or "-",
+        },
+        "candidates": m.get("n_candidates"),
+        "gated": m.get("n_gated"),
+        "elapsed": f"{elapsed:.1f} s" if isinstance(elapsed, int | float) else "-",
+        "stopped_by": m.get("stopped_by") or "-",
+        "winner": None,
+        # The ONNX the step stored: the winner's, or the best-so-far's when the goal was missed.
+        "model": next((a for a in mine if a.kind == "model"), None),
+        "files": {a.name: a for a in mine if a.kind == "file"},
+    }
+    if winner is not None:
+        baseline = _as_dict(m.get("baseline"))
+        parity = _as_dict(winner.get("parity"))
+        ratio = winner.get("size_ratio")
+        drop = winner.get("drop_pt")
+        out["winner"] = {
+            "label": str(winner.get("label") or "-"),
+            "size": fmt_size(winner.get("size_bytes")),
+            "size_ratio": f"{ratio:.1f}x" if isinstance(ratio, int | float) else "-",
+            "accuracy": fmt_pct(winner.get("accuracy")),
+            "input_accuracy": fmt_pct(baseline.get("accuracy")),
+            # drop_pt is input minus winner; the page shows the change, so a gain reads "+".
+            "change": f"{-drop:+.2f} pt" if isinstance(drop, int | float) else "-",
+            "latency": fmt_latency(winner.get("latency_ms"), winner.get("latency_ci95")),
+            "vs_input": _fmt_speedup(winner.get("latency_vs_input")),
+            "parity": None if not parity else bool(parity.get("passed")),
+            "parity_reason": str(parity.get("reason") or ""),
+        }
+    return out

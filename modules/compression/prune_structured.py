@@ -7,7 +7,9 @@ structured    Torch-Pruning's dependency graph removes whole neurons (Linear) an
               layer calls graph_layers.lift_layers turns back into layer modules) is traced
               on rows of the dataset, so adds, concatenations and norms of any layout couple
               the channels they join; a graph that hard-codes a pruned size (a reshape to a
-              literal width, as exported attention does) is refused, naming the error.
+              literal width) is refused, naming the error. An exported graph with attention
+              goes to transformer_prune instead: the hidden neurons of its FFN/MLP layers
+              are removed, every other layer is kept, and the record says why.
 unstructured  magnitude (or |weight x gradient|) masks, layer-wise or global, multiplied into
               the weights: no pruning hooks are left. The file stays dense, so the metrics
               also give a CSR estimate and the DEFLATE-compressed size, each labelled.
@@ -42,6 +44,12 @@ from modules.compression.layer_select import (
     resolve_layers,
 )
 from modules.compression.scaffold import Transformed, torch_step
+from modules.compression.transformer_prune import (
+    ffn_layer_report,
+    graph_has_attention,
+    plan_ffn_pruning,
+    prune_ffn,
+)
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
 from modules.core.step import StepContext, StepOutput
@@ -212,6 +220,16 @@ def prune_structured(
         check_structured_support(model)
     else:
         model = lift_layers(model)
+        if graph_has_attention(model):
+            return _prune_attention_graph(
+                model,
+                amount=amount,
+                example_inputs=example_inputs,
+                importance=importance,
+                scope=scope,
+                round_to=round_to,
+                layers=layers or {},
+            )
         check_own_model_support(model)
     pruned = copy.deepcopy(model).eval()
     modules = dict(pruned.named_modules())
@@ -249,6 +267,49 @@ def prune_structured(
             f"structured pruning changed the output shape from {list(expected)} to {list(got)}"
         )
     return pruned
+
+
+def _prune_attention_graph(
+    model: nn.Module,
+    *,
+    amount: float,
+    example_inputs: tuple[torch.Tensor, ...],
+    importance: Literal["l1", "l2"],
+    scope: Scope,
+    round_to: int,
+    layers: Mapping[str, Any],
+) -> nn.Module:
+    # Exported attention reshapes q/k/v to literal head widths: only the FFN neurons go.
+    pruned = copy.deepcopy(model).eval()
+    overrides = structured_layer_amounts(pruned, layers)
+    if amount == 0 and not any(overrides.values()):
+        return pruned
+    out, _ = prune_ffn(
+        pruned,  # type: ignore[arg-type]  # graph_has_attention: a GraphModule
+        amount=amount,
+        example_inputs=example_inputs,
+        classifier=classifier_name(pruned),
+        importance=importance,
+        scope=scope,
+        round_to=round_to,
+        overrides=overrides,
+    )
+    return out
+
+
+def structured_layer_report(
+    model: nn.Module, pruned: nn.Module, layers: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Which layers structured pruning of a graph with attention pruned and kept, and why."""
+    if not graph_has_attention(model):
+        return {}
+    skipped = frozenset(n for n, a in structured_layer_amounts(model, layers).items() if a is None)
+    plan = plan_ffn_pruning(
+        model,  # type: ignore[arg-type]  # graph_has_attention: a GraphModule
+        classifier=classifier_name(model),
+        skipped=skipped,
+    )
+    return ffn_layer_report(plan, model, pruned)
 
 
 PRUNE_LAYER_SETTINGS = {"amount": number_in(0, 1, hi_open=True)}
@@ -686,6 +747,7 @@ def _prune(model: nn.Module, data: Dataset, params: PruneParams, ctx: StepContex
         )
         before, after = _widths(model), _widths(pruned)
         metrics["widths"] = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+        metrics.update(structured_layer_report(model, pruned, params.layers))
         return Transformed(pruned, metrics)
     scores = (
         gradient_scores(model, data.X_train, data.y_train)

@@ -6,8 +6,12 @@ zoo's allow-list) stores a plain int8 weight, one float32 scale per output row a
 bias, so the file is about 4x smaller and loads with weights_only=True; its forward uses
 the quantized engine's dynamic int8 kernel (activations quantized per batch), or
 dequantizes where that kernel is missing. Float16Linear stores and computes in float16.
-Conv2d layers stay float32, as in torch's dynamic quantization. These modules do not
-export to ONNX: the ONNX stage quantizes inside ONNX Runtime instead.
+Conv2d layers stay float32, as in torch's dynamic quantization, and so do weights an
+exported graph multiplies directly (a fused attention in_proj; metrics name them in
+kept_float32). These modules do not export to ONNX: the ONNX stage quantizes inside ONNX
+Runtime instead. A quantized .pt2 program is stored with its int8 (or float16) tensors:
+under torch.export Int8Linear traces its dequantizing path, and graph_layers.lift_layers
+turns it back into the layer when the program is loaded.
 
 CLI: python -m modules.compression.quantize_dynamic in.pt out.pt [--dtype int8|float16]
 """
@@ -20,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import ConfigDict, Field
-from torch import nn
+from torch import fx, nn
 
 from modules.compression.layer_select import (
     LayerChoice,
@@ -136,6 +140,23 @@ def quantize_dynamic(
     return quantized, replaced
 
 
+def graph_linear_owners(model: nn.Module) -> list[str]:
+    """Modules whose weights an exported graph multiplies directly (a fused attention in_proj).
+
+    lift_layers turns a linear call into a layer only when the path holds just that layer's
+    tensors; these stay function calls on raw parameters, so they stay float32.
+    """
+    if not isinstance(model, fx.GraphModule):
+        return []
+    owners = set()
+    for node in model.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                owners.add(str(weight.target).rpartition(".")[0] or "model")
+    return sorted(owners)
+
+
 def int8_kernel(model: nn.Module) -> str:
     """Which int8 path the model's Int8Linear layers take on this machine."""
     layer = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
@@ -182,7 +203,8 @@ def _quantize(
         "dtype": params.dtype,
         "quantized_layers": layers,
         "kept_float32": sorted(
-            name for name, m in quantized.named_modules() if isinstance(m, nn.Conv2d)
+            [name for name, m in quantized.named_modules() if isinstance(m, nn.Conv2d)]
+            + graph_linear_owners(quantized)
         ),
         "kernel": int8_kernel(quantized) if params.dtype == "int8" else "float16 F.linear",
     }

@@ -7,25 +7,33 @@ A search over chains of registered steps, not single steps:
    teacher, structured pruning at several levels, low-rank, distil -> prune; scikit-learn:
    prototypes, forest and feature pruning), each built only from steps that are registered
    and accept the model. The empty chain (the input itself) is always one. Each chain is
-   then given every ONNX tail a tail source proposes (fp32 export; ONNX Runtime int8,
-   dynamic and static, where the graph has something to quantize).
-2. **Successive halving.** Every native chain first runs as a cheap proxy (fine-tuning and
-   distillation cut to `proxy_epochs`); the proxies are ranked (accuracy within the floor
-   minus `proxy_slack_pt`, then the objective) and only the best `1/eta` (at least
-   `finalists`) are run again with their full fine-tuning. A chain with nothing to
-   fine-tune keeps its proxy result.
-3. **Gate.** Every finalist x tail goes through `onnx_export`, the tail's steps, the parity
-   check of the ONNX graph against its native model (`onnx_parity`'s check) and
+   then given every ONNX ending a tail source proposes (fp32 export; ONNX Runtime int8,
+   dynamic and static, and fp16 compute where the graph has something to convert). A kind
+   that does not apply to the model is a `Skipped` entry with its reason, listed in
+   compress.json (`skipped`), not silently absent.
+2. **Proxies.** Every native chain first runs as a cheap proxy (fine-tuning and
+   distillation cut to `proxy_epochs`); they are ranked (accuracy within the floor minus
+   `proxy_slack_pt`, then the objective).
+3. **Endings first.** The endings cost seconds and multiply the ratio (int8 ~4x, fp16 2x),
+   so they are never left for the end: the chains with nothing to train (the input itself,
+   prototypes, forests) are gated at once, which gives a parity-passing best-so-far before
+   any fine-tuning is spent; and every chain that is fully trained has all its endings
+   gated right after its training, whatever the clock says.
+4. **Successive halving for the expensive part.** Only the best `1/eta` (at least
+   `finalists`) of the chains that train are run again with their full fine-tuning, best
+   proxy first. No full run starts after (1 - `gate_share`) x `max_time_s`, nor one whose
+   estimated length (its proxy's time x the epoch ratio) exceeds the time left.
+5. **Gate.** Every finalist x ending goes through `onnx_export`, the ending's steps, the
+   parity check of the ONNX graph against its native model (`onnx_parity`'s check) and
    `hardware_sim` on the job's profile; its ONNX file is measured (size, accuracy,
    batch-1 latency with CI, memory, energy estimate) and checked against the budget with
    `auto.violations`. Only a candidate that passed parity and every budget check can win;
-   among those the smallest `objective` wins (ties: higher accuracy).
+   among those the smallest `objective` wins (auto's rule: overlapping latency CIs tie).
 
-No new candidate starts after `max_time_s`, except that the best finalist always gets its
-ONNX stage, so the search never ends with nothing. When no candidate meets the goal, the
-step's verdict fails (the job ends `rejected`) and the output is the best-so-far parity-
-passing ONNX with the numbers and the reason. Torch int8 (`quantize_dynamic`) modules do
-not export to ONNX, so the int8 stage of a chain runs in ONNX Runtime.
+When no candidate meets the goal, the step's verdict fails (the job ends `rejected`) and the
+output is the best-so-far parity-passing ONNX with the numbers and the reason. Torch int8
+(`quantize_dynamic`) modules do not export to ONNX, so the int8 stage of a chain runs in
+ONNX Runtime.
 
 A new technique becomes a candidate by registering a chain or tail source here; the
 search itself does not change.
@@ -115,8 +123,18 @@ class Tail:
     stages: tuple[StageCall, ...] = ()
 
 
-ChainSource = Callable[[ModelArtifact, Dataset, set[str]], list[Chain]]
-TailSource = Callable[[ModelArtifact, set[str]], list[Tail]]
+@dataclass(frozen=True)
+class Skipped:
+    """A kind of candidate a source did not propose for this model, and why (compress.json)."""
+
+    kind: str
+    why: str
+
+
+ChainSource = Callable[[ModelArtifact, Dataset, set[str]], list[Chain | Skipped]]
+TailSource = Callable[[ModelArtifact, set[str]], list[Tail | Skipped]]
+# The search's clock: one name, so a test can give it a fake one.
+_clock = time.perf_counter
 _CHAIN_SOURCES: list[ChainSource] = []
 _TAIL_SOURCES: list[TailSource] = []
 
@@ -162,12 +180,12 @@ def student_widths(model: ModelArtifact, data: Dataset) -> list[list[int]]:
 
 
 @chain_source
-def torch_chains(model: ModelArtifact, data: Dataset, steps: set[str]) -> list[Chain]:
+def torch_chains(model: ModelArtifact, data: Dataset, steps: set[str]) -> list[Chain | Skipped]:
     """Distil, prune, low-rank and their chains, from the steps that accept a torch model."""
     if model.framework != "torch":
         return []
     prune = "prune_structured" in steps
-    chains: list[Chain] = []
+    chains: list[Chain | Skipped] = []
     if prune:
         for amount in (0.5, 0.75):
             chains.append(
@@ -181,27 +199,50 @@ def torch_chains(model: ModelArtifact, data: Dataset, steps: set[str]) -> list[C
             # lr 3e-3: the KD recipe benchmarks/results/torch_compression.md measured.
             student = StageCall("distill", {"student_arch": arch, "lr": 3e-3})
             chains.append(Chain((student,)))
-            if prune and i == 0:
+            # The two widest students also get structured 50% (the hand-written chain of
+            # torch_compression.md is a one-layer student, pruned, then int8).
+            if prune and i < 2:
                 half = StageCall("prune_structured", {"method": "structured", "amount": 0.5})
                 chains.append(Chain((student, half)))
+    if prune:
+        chains.append(
+            Skipped(
+                "prune_structured(method=unstructured) => onnx int8",
+                "ONNX stores the pruned weights dense and ONNX Runtime's CPU kernels do the "
+                "same work on zeros, so unstructured sparsity shrinks neither the handed-back "
+                "file nor its latency (benchmarks/results/torch_compression.md: unstructured "
+                "90% is 1.0x size, no speedup); int8 and fp16 of the dense graphs are searched",
+            )
+        )
+    if "quantize_dynamic" in steps:
+        chains.append(
+            Skipped(
+                "quantize_dynamic (torch int8)",
+                "torch quantized modules do not export to ONNX; int8 runs in ONNX Runtime "
+                "instead (the onnx int8 endings)",
+            )
+        )
     return chains
 
 
 @chain_source
-def sklearn_chains(model: ModelArtifact, data: Dataset, steps: set[str]) -> list[Chain]:
+def sklearn_chains(model: ModelArtifact, data: Dataset, steps: set[str]) -> list[Chain | Skipped]:
     """Prototype, forest and feature pruning for a scikit-learn model, by its estimator."""
     if model.framework != "sklearn":
         return []
     final = getattr(model.obj, "steps", [[None, model.obj]])[-1][1]
     name = type(final).__name__
-    chains: list[Chain] = []
+    chains: list[Chain | Skipped] = []
     if "KNeighbors" in name and "knn_prototypes" in steps:
         for ratio in (0.05, 0.1, 0.2):
             chains.append(
                 Chain((StageCall("knn_prototypes", {"method": "kmeans", "ratio": ratio}),))
             )
     elif hasattr(final, "estimators_") and "forest_prune" in steps:
-        for n_trees in (5, 10, 20):
+        # Shares of the forest's own trees (on digits, 100 trees: 30 keep the 1 pt floor).
+        have = len(final.estimators_)
+        counts = sorted({max(1, round(have * share)) for share in (0.05, 0.1, 0.2, 0.3, 0.5)})
+        for n_trees in (c for c in counts if c < have):
             chains.append(Chain((StageCall("forest_prune", {"n_trees": n_trees}),)))
     if "feature_prune" in steps and hasattr(final, "coef_"):
         for keep in (0.5, 0.75):
@@ -210,12 +251,32 @@ def sklearn_chains(model: ModelArtifact, data: Dataset, steps: set[str]) -> list
 
 
 @tail_source
-def onnx_tails(model: ModelArtifact, steps: set[str]) -> list[Tail]:
-    """fp32 ONNX always; ONNX Runtime int8 (dynamic, static) for torch graphs."""
-    tails = [Tail("onnx fp32")]
-    if model.framework == "torch" and "onnx_quantize" in _accepting("onnx"):
-        for mode in ("dynamic", "static"):
-            tails.append(Tail(f"onnx int8 {mode}", (StageCall("onnx_quantize", {"mode": mode}),)))
+def onnx_tails(model: ModelArtifact, steps: set[str]) -> list[Tail | Skipped]:
+    """fp32 ONNX always; ONNX Runtime int8 (dynamic, static) and fp16 for torch graphs."""
+    tails: list[Tail | Skipped] = [Tail("onnx fp32")]
+    onnx_steps = _accepting("onnx")
+    if model.framework == "torch":
+        if "onnx_quantize" in onnx_steps:
+            for mode in ("dynamic", "static"):
+                stage = StageCall("onnx_quantize", {"mode": mode})
+                tails.append(Tail(f"onnx int8 {mode}", (stage,)))
+        if "onnx_float16" in onnx_steps:
+            tails.append(Tail("onnx fp16", (StageCall("onnx_float16"),)))
+    elif model.framework == "sklearn":
+        tails.append(
+            Skipped(
+                "onnx int8",
+                "skl2onnx graphs have no MatMul, Gemm or Conv weights for ONNX Runtime to "
+                "quantize (trees, linear models and KNN are ai.onnx.ml operators or Scan bodies)",
+            )
+        )
+        tails.append(
+            Skipped(
+                "onnx fp16",
+                "skl2onnx graphs use ai.onnx.ml operators, which have no float16 types; "
+                "precision reduction of scikit-learn models is the `precision` step's",
+            )
+        )
     return tails
 
 
@@ -442,6 +503,16 @@ def _gate(
     cand.row = row
 
 
+def _training_ratio(proxy: Chain, full: Chain) -> float:
+    """How many times longer the full chain trains than its proxy (the largest stage ratio)."""
+    ratio = 1.0
+    for short, long in zip(proxy.stages, full.stages, strict=True):
+        for key in EPOCH_PARAMS:
+            if key in long.params and short.params.get(key):
+                ratio = max(ratio, int(long.params[key]) / int(short.params[key]))
+    return ratio
+
+
 def _latency_stat(row: dict[str, Any]) -> dict[str, Any]:
     return {"median": row["latency_ms"], "median_ci95": row["latency_ci95"]}
 
@@ -473,11 +544,14 @@ def compress(
     model: ModelArtifact, data: Dataset, params: CompressParams, ctx: StepContext
 ) -> StepOutput:
     """Compress to a budget: a chained search whose winner is a parity-gated ONNX model."""
-    start = time.perf_counter()
+    start = _clock()
+
+    def elapsed() -> float:
+        return _clock() - start
 
     def out_of_time(share: float = 1.0) -> bool:
         check_cancelled()  # asked before every candidate: a stopped job stops its search here
-        return time.perf_counter() - start > share * params.max_time_s
+        return elapsed() > share * params.max_time_s
 
     # Training stops starting new runs early enough to leave the ONNX gate its share.
     train_share = 1.0 - params.gate_share
@@ -492,11 +566,46 @@ def compress(
     )
     steps = _accepting(model.framework)
     chains = [Chain()]
+    skipped: list[Skipped] = []
     for source in _CHAIN_SOURCES:
-        chains += [c for c in source(model, data, steps) if c not in chains]
-    tails = [t for source in _TAIL_SOURCES for t in source(model, steps)]
+        for proposed in source(model, data, steps):
+            if isinstance(proposed, Skipped):
+                skipped.append(proposed)
+            elif proposed not in chains:
+                chains.append(proposed)
+    tails: list[Tail] = []
+    for tail_src in _TAIL_SOURCES:
+        for tail_item in tail_src(model, steps):
+            if isinstance(tail_item, Skipped):
+                skipped.append(tail_item)
+            else:
+                tails.append(tail_item)
     candidates: list[Candidate] = []
+    gated: list[Candidate] = []
     stopped_by = "exhausted"
+    n_gates = 0
+
+    def gate_all(fin: Candidate, *, always: bool) -> None:
+        """Every ending of one native finalist, right after it is ready (seconds each).
+
+        The endings are cheap and multiply the ratio (int8 ~4x, fp16 2x), so they are never
+        left for the end: `always` (the first finalist, and any finalist whose training
+        was paid for) ignores max_time, so a trained chain is never left without them.
+        """
+        nonlocal stopped_by, n_gates
+        for tail in tails:
+            cand = Candidate(fin.chain, tail, "gate", native=fin.native, native_row=fin.row)
+            if not always and out_of_time():
+                cand.lost = "not gated: max_time reached"
+                stopped_by = "max_time"
+            else:
+                _gate(cand, data, ctx, params, measure=measure, floor=floor, tag=f"g{n_gates}")
+            n_gates += 1
+            candidates.append(cand)
+            _progress("ONNX gate", n_gates, max(n_gates, gate_total), cand)
+            if cand.onnx is not None:
+                gated.append(cand)
+        fin.lost = fin.lost or "native finalist; see its ONNX candidates"
 
     # Round 1: every chain as a cheap proxy.
     proxies: list[Candidate] = []
@@ -512,61 +621,64 @@ def compress(
                 model, data, proxy, ctx, measure=proxy_measure, tag=f"p{n}"
             )
             cand.row["trained_as_proxy"] = proxy != full
+            if proxy != full:
+                cand.row["full_run_estimate_s"] = cand.row["run_time_s"] * _training_ratio(
+                    proxy, full
+                )
         proxies.append(cand)
         _progress("proxy", n + 1, len(chains), cand)
+    candidates += proxies
     ran = [c for c in proxies if c.row]
     ran.sort(
         key=lambda c: _proxy_key(
             c.row, floor=floor, slack=params.proxy_slack_pt, objective=params.objective
         )
     )
-    keep = max(params.finalists, math.ceil(len(ran) / params.eta))
-    survivors = [c for c in ran[:keep] if "error" not in c.row]
-    for c in ran[keep:]:
-        c.lost = c.lost or (
-            "failed: " + c.row["error"]
-            if "error" in c.row
-            else f"cut by successive halving (proxy accuracy {c.row['accuracy']:.4f})"
-        )
-    candidates += proxies
+    for c in ran:
+        if "error" in c.row:
+            c.lost = "failed: " + c.row["error"]
+    ok = [c for c in ran if "error" not in c.row]
+    # A chain with nothing to train is already final: its proxy is its full run.
+    ready = [c for c in ok if not c.row.get("trained_as_proxy")]
+    trainable = [c for c in ok if c.row.get("trained_as_proxy")]
+    # Successive halving applies to the expensive part, the full training runs.
+    keep = max(params.finalists, math.ceil(len(trainable) / params.eta))
+    for c in trainable[keep:]:
+        c.lost = f"cut by successive halving (proxy accuracy {c.row['accuracy']:.4f})"
+    survivors = trainable[:keep]
+    gate_total = (len(ready) + len(survivors)) * len(tails)  # at most this many
 
-    # Round 2: full training for the survivors (a chain with nothing to train keeps its proxy).
-    finalists: list[Candidate] = []
-    for n, proxy_cand in enumerate(survivors):
-        if not proxy_cand.row.get("trained_as_proxy"):
-            finalists.append(proxy_cand)
-            continue
-        if out_of_time(train_share) and n:
-            proxy_cand.lost = "not fully trained: max_time reached"
+    # Round 2: the chains with nothing to train get their endings first: a gated
+    # best-so-far within seconds, before any fine-tuning is spent.
+    for n, fin in enumerate(ready):
+        gate_all(fin, always=n == 0)
+
+    # Round 3: full training, best proxy first; each trained chain's endings right after it.
+    n_trained = 0
+    for proxy_cand in survivors:
+        estimate = float(proxy_cand.row.get("full_run_estimate_s", 0.0))
+        left = train_share * params.max_time_s - elapsed()
+        if out_of_time(train_share) or (n_trained and estimate > left):
+            why = "max_time reached" if left <= 0 else f"needs ~{estimate:.0f} s, {left:.0f} s left"
+            proxy_cand.lost = f"not fully trained: {why}"
             stopped_by = "max_time"
             continue
         cand = Candidate(proxy_cand.chain, None, "full")
         cand.native, cand.row = _run_native(
-            model, data, proxy_cand.chain, ctx, measure=proxy_measure, tag=f"f{n}"
+            model, data, proxy_cand.chain, ctx, measure=proxy_measure, tag=f"f{n_trained}"
         )
+        n_trained += 1
         proxy_cand.lost = "superseded by its fully trained run"
         candidates.append(cand)
-        _progress("full training", n + 1, len(survivors), cand)
+        _progress("full training", n_trained, len(survivors), cand)
         if cand.native is None:
             cand.lost = "failed: " + cand.row["error"]
-        else:
-            finalists.append(cand)
-
-    # Round 3: every finalist x tail through the ONNX gate and the budget.
-    gated: list[Candidate] = []
-    for n, fin in enumerate(finalists):
-        for m, tail in enumerate(tails):
-            cand = Candidate(fin.chain, tail, "gate", native=fin.native, native_row=fin.row)
-            if out_of_time() and (n or m):
-                cand.lost = "not gated: max_time reached"
-                stopped_by = "max_time"
-            else:
-                _gate(cand, data, ctx, params, measure=measure, floor=floor, tag=f"g{n}-{m}")
-            candidates.append(cand)
-            _progress("ONNX gate", n * len(tails) + m + 1, len(finalists) * len(tails), cand)
-            if cand.onnx is not None:
-                gated.append(cand)
-        fin.lost = fin.lost or "native finalist; see its ONNX candidates"
+            continue
+        gate_all(cand, always=True)
+    if not gated and not ready:
+        # Nothing trained within the time and nothing ready: gate the best proxy as it is.
+        for fin in survivors[:1]:
+            gate_all(fin, always=True)
 
     passed_parity = [c for c in gated if c.parity and c.parity["passed"]]
     pool = passed_parity or gated
@@ -604,7 +716,8 @@ def compress(
     )
     summary.update(
         stopped_by=stopped_by,
-        elapsed_s=time.perf_counter() - start,
+        elapsed_s=elapsed(),
+        skipped=[{"kind": k.kind, "why": k.why} for k in skipped],
         n_candidates=len(candidates),
         n_gated=len(gated),
     )

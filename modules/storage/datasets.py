@@ -7,7 +7,17 @@ a sha256 fingerprint of its arrays, so a run records exactly what it saw.
 
 Shapes. The built-in sets are flat `(n, features)`; `digits32` is digits upscaled
 (nearest neighbour) to `(n, 3, 32, 32)` for image models. A user's `.npz` keeps the
-shape it was saved with: `X_train` of shape `(n, C, H, W)` stays 4-D end to end.
+shape it was saved with: `X_train` of shape `(n, C, H, W)` stays 4-D end to end. MNIST
+IDX images keep theirs too: `(n, H, W)` files load as `(n, 1, H, W)` (one channel; uint8
+pixels scaled to [0, 1]), `(n, C, H, W)` files as they are, and a 2-D IDX file stays flat.
+
+Who gets flat rows. The dataset keeps the shape; each consumer asks for what it reads.
+A model with declared inputs (a `.pt2` program, an ONNX file) gets its input's shape: a
+flat `(batch, H*W)` input is fed the images flattened, a `(batch, 1, H, W)` conv input
+gets them as they are (`inputs.dataset_for_model`, which reshapes only when the model's
+fixed dims hold the same number of values). Models the service builds, the zoo's torch
+models and scikit-learn estimators, read flat rows (`Dataset.flat`); their meta records
+`in_features`, so later steps feed them the same way.
 A model with several named inputs (token ids + attention mask) gets one array per
 input and split, named `X_train__<input>` and `X_test__<input>` (for example
 `X_train__input_ids`, `X_train__attention_mask`); such a dataset holds X as a
@@ -79,6 +89,13 @@ class Dataset:
             X_train=self.X_train.reshape(len(self.X_train), *shape),
             X_test=self.X_test.reshape(len(self.X_test), *shape),
         )
+
+    def flat(self) -> Dataset:
+        """Each sample as one row of `n_features` values (what zoo models and scikit-learn
+        read); a flat or several-input dataset is returned as it is."""
+        if self.input_names or len(self.sample_shape) <= 1:
+            return self
+        return self.with_sample_shape((self.n_features,))
 
     @property
     def n_classes(self) -> int:
@@ -302,15 +319,42 @@ def _load_idx_dir(path: Path) -> Dataset:
             raise BadInputError(f"IDX dataset {path}: no file starting with {prefix!r}")
         return hits[0]
 
-    x_tr = read_idx(find("train-images")).astype(np.float32)
-    y_tr = read_idx(find("train-labels"))
-    x_te = read_idx(find("t10k-images")).astype(np.float32)
-    y_te = read_idx(find("t10k-labels"))
-    if x_tr.ndim != 3 or x_te.shape[1:] != x_tr.shape[1:]:
-        raise BadInputError(f"IDX dataset {path}: images must be (n, height, width) and match")
-    height, width = x_tr.shape[1:]
-    flat = (x_tr.reshape(len(x_tr), -1) / 255.0, y_tr, x_te.reshape(len(x_te), -1) / 255.0, y_te)
-    return _finish(f"idx:{path.name}", flat, image_shape=(1, height, width))
+    where = f"IDX dataset {path.name}"
+    x_tr = _idx_images(read_idx(find("train-images")), "train-images", where=where)
+    y_tr = _idx_labels(read_idx(find("train-labels")), "train-labels", where=where)
+    x_te = _idx_images(read_idx(find("t10k-images")), "t10k-images", where=where)
+    y_te = _idx_labels(read_idx(find("t10k-labels")), "t10k-labels", where=where)
+    if x_te.shape[1:] != x_tr.shape[1:]:
+        raise BadInputError(
+            f"{where}: train images are {list(x_tr.shape[1:])} per sample, test images "
+            f"{list(x_te.shape[1:])}"
+        )
+    for split, x, y in (("train", x_tr, y_tr), ("t10k", x_te, y_te)):
+        if len(x) != len(y):
+            raise BadInputError(
+                f"{where}: {split}-images holds {len(x)} samples, {split}-labels {len(y)}"
+            )
+    image = tuple(int(d) for d in x_tr.shape[1:]) if x_tr.ndim == 4 else None
+    return _finish(f"idx:{path.name}", (x_tr, y_tr, x_te, y_te), image_shape=image)  # type: ignore[arg-type]
+
+
+def _idx_images(raw: np.ndarray, what: str, *, where: str) -> np.ndarray:
+    """float32 samples: (n, H, W) gains a channel axis; uint8 pixels are scaled to [0, 1]."""
+    if raw.ndim not in (2, 3, 4) or not len(raw):
+        raise BadInputError(
+            f"{where}: {what} has shape {list(raw.shape)}; expected (n, H, W) images, "
+            "(n, C, H, W) or (n, features)"
+        )
+    x = raw.astype(np.float32)
+    if raw.dtype == np.uint8:
+        x /= 255.0
+    return x[:, None] if raw.ndim == 3 else x
+
+
+def _idx_labels(raw: np.ndarray, what: str, *, where: str) -> np.ndarray:
+    if raw.ndim != 1 or raw.dtype.kind not in "iu" or not len(raw) or raw.min() < 0:
+        raise BadInputError(f"{where}: {what} must be 1-D non-negative integer class ids")
+    return raw
 
 
 @lru_cache(maxsize=16)

@@ -75,8 +75,12 @@ class Int8Linear(nn.Module):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        packed = None if x.requires_grad else self._packed_weight()
+        if x.dtype != torch.float32:
+            x = x.float()
+        # torch.export traces the dequantizing path: the packed weight is an opaque engine
+        # object a program cannot hold. The saved graph keeps the int8 weight and the scale.
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        packed = None if x.requires_grad or tracing else self._packed_weight()
         if packed is not None:
             return cast(torch.Tensor, torch.ops.quantized.linear_dynamic(x, packed, _REDUCE_RANGE))
         weight = self.weight.float() * self.scale[:, None]

@@ -117,6 +117,9 @@ def train_baseline(
     params: TrainParams, data: Dataset, *, seed: int
 ) -> tuple[ModelArtifact, dict[str, Any]]:
     """A baseline of the requested kind, trained on the dataset's train split."""
+    # Zoo models and scikit-learn estimators read flat rows (their meta records in_features);
+    # image datasets keep their shape for models that declare theirs.
+    data = data.flat()
     if params.model in TORCH_KINDS:
         return train_torch(params, data, seed=seed)
     return train_sklearn(params, data, seed=seed)

@@ -41,6 +41,10 @@ def test_compress_writes_a_gated_onnx_and_its_reports(model_file, tmp_path):
     res = compress(model_file, out, "--profile", "edge-8mb", "--max-drop", "5")
     assert res.exit_code == 0, res.output
     assert "goal met" in res.output
+    # The bar follows the search candidate by candidate: each gated candidate's line shows.
+    gate_lines = [line for line in res.output.splitlines() if "ONNX gate " in line]
+    assert len(gate_lines) >= 2, res.output
+    assert "proxy 1/" in res.output
     assert sorted(p.name for p in out.iterdir()) == [
         "compress.json",
         "deployment_report.json",

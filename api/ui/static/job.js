@@ -11,6 +11,8 @@
   var label = document.getElementById("progress-label");
   var statusBox = document.getElementById("job-status");
   var reason = document.getElementById("job-reason");
+  var candidates = document.getElementById("candidates");
+  var lastDetail = null;
   var lastDone = Number(root.dataset.done);
   var received = 0;
   var asked = 0;
@@ -41,6 +43,15 @@
     if (ev.current_step) { text += " · running " + ev.current_step; }
     if (ev.detail) { text += " · " + ev.detail; }
     label.textContent = text;
+    // What a search reports of itself (one line per candidate) stays listed under the bar.
+    if (ev.detail && ev.detail !== lastDetail && candidates) {
+      lastDetail = ev.detail;
+      var item = document.createElement("li");
+      item.textContent = ev.detail;
+      candidates.appendChild(item);
+      candidates.hidden = false;
+      candidates.scrollTop = candidates.scrollHeight;
+    }
     var badge = document.createElement("span");
     badge.className = "badge status-" + ev.status.toLowerCase();
     badge.textContent = ev.status;
@@ -78,6 +89,8 @@
   source.addEventListener("end", function (e) { source.close(); apply(JSON.parse(e.data)); });
   source.onerror = function () {
     failures += 1;
-    if (failures >= 3) { source.close(); poll(); }
+    // CLOSED: the browser gave up by itself (an answer that is not a 200 event stream) and
+    // will not reconnect, so waiting for a third failure would wait forever.
+    if (failures >= 3 || source.readyState === EventSource.CLOSED) { source.close(); poll(); }
   };
 })();

@@ -17,6 +17,7 @@ from modules.pipeline.settings import Settings
 ALICE = {"X-API-Key": "alice-key-0001"}
 BOB = {"X-API-Key": "bob-key-00002"}
 TERMINAL = {"COMPLETED", "FAILED", "REJECTED", "STOPPED"}
+SECRET = "s" * 40  # the dashboard's session secret in these tests
 
 
 def make_settings(root: Path, **over: Any) -> Settings:
@@ -40,6 +41,19 @@ def settings(tmp_path: Path) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def ui_settings(tmp_path: Path) -> Settings:
+    """Settings with the dashboard on (a session secret)."""
+    return make_settings(tmp_path, session_secret=SECRET)
+
+
+@pytest.fixture
+def ui(ui_settings: Settings) -> Iterator[TestClient]:
+    """A client of the dashboard that does not follow redirects (tests look at them)."""
+    with TestClient(create_app(ui_settings), follow_redirects=False) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -4,33 +4,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from api.routes.events import step_states
 from api.ui.session import COOKIE_NAME, Session, decode_session, encode_session
 from modules.core.records import JobRecord, StepRecord
-from modules.pipeline.settings import Settings
-from tests.unit.api.conftest import ALICE, BOB, TERMINAL, make_settings
+from tests.unit.api.conftest import ALICE, BOB, SECRET, TERMINAL, make_settings
 
-SECRET = "s" * 40
 EVIL_NAME = "<img src=x onerror=alert(1)>.pt"
-
-
-@pytest.fixture
-def ui_settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path, session_secret=SECRET)
-
-
-@pytest.fixture
-def ui(ui_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(ui_settings), follow_redirects=False) as client:
-        yield client
 
 
 def login(client: TestClient, key: str = ALICE["X-API-Key"]) -> str:

@@ -113,14 +113,6 @@ def test_structured_pruning_of_a_resnet_program_drops_channels(digits32, ctx_fac
     assert torch.allclose(back.obj(x), pruned(x), atol=1e-4)
 
 
-def test_structured_pruning_refuses_an_exported_attention_naming_the_layer(tokens):
-    # Exported attention multiplies raw in_proj weights: no layer module to slice them with.
-    program = exported(ToyTransformer(), TOKEN_INPUTS)
-    x = tuple(torch.from_numpy(tokens.X_train[n][:2]) for n in ("input_ids", "attention_mask"))
-    with pytest.raises(BadInputError, match=r"cannot handle layer layer\.self_attn"):
-        prune_structured(program, amount=0.5, in_features=24, example_inputs=x)
-
-
 def test_structured_pruning_refuses_a_reshape_to_a_literal_width():
     class FixedView(nn.Module):
         def __init__(self) -> None:

@@ -211,6 +211,7 @@ SCRIPTS = [
     "modules.compression.precision",
     "modules.compression.prune_structured",
     "modules.compression.quantize_dynamic",
+    "modules.deployment.float16",
     "modules.deployment.onnx_export",
     "modules.deployment.onnx_quantize",
     "modules.deployment.quantize_static",

@@ -1,4 +1,5 @@
 import html
+import itertools
 import json
 
 import onnx
@@ -125,8 +126,8 @@ def test_a_candidate_that_fails_parity_never_wins(small_mlp, digits, ctx_factory
 
     def int8_fails(native, onnx_model, data, params):
         report, verdict = real(native, onnx_model, data, params)
-        if onnx_model.meta.get("quantized"):
-            return {**report, "passed": False}, Verdict(False, "forced: int8 disagrees")
+        if onnx_model.meta.get("quantized") or onnx_model.meta.get("float16"):
+            return {**report, "passed": False}, Verdict(False, "forced: int8/fp16 disagree")
         return report, verdict
 
     monkeypatch.setattr(parity, "check_parity", int8_fails)
@@ -141,14 +142,104 @@ def test_a_candidate_that_fails_parity_never_wins(small_mlp, digits, ctx_factory
     assert not out.model.meta.get("quantized")
 
 
-def test_max_time_stops_new_candidates_but_still_gates_one(small_mlp, digits, ctx_factory):
+def test_max_time_stops_new_candidates_but_still_gates_the_input(small_mlp, digits, ctx_factory):
     params = CompressParams(max_time_s=1e-6, **FAST)
     out = compress(small_mlp, digits, params, ctx_factory(profile=ROOMY))
     m = out.metrics
     assert m["stopped_by"] == "max_time"
-    assert m["n_gated"] == 1 and out.model is not None
+    # Only the input ran, and it got every one of its endings: fp32, int8 and fp16.
+    gates = [c for c in candidates_of(out) if c["phase"] == "gate"]
+    assert {c["label"] for c in gates} == {
+        "input => onnx fp32",
+        "input => onnx int8 dynamic",
+        "input => onnx int8 static",
+        "input => onnx fp16",
+    }
+    assert m["n_gated"] == len(gates) and out.model is not None
     skipped = [c for c in candidates_of(out) if "max_time" in (c["lost_because"] or "")]
     assert skipped
+
+
+class FakeClock:
+    """The search's clock: a proxy run costs 1 s, a full training run 1000 s, gates nothing."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_endings_of_the_first_trained_chain_beat_max_time(
+    small_mlp, digits, ctx_factory, monkeypatch
+):
+    """max_time runs out during the first full training: its int8 ending is still gated."""
+    clock = FakeClock()
+    real = compress_mod._run_native
+
+    def timed(model, data, chain, ctx, *, measure, tag):
+        out = real(model, data, chain, ctx, measure=measure, tag=tag)
+        clock.now += 1000.0 if tag.startswith("f") else 1.0
+        return out
+
+    monkeypatch.setattr(compress_mod, "_clock", clock)
+    monkeypatch.setattr(compress_mod, "_run_native", timed)
+    params = CompressParams(max_time_s=100, max_drop=100, **FAST)
+    out = compress(small_mlp, digits, params, ctx_factory(profile=ROOMY))
+    cands = candidates_of(out)
+    full = [c for c in cands if c["phase"] == "full"]
+    assert len(full) == 1  # the clock ran out during it
+    chain = full[0]["label"]
+    endings = {
+        c["label"]: c
+        for c in cands
+        if c["phase"] == "gate" and c["label"].startswith(chain + " =>")
+    }
+    assert set(endings) == {
+        f"{chain} => onnx {t}" for t in ("fp32", "int8 dynamic", "int8 static", "fp16")
+    }
+    int8 = endings[f"{chain} => onnx int8 dynamic"]
+    # Gated for real (on a graph this tiny int8's scales can outweigh its savings).
+    assert int8["parity"]["agreement"] is not None and "size_bytes" in int8
+    assert out.metrics["stopped_by"] == "max_time"
+    not_trained = [c for c in cands if (c["lost_because"] or "").startswith("not fully trained")]
+    assert not_trained
+
+
+def test_fp16_ending_halves_the_graph_and_keeps_float32_io(searched):
+    cands = candidates_of(searched)
+    fp32 = next(c for c in cands if c["label"] == "input => onnx fp32")
+    fp16 = next(c for c in cands if c["label"] == "input => onnx fp16")
+    assert fp16["tail"] == [{"step": "onnx_float16", "params": {}}]
+    assert fp16["parity"]["passed"]
+    assert 0.45 < fp16["size_bytes"] / fp32["size_bytes"] < 0.6
+
+
+def test_skipped_kinds_say_why(searched, small_knn, digits, ctx_factory):
+    skipped = {s["kind"]: s["why"] for s in json.loads(searched.files["compress.json"])["skipped"]}
+    assert (
+        "ONNX stores the pruned weights dense"
+        in skipped["prune_structured(method=unstructured) => onnx int8"]
+    )
+    out = compress(small_knn, digits, CompressParams(**FAST), ctx_factory(profile=ROOMY))
+    summary = json.loads(out.files["compress.json"])
+    kinds = {s["kind"]: s["why"] for s in summary["skipped"]}
+    assert "ai.onnx.ml" in kinds["onnx fp16"] and "quantize" in kinds["onnx int8"]
+    assert not any(c["tail"] for c in summary["candidates"] if c["phase"] == "gate")
+
+
+def test_the_smallest_student_of_the_teacher_fits_a_microcontroller(small_mlp, digits):
+    from modules.core.profiles import get_profile
+
+    teacher = type(small_mlp)(
+        "torch", small_mlp.obj, {"zoo_arch": {"name": "mlp", "hidden": [1024, 1024]}}
+    )
+    widths = student_widths(teacher, digits)
+    smallest = min(widths, key=lambda w: sum(w))
+    sizes = [digits.n_features, *smallest, digits.n_classes]
+    params = sum((a + 1) * b for a, b in itertools.pairwise(sizes))
+    budget = get_profile("mcu-256kb").memory_budget_mb * 2**20
+    assert 4 * params < budget / 4  # float32 weights, with room for activations and runtime
 
 
 def test_the_winning_chain_round_trips_as_a_job(searched, small_mlp, tmp_path):
@@ -205,3 +296,16 @@ def test_every_candidate_is_reported_to_progress_displays(searched):
     gated = [c for c in candidates_of(searched) if c["phase"] == "gate"]
     assert len(by_phase["ONNX gate"]) == len(gated)
     assert all(r["text"].startswith(r["phase"]) for r in own)
+
+
+def test_forest_candidates_keep_shares_of_its_own_trees(digits):
+    from sklearn.ensemble import RandomForestClassifier
+
+    from modules.core.artifact import ModelArtifact
+    from modules.search.compress import sklearn_chains
+
+    forest = RandomForestClassifier(n_estimators=20, max_depth=4, random_state=0)
+    forest.fit(digits.X_train, digits.y_train)
+    chains = sklearn_chains(ModelArtifact("sklearn", forest, {}), digits, {"forest_prune"})
+    counts = [c.stages[0].params["n_trees"] for c in chains if isinstance(c, Chain)]
+    assert counts == [1, 2, 4, 6, 10]
