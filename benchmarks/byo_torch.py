@@ -11,11 +11,20 @@ exactly as a user's file would arrive:
 Each row is one job run in-process through `LocalWorkspace.run` (so through run_step and
 the safe save/load path), ending with the `measure` step for accuracy and stored size:
 the fp32 upload; fp32 ONNX Runtime (`onnx_export`, the reference for the int8 rows);
-structured 50% + fine-tune (`prune_structured`, Torch-Pruning); static int8
+structured 50% + fine-tune (`prune_structured`, Torch-Pruning, fine-tuned with a cosine
+learning rate and knowledge distillation from the unpruned upload); static int8
 (`quantize_static`, ONNX QDQ); KD into a smaller student (`distill` with `student_prune`,
 a structurally pruned copy of the teacher); and the chain structured 50% + fine-tune ->
-static int8, as one job. A step that fails is recorded in the table with its reason, never
-worked around here.
+static int8 (static int8 on each seed's stored structured output). A step that fails is
+recorded in the table with its reason, never worked around here.
+
+Seeds. The upload is trained once (training the ResNet-18 several times does not fit the
+budget); the jobs then run on that split saved as a `.npz`, so the job seed changes the
+compression steps' own randomness (fine-tune batch order, calibration rows, student
+initialisation) and not the split. Structured pruning + fine-tune and the chain run on
+`seeds` job seeds (`repeat.seed_schedule`); their accuracy is the mean with a Student-t 95%
+CI across seeds, and the targets are judged on the mean. A recipes table compares the
+fine-tune settings on the same seeds (accuracy only).
 
 Latency: at the end, every row's stored model (torch rows through the product's predictor,
 eager; ONNX rows through an ONNX Runtime session; one thread each, see the table's notes)
@@ -51,7 +60,8 @@ if str(ROOT) not in sys.path:
 from modules.core.jobspec import parse_job_spec  # noqa: E402  (after the sys.path fix)
 from modules.evaluation.inference import OrtRunner, make_predictor  # noqa: E402
 from modules.evaluation.measure import batch_of, time_batches  # noqa: E402
-from modules.evaluation.stats import summarize  # noqa: E402
+from modules.evaluation.repeat import seed_schedule  # noqa: E402
+from modules.evaluation.stats import summarize, t_interval  # noqa: E402
 from modules.pipeline.local import LocalWorkspace  # noqa: E402
 from modules.pipeline.run import load_stored_model  # noqa: E402
 from modules.storage.datasets import Dataset, load_dataset  # noqa: E402
@@ -68,17 +78,29 @@ MEASURE = {
 # Per-model budgets: (default, --quick). Kept small: the machine has 2 shared cores.
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {
-        "resnet18": {"train_epochs": 10, "finetune_epochs": 3, "kd_epochs": 4},
+        "resnet18": {"train_epochs": 10, "finetune_epochs": 5, "kd_epochs": 4},
         "residual_mlp": {"train_epochs": 40, "finetune_epochs": 10, "kd_epochs": 30},
         "timing": {"rounds": 8, "runs": 10, "warmup": 5, "threads": 1},
         "calibration_samples": 256,
+        "seeds": 3,
     },
     "quick": {
         "resnet18": {"train_epochs": 1, "finetune_epochs": 1, "kd_epochs": 1},
         "residual_mlp": {"train_epochs": 5, "finetune_epochs": 1, "kd_epochs": 2},
         "timing": {"rounds": 2, "runs": 3, "warmup": 1, "threads": 1},
         "calibration_samples": 32,
+        "seeds": 2,
     },
+}
+
+# The structured row's fine-tune: a cosine learning rate, and distillation from the unpruned
+# upload (the step's own input). RECIPES are the fine-tunes the recipes table compares with
+# it on the same seeds; the first is the step's defaults.
+FINETUNE = {"lr_schedule": "cosine", "distill_weight": 0.7, "distill_temperature": 4.0}
+RECIPES: dict[str, dict[str, Any]] = {
+    "labels, constant lr (the step's defaults)": {},
+    "labels, cosine lr": {"lr_schedule": "cosine"},
+    "distillation + cosine lr (the structured row)": FINETUNE,
 }
 
 FP32 = "fp32 upload (.pt2, torch)"
@@ -97,17 +119,27 @@ TARGET_TEXT = [
 ]
 
 
-def rows_for(model: str, config: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """(label, steps) for every row of one model; the fp32 upload row has no steps."""
-    budget = config[model]
-    prune = {
+def prune_call(model: str, config: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """The structured 50% step with one fine-tune recipe."""
+    return {
         "name": "prune_structured",
         "params": {
             "method": "structured",
             "amount": 0.5,
-            "finetune_epochs": budget["finetune_epochs"],
+            "finetune_epochs": config[model]["finetune_epochs"],
+            **recipe,
         },
     }
+
+
+def rows_for(model: str, config: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(label, steps) for every row of one model; the fp32 upload row has no steps.
+
+    The chain's steps run on the structured row's stored output, so only its int8 step is
+    listed after the prune step here (run_model starts it from that output).
+    """
+    budget = config[model]
+    prune = prune_call(model, config, FINETUNE)
     static = {
         "name": "quantize_static",
         "params": {"calibration_samples": config["calibration_samples"]},
@@ -214,6 +246,12 @@ def export_pt2(net: Any, data: Dataset, path: Path) -> None:
 
 @dataclass
 class Row:
+    """One table row; a row run on several job seeds keeps each seed's accuracy.
+
+    key, size_bytes, framework and step_metrics are the first seed's (its stored model is
+    the one timed); accuracy is the mean over `seed_accuracies`; seconds the mean duration.
+    """
+
     label: str
     steps: list[dict[str, Any]]
     status: str = "not run"
@@ -225,10 +263,107 @@ class Row:
     seconds: float | None = None
     step_metrics: list[dict[str, Any]] = field(default_factory=list)
     latency: dict[int, dict[str, Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
+    seed_accuracies: list[float] = field(default_factory=list)
+    seed_keys: list[str] = field(default_factory=list)
+    seed_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """What one job of a row left: status, the measured model's key, accuracy, size."""
+
+    seed: int
+    status: str
+    reason: str
+    key: str | None
+    framework: str | None
+    accuracy: float | None
+    size_bytes: int | None
+    seconds: float
+    step_metrics: list[dict[str, Any]]
+
+
+def run_job(
+    ws: LocalWorkspace, *, job_id: str, model_key: str, dataset: str, seed: int, steps: list[Any]
+) -> Job:
+    """One job through LocalWorkspace.run, ending with `measure`."""
+    spec = parse_job_spec(
+        {
+            "job_id": job_id,
+            "user_id": USER,
+            "model": model_key,
+            "dataset": dataset,
+            "seed": seed,
+            "steps": [*steps, MEASURE],
+        }
+    )
+    done = ws.run(spec)
+    work = [r for r in done.records if r.step != "measure"]
+    job = Job(
+        seed=seed,
+        status=done.status,
+        reason=done.reason or "",
+        key=None,
+        framework=None,
+        accuracy=None,
+        size_bytes=None,
+        seconds=sum(r.duration_s or 0.0 for r in work),
+        step_metrics=[r.metrics for r in work],
+    )
+    if done.status == "COMPLETED":
+        measure = done.records[-1]
+        job.key = measure.output_key or measure.input_key
+        job.framework = measure.input_framework
+        job.accuracy = measure.metrics.get("accuracy")
+        job.size_bytes = measure.metrics.get("size_bytes")
+    return job
+
+
+def run_seeds(
+    ws: LocalWorkspace,
+    *,
+    tag: str,
+    steps: list[Any],
+    dataset: str,
+    inputs: list[tuple[int, str]],
+) -> list[Job]:
+    """One job per (seed, input model key), ids `{tag}-s{seed}`."""
+    return [
+        run_job(ws, job_id=f"{tag}-s{s}", model_key=key, dataset=dataset, seed=s, steps=steps)
+        for s, key in inputs
+    ]
+
+
+def fill_row(row: Row, jobs: list[Job]) -> None:
+    """A row from its jobs (one per seed): the first failure, else the seeds' results."""
+    failed = next((j for j in jobs if j.status != "COMPLETED"), None)
+    first = jobs[0] if failed is None else failed
+    row.status, row.reason = first.status, first.reason
+    row.step_metrics = first.step_metrics
+    row.seeds = [j.seed for j in jobs]
+    row.seed_seconds = [j.seconds for j in jobs]
+    row.seconds = float(np.mean(row.seed_seconds)) if row.steps else None
+    if failed is not None:
+        return
+    row.key, row.framework, row.size_bytes = first.key, first.framework, first.size_bytes
+    row.seed_keys = [j.key for j in jobs if j.key is not None]
+    row.seed_accuracies = [j.accuracy for j in jobs if j.accuracy is not None]
+    row.accuracy = float(np.mean(row.seed_accuracies)) if row.seed_accuracies else None
+
+
+def save_split(data: Dataset, path: Path) -> str:
+    """The split as a `.npz` job dataset, so the job seed leaves the split alone."""
+    np.savez(
+        path, X_train=data.X_train, y_train=data.y_train, X_test=data.X_test, y_test=data.y_test
+    )
+    if load_dataset(str(path)).fingerprint != data.fingerprint:
+        raise RuntimeError(f"{path.name} does not hold the split it was written from")
+    return str(path)
 
 
 def run_model(model: str, config: dict[str, Any], root: Path, seed: int) -> dict[str, Any]:
-    """Train, export and import one model, then run each row as a job; returns its results."""
+    """Train, export and import one model, then run each row as jobs; returns its results."""
     dataset = "digits32" if model == "resnet18" else "digits"
     data = load_dataset(dataset, seed=seed)
     import torch
@@ -243,41 +378,58 @@ def run_model(model: str, config: dict[str, Any], root: Path, seed: int) -> dict
     export_pt2(net, data, pt2)
     ws = LocalWorkspace(root / model)
     upload_key = ws.import_model(pt2, user_id=USER)
+    split = save_split(data, root / f"{model}-{dataset}-split{seed}.npz")
+    seeds = seed_schedule(seed, config["seeds"])
     print(
         f"{model}: {n_params:,} params, plain-torch test accuracy {plain_acc:.4f} "
-        f"after {train_s:.0f}s; .pt2 {pt2.stat().st_size:,} bytes",
+        f"after {train_s:.0f}s; .pt2 {pt2.stat().st_size:,} bytes; job seeds {seeds}",
         flush=True,
     )
     rows = [Row(label, steps) for label, steps in rows_for(model, config)]
+    by = {r.label: r for r in rows}
     for i, row in enumerate(rows):
-        spec = parse_job_spec(
-            {
-                "job_id": f"{model}-row{i}-s{seed}",
-                "user_id": USER,
-                "model": upload_key,
-                "dataset": dataset,
-                "seed": seed,
-                "steps": [*row.steps, MEASURE],
-            }
-        )
         began = time.perf_counter()
-        done = ws.run(spec)
-        row.status = done.status
-        row.reason = done.reason or ""
-        work = [r for r in done.records if r.step != "measure"]
-        row.seconds = sum(r.duration_s or 0.0 for r in work) if work else None
-        row.step_metrics = [r.metrics for r in work]
-        if done.status == "COMPLETED":
-            measure = done.records[-1]
-            row.key = measure.output_key or measure.input_key
-            row.framework = measure.input_framework
-            row.accuracy = measure.metrics.get("accuracy")
-            row.size_bytes = measure.metrics.get("size_bytes")
+        tag = f"{model}-row{i}"
+        if row.label == STRUCT:
+            fill_row(
+                row,
+                run_seeds(
+                    ws,
+                    tag=tag,
+                    steps=row.steps,
+                    dataset=split,
+                    inputs=[(s, upload_key) for s in seeds],
+                ),
+            )
+        elif row.label == CHAIN:
+            # Static int8 on each seed's stored structured output: the same run_step calls
+            # as one two-step job, without fine-tuning the pruned model a second time.
+            struct = by[STRUCT]
+            if struct.status != "COMPLETED":
+                row.status, row.reason = "NOT RUN", f"the {STRUCT} row did not complete"
+            else:
+                inputs = list(zip(struct.seeds, struct.seed_keys, strict=True))
+                fill_row(
+                    row, run_seeds(ws, tag=tag, steps=row.steps[1:], dataset=split, inputs=inputs)
+                )
+                row.seed_seconds = [
+                    a + b for a, b in zip(struct.seed_seconds, row.seed_seconds, strict=True)
+                ]
+                row.seconds = float(np.mean(row.seed_seconds))
+                row.step_metrics = [*struct.step_metrics, *row.step_metrics]
+        else:
+            fill_row(
+                row,
+                run_seeds(ws, tag=tag, steps=row.steps, dataset=split, inputs=[(seed, upload_key)]),
+            )
         print(
-            f"  {row.label}: {row.status} acc {row.accuracy} size {row.size_bytes} "
-            f"({time.perf_counter() - began:.1f}s) {row.reason}",
+            f"  {row.label}: {row.status} acc {row.seed_accuracies or row.accuracy} size "
+            f"{row.size_bytes} ({time.perf_counter() - began:.1f}s) {row.reason}",
             flush=True,
         )
+    recipes = run_recipes(
+        model, config, ws=ws, upload_key=upload_key, split=split, seeds=seeds, struct=by[STRUCT]
+    )
     retime_interleaved(rows, ws, data, config["timing"], seed=seed)
     return {
         "model": model,
@@ -288,8 +440,45 @@ def run_model(model: str, config: dict[str, Any], root: Path, seed: int) -> dict
         "train_epochs": config[model]["train_epochs"],
         "pt2_bytes": pt2.stat().st_size,
         "rows": rows,
+        "recipes": recipes,
         "n_test": len(data.y_test),
+        "seeds": seeds,
+        "finetune_epochs": config[model]["finetune_epochs"],
     }
+
+
+def run_recipes(
+    model: str,
+    config: dict[str, Any],
+    *,
+    ws: LocalWorkspace,
+    upload_key: str,
+    split: str,
+    seeds: list[int],
+    struct: Row,
+) -> list[Row]:
+    """The structured 50% step with each fine-tune recipe on the same seeds (accuracy only)."""
+    out = []
+    for n, (label, recipe) in enumerate(RECIPES.items()):
+        row = Row(label, [prune_call(model, config, recipe)])
+        if recipe is FINETUNE:
+            # The structured row itself: same params, same seeds; not run twice.
+            row = Row(label, row.steps, **_copy_of(struct))
+        else:
+            inputs = [(s, upload_key) for s in seeds]
+            fill_row(
+                row,
+                run_seeds(
+                    ws, tag=f"{model}-recipe{n}", steps=row.steps, dataset=split, inputs=inputs
+                ),
+            )
+        print(f"  recipe {label}: {row.status} acc {row.seed_accuracies}", flush=True)
+        out.append(row)
+    return out
+
+
+def _copy_of(row: Row) -> dict[str, Any]:
+    return {k: v for k, v in row.__dict__.items() if k not in {"label", "steps"}}
 
 
 def timed_fn(artifact: Any, threads: int) -> Any:
@@ -351,16 +540,43 @@ def derived(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
     for label, row in rows.items():
         ref = reference(label, rows)
-        d: dict[str, float | None] = {"ratio": None, "drop": None, "b1": None, "b32": None}
+        d: dict[str, float | None] = {
+            "ratio": None,
+            "drop": None,
+            "drop_lo": None,
+            "drop_hi": None,
+            "b1": None,
+            "b32": None,
+        }
         if row.size_bytes and base.size_bytes:
             d["ratio"] = base.size_bytes / row.size_bytes
         if row.accuracy is not None and base.accuracy is not None:
             d["drop"] = 100 * (base.accuracy - row.accuracy)
+            d.update(drop_interval(base.accuracy, row.seed_accuracies))
         for b in BATCHES:
             if b in row.latency and b in ref.latency:
                 d[f"b{b}"] = ref.latency[b]["median"] / row.latency[b]["median"]
         out[label] = d
     return out
+
+
+def drop_interval(base: float, accuracies: list[float]) -> dict[str, float | None]:
+    """Student-t 95% CI of the mean accuracy drop (pt) over seeds; None with under 2 seeds.
+
+    The upload is one fixed model, so the drop's spread is the seeds' spread.
+    """
+    if len(accuracies) < 2:
+        return {"drop_lo": None, "drop_hi": None}
+    lo, hi = t_interval([100 * (base - a) for a in accuracies])
+    return {"drop_lo": lo, "drop_hi": hi}
+
+
+def _drop(d: dict[str, float | None]) -> str:
+    if d["drop"] is None:
+        return "-"
+    if d["drop_lo"] is None or d["drop_hi"] is None:
+        return f"{d['drop']:+.2f}"
+    return f"{d['drop']:+.2f} [{d['drop_lo']:+.2f}, {d['drop_hi']:+.2f}]"
 
 
 def _ms(stat: dict[str, Any] | None) -> str:
@@ -378,20 +594,19 @@ def table(result: dict[str, Any]) -> list[str]:
     """One markdown table for one model."""
     rows, d = _by(result), derived(result)
     out = [
-        "| row | status | size MB | size ratio | accuracy % | drop pt | latency b1 ms "
-        "| latency b32 ms | reference | speedup b1 | speedup b32 | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| row | status | seeds | size MB | size ratio | accuracy % | drop pt [95% CI] "
+        "| latency b1 ms | latency b32 ms | reference | speedup b1 | speedup b32 | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for label, row in rows.items():
         ref = reference(label, rows)
         size = "-" if row.size_bytes is None else f"{row.size_bytes / 1e6:.3f}"
         acc = "-" if row.accuracy is None else f"{100 * row.accuracy:.2f}"
-        drop = d[label]["drop"]
         secs = "-" if row.seconds is None else f"{row.seconds:.1f}"
         status = "ok" if row.status == "COMPLETED" else f"**{row.status}**"
         out.append(
-            f"| {label} | {status} | {size} | {_x(d[label]['ratio'], 1)} | {acc} "
-            f"| {'-' if drop is None else f'{drop:+.2f}'} | {_ms(row.latency.get(1))} "
+            f"| {label} | {status} | {len(row.seeds) or '-'} | {size} "
+            f"| {_x(d[label]['ratio'], 1)} | {acc} | {_drop(d[label])} | {_ms(row.latency.get(1))} "
             f"| {_ms(row.latency.get(32))} | {'-' if ref is row else ref.label} "
             f"| {_x(d[label]['b1'])} | {_x(d[label]['b32'])} | {secs} |"
         )
@@ -426,7 +641,13 @@ def target_lines(result: dict[str, Any]) -> list[str]:
             parts.append(f"{name} {value:.2f} {sign} {bound} ({'ok' if ok else 'missed'})")
             verdicts.append(ok)
         verdict = "met" if all(verdicts) else "MISSED"
-        return f"- **{label}**: {verdict}: " + "; ".join(parts) + "."
+        lo, hi, n = d[label]["drop_lo"], d[label]["drop_hi"], len(rows[label].seed_accuracies)
+        spread = (
+            f" (the drop is the mean over {n} seeds; its 95% CI [{lo:+.2f}, {hi:+.2f}] pt)"
+            if lo is not None and hi is not None
+            else ""
+        )
+        return f"- **{label}**: {verdict}: " + "; ".join(parts) + spread + "."
 
     int8_bytes, onnx_bytes = rows[INT8].size_bytes, rows[FP32_ORT].size_bytes
     onnx_ratio = onnx_bytes / int8_bytes if int8_bytes and onnx_bytes else None
@@ -480,6 +701,34 @@ def notes(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def recipes_table(result: dict[str, Any]) -> list[str]:
+    """Accuracy of the structured 50% step under each fine-tune recipe, same seeds."""
+    rows = _by(result)
+    base = rows[FP32].accuracy
+    if base is None or not result.get("recipes"):
+        return []
+    out = [
+        f"Fine-tune recipes for structured 50% ({result['finetune_epochs']} epochs each, the "
+        f"same job seeds {result['seeds']}; accuracy only):",
+        "",
+        "| fine-tune | params | accuracy % (mean) | drop pt [95% CI] | per seed % | seconds |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for row in result["recipes"]:
+        params = row.steps[0]["params"]
+        shown = {k: v for k, v in params.items() if k not in {"method", "amount"}}
+        if row.accuracy is None:
+            out.append(f"| {row.label} | `{shown}` | - | - | {row.status}: {row.reason} | - |")
+            continue
+        d = {"drop": 100 * (base - row.accuracy), **drop_interval(base, row.seed_accuracies)}
+        per = ", ".join(f"{100 * a:.2f}" for a in row.seed_accuracies)
+        secs = "-" if row.seconds is None else f"{row.seconds:.1f}"
+        out.append(
+            f"| {row.label} | `{shown}` | {100 * row.accuracy:.2f} | {_drop(d)} | {per} | {secs} |"
+        )
+    return [*out, ""]
+
+
 def render(
     results: list[dict[str, Any]],
     *,
@@ -497,9 +746,8 @@ def render(
         "# Bring-your-own torch models (.pt2) through the torch steps",
         "",
         f"Generated by `benchmarks/byo_torch.py{' --quick' if quick else ''}` in "
-        f"{elapsed / 60:.1f} min; seed {seed}, one run (one seed: training the ResNet-18 "
-        "three times does not fit the ~10 minute budget on this machine, so accuracy has no "
-        f"CI across seeds); torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"{elapsed / 60:.1f} min; seed {seed} (the split and the upload's training); "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, Python {platform.python_version()}. "
         f"Load average (1/5/15 min) at start {', '.join(f'{v:.1f}' for v in load_start)}, "
@@ -512,6 +760,19 @@ def render(
         "- size: the stored artifact's bytes; size ratio: the fp32 upload's stored size / "
         "the row's.",
         "- accuracy: the `measure` step on the whole test split; drop: fp32 upload minus row.",
+        "- seeds: the upload is trained once (training the ResNet-18 several times does not "
+        "fit the budget); every job runs on that split, saved as a `.npz`, so the job seed "
+        "changes only the compression steps' own randomness (fine-tune batch order, "
+        "calibration rows, student initialisation). Structured 50% + fine-tune runs on "
+        "several job seeds (`repeat.seed_schedule`) and the chain quantizes each seed's "
+        "stored structured model; their accuracy is the mean over seeds and the drop carries "
+        "a Student-t 95% CI across seeds (the upload is one fixed model). Pruning itself is "
+        "deterministic (same widths, same size for every seed), so size and latency are the "
+        "first seed's model. The other rows are one job on the base seed.",
+        f"- structured 50% + fine-tune: Torch-Pruning, L1 group importance, "
+        f"{', '.join(f'{k}={v}' for k, v in FINETUNE.items())} (knowledge distillation from "
+        "the unpruned upload, which the step holds as its input, and a cosine learning rate); "
+        "the recipes table below compares fine-tunes on the same seeds.",
         "- latency: every row's stored model timed together at the end through the product's "
         f"predictor, interleaved in a shuffled order per round ({timing['rounds']} rounds x "
         f"{timing['runs']} runs per batch size, after warm-up); median [95% CI of the median], "
@@ -520,8 +781,8 @@ def render(
         f"session (`OrtRunner`); {timing['threads']} thread(s) for both, because with 2 "
         "threads on this shared 2-core machine OpenMP waits on busy cores gave medians "
         "tens of times too slow in a trial run.",
-        "- seconds: the compression steps' own duration (`duration_s` of their step records; "
-        "the chain's is both of its steps, run as one job).",
+        "- seconds: the compression steps' own duration (`duration_s` of their step records, "
+        "mean over seeds; the chain's is both of its steps).",
         "",
     ]
     for res in results:
@@ -546,6 +807,7 @@ def render(
                 "",
             ]
         out += ["Step details:", "", *notes(res), ""]
+        out += recipes_table(res)
     out += ["## The issue's targets", "", *[f"- {t}" for t in TARGET_TEXT], ""]
     return "\n".join(out)
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
@@ -50,27 +49,9 @@ from modules.training.finetune import (
     fit,
     seed_everything,
 )
+from modules.training.kd import kd_loss
 
 DEFAULT_STUDENT: dict[str, Any] = {"name": "mlp", "hidden": [64]}
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float,
-    alpha: float,
-) -> torch.Tensor:
-    """alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE, batch-mean."""
-    soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    hard = F.cross_entropy(student_logits, labels)
-    return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
 def linear_schedule(epoch: int, *, epochs: int, start: float, end: float | None) -> float:

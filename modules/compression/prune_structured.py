@@ -58,7 +58,8 @@ from modules.storage.datasets import Dataset
 from modules.storage.graph_layers import lift_layers
 from modules.storage.layers import ResidualBlock
 from modules.training.fields import FineTuneFields
-from modules.training.finetune import as_tensors, fit
+from modules.training.finetune import LossFn, LrSchedule, as_tensors, fit
+from modules.training.kd import teacher_loss
 
 Importance = Literal["l1", "l2", "gradient"]
 Scope = Literal["layer", "global"]
@@ -530,11 +531,14 @@ def prune_gradual(
     batch_size: int = 64,
     seed: int = 0,
     layer_amounts: Mapping[str, float] | None = None,
+    lr_schedule: LrSchedule = "constant",
+    loss_fn: LossFn | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune while fine-tuning on the schedule, then fine-tune with the final mask fixed.
 
     layer_amounts: weight name -> that layer's own final sparsity; it follows the same
     cubic ramp (from min(initial, its final)) as the global target.
+    lr_schedule, loss_fn: as `fit` takes them, over the ramp and the fine-tune together.
     """
     pruned = copy.deepcopy(model)
     steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
@@ -600,8 +604,10 @@ def prune_gradual(
         data.y_train,
         epochs=prune_epochs + finetune_epochs,
         lr=lr,
+        lr_schedule=lr_schedule,
         batch_size=batch_size,
         seed=seed,
+        loss_fn=loss_fn,
         after_step=after_step,
     )
     report = {
@@ -671,6 +677,20 @@ class PruneParams(FineTuneFields, LayerControlFields):
     start_step: int = Field(
         default=0, ge=0, le=10_000_000, description="Gradual: optimizer step where the ramp starts."
     )
+    distill_weight: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Fine-tune by knowledge distillation from the unpruned input model: the "
+        "weight alpha of its soft targets in alpha * T^2 * KL + (1 - alpha) * cross-entropy "
+        "(0 = the labels only; 1 = the teacher only).",
+    )
+    distill_temperature: float = Field(
+        default=4.0,
+        gt=0,
+        le=100,
+        description="Softmax temperature T of the distillation term (with distill_weight > 0).",
+    )
     layers: dict[str, Any] = layers_field(
         '{"amount": a} with a in [0, 1)',
         fallback="`amount`",
@@ -714,6 +734,20 @@ def _prune(model: nn.Module, data: Dataset, params: PruneParams, ctx: StepContex
     metrics: dict[str, Any] = {"method": params.method, "amount": params.amount}
     if params.layers:
         metrics["layer_settings"] = describe_choices(layer_choices(model, params.layers))
+    # `model` is the step's own copy of the input and every method prunes a copy of it, so
+    # it stays the unpruned teacher while the pruned copy fine-tunes.
+    loss_fn = None
+    if params.distill_weight > 0 and params.finetune_epochs + (
+        params.prune_epochs if params.method == "gradual" else 0
+    ):
+        loss_fn = teacher_loss(
+            model, temperature=params.distill_temperature, alpha=params.distill_weight
+        )
+        metrics["distill"] = {
+            "teacher": "the unpruned input model",
+            "weight": params.distill_weight,
+            "temperature": params.distill_temperature,
+        }
     if params.method == "gradual":
         pruned, report = prune_gradual(
             model,
@@ -730,6 +764,8 @@ def _prune(model: nn.Module, data: Dataset, params: PruneParams, ctx: StepContex
             batch_size=params.batch_size,
             seed=ctx.seed,
             layer_amounts=unstructured_layer_amounts(model, params.layers),
+            lr_schedule=params.lr_schedule,
+            loss_fn=loss_fn,
         )
         # prune_gradual fine-tunes with the final mask fixed itself.
         return Transformed(pruned, {**metrics, "gradual": report}, trained=True)
@@ -748,7 +784,7 @@ def _prune(model: nn.Module, data: Dataset, params: PruneParams, ctx: StepContex
         before, after = _widths(model), _widths(pruned)
         metrics["widths"] = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
         metrics.update(structured_layer_report(model, pruned, params.layers))
-        return Transformed(pruned, metrics)
+        return Transformed(pruned, metrics, loss_fn=loss_fn)
     scores = (
         gradient_scores(model, data.X_train, data.y_train)
         if params.importance == "gradient"
@@ -762,7 +798,9 @@ def _prune(model: nn.Module, data: Dataset, params: PruneParams, ctx: StepContex
         layer_amounts=unstructured_layer_amounts(model, params.layers),
     )
     # Adam moves pruned weights off zero while fine-tuning; the masks put them back.
-    return Transformed(pruned, metrics, after_step=lambda _s: apply_masks(pruned, masks))
+    return Transformed(
+        pruned, metrics, after_step=lambda _s: apply_masks(pruned, masks), loss_fn=loss_fn
+    )
 
 
 # --- CLI -------------------------------------------------------------------------------------

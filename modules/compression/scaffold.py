@@ -25,6 +25,8 @@ from modules.storage.datasets import Dataset
 from modules.storage.graph_layers import lift_layers
 from modules.storage.inputs import dataset_for_model, torch_input_specs
 from modules.training.finetune import (
+    LossFn,
+    LrSchedule,
     check_fits_data,
     check_trainable,
     eval_mode,
@@ -49,6 +51,9 @@ class FineTuneParams(Protocol):
     def lr(self) -> float: ...
 
     @property
+    def lr_schedule(self) -> LrSchedule: ...
+
+    @property
     def batch_size(self) -> int: ...
 
 
@@ -58,6 +63,8 @@ class Transformed:
 
     after_step: runs after every fine-tuning optimizer step (unstructured pruning puts its
         masks back, since Adam moves pruned weights off zero).
+    loss_fn: the fine-tune's loss (fit's LossFn; structured pruning distills from the
+        unpruned input with it); None = cross-entropy on the labels.
     trained: the transform trained the module itself (gradual pruning): no fine-tune follows.
     meta: facts added to the output artifact's meta.
     """
@@ -65,6 +72,7 @@ class Transformed:
     module: nn.Module
     metrics: dict[str, Any] = field(default_factory=dict)
     after_step: Callable[[int], None] | None = None
+    loss_fn: LossFn | None = None
     trained: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -151,12 +159,15 @@ def torch_step(
             data.y_train,
             epochs=tuning.finetune_epochs,
             lr=tuning.lr,
+            lr_schedule=tuning.lr_schedule,
             batch_size=tuning.batch_size,
             seed=ctx.seed,
+            loss_fn=done.loss_fn,
             after_step=done.after_step,
         )
         metrics["finetune"] = {
             "epochs": tuning.finetune_epochs,
+            "lr_schedule": tuning.lr_schedule,
             "final_loss": history["final_loss"],
             "train_time_s": history["train_time_s"],
         }

@@ -5,7 +5,7 @@ No torch import: the params models are built wherever steps are listed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,11 @@ def finetune_epochs_field(default: int) -> Any:
 
 
 class FineTuneFields(TrainingFields):
-    """The fine-tuning params of a compression step: finetune_epochs, lr, batch_size."""
+    """The fine-tuning params of a compression step: epochs, lr, lr_schedule, batch_size."""
 
     finetune_epochs: int = finetune_epochs_field(5)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant",
+        description="Fine-tuning learning rate: constant `lr`, or cosine (decayed per "
+        "optimizer step from `lr` to 0 at the last step).",
+    )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from modules.core.step import check_cancelled
 from modules.errors import BadInputError, IncompatibleError
 
 LossFn = Callable[[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
+LrSchedule = Literal["constant", "cosine"]
 
 
 def seed_everything(seed: int) -> None:
@@ -60,12 +62,14 @@ def fit(
     batch_size: int = 64,
     seed: int = 0,
     weight_decay: float = 0.0,
+    lr_schedule: LrSchedule = "constant",
     loss_fn: LossFn | None = None,
     after_step: Callable[[int], None] | None = None,
     before_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train with Adam on (x, y); returns loss history and wall time.
 
+    lr_schedule: constant `lr`, or cosine: `lr` decayed per optimizer step to 0 at the end.
     loss_fn(logits, inputs, yb): inputs is the batch's tuple of model inputs; defaults to
         cross-entropy; distillation passes its own.
     after_step(global_step): runs after every optimizer step (pruning masks, schedules).
@@ -75,6 +79,7 @@ def fit(
     xts = as_tensors(x)
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total_steps = epochs * math.ceil(len(yt) / batch_size)
     ce = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -96,6 +101,9 @@ def fit(
             loss.backward()
             optimizer.step()
             step += 1
+            if lr_schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(step, total=total_steps, lr=lr)
             if after_step is not None:
                 after_step(step)
             total += float(loss.detach()) * len(idx)
@@ -109,6 +117,11 @@ def fit(
         "loss_history": losses,
         "train_time_s": time.perf_counter() - start,
     }
+
+
+def cosine_lr(step: int, *, total: int, lr: float) -> float:
+    """The learning rate after `step` of `total` optimizer steps: lr/2 * (1 + cos(pi t/T))."""
+    return 0.5 * lr * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
