@@ -18,6 +18,7 @@ class Tuning:
     finetune_epochs: int = 0
     lr: float = 1e-2
     batch_size: int = 256
+    lr_schedule: str = "constant"
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
