@@ -267,6 +267,7 @@ class Row:
     seed_accuracies: list[float] = field(default_factory=list)
     seed_keys: list[str] = field(default_factory=list)
     seed_seconds: list[float] = field(default_factory=list)
+    seed_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -349,6 +350,7 @@ def fill_row(row: Row, jobs: list[Job]) -> None:
     row.key, row.framework, row.size_bytes = first.key, first.framework, first.size_bytes
     row.seed_keys = [j.key for j in jobs if j.key is not None]
     row.seed_accuracies = [j.accuracy for j in jobs if j.accuracy is not None]
+    row.seed_sizes = [j.size_bytes for j in jobs if j.size_bytes is not None]
     row.accuracy = float(np.mean(row.seed_accuracies)) if row.seed_accuracies else None
 
 
@@ -618,6 +620,14 @@ def table(result: dict[str, Any]) -> list[str]:
             "or calibration noise) ended above the briefly trained upload; it is not a gain "
             "from compression."
         )
+    for r in rows.values():
+        if len(set(r.seed_sizes)) > 1:
+            out.append("")
+            out.append(
+                f"- {r.label}: the seeds' stored sizes differ "
+                f"({', '.join(f'{b:,}' for b in r.seed_sizes)} bytes); the table shows the "
+                "first seed's."
+            )
     failures = [r for r in rows.values() if r.status != "COMPLETED"]
     for r in failures:
         out.append("")

@@ -136,3 +136,51 @@ def test_quick_run_writes_a_table(tmp_path: Path) -> None:
     for label in (FP32, FP32_ORT, STRUCT, INT8, KD, CHAIN):
         assert f"| {label} | ok |" in text
     assert "did not complete" not in text
+    assert "Fine-tune recipes for structured 50%" in text and "mean over 2 seeds" in text
+
+
+def job(seed: int, accuracy: float | None, status: str = "COMPLETED") -> bench.Job:
+    return bench.Job(
+        seed=seed,
+        status=status,
+        reason="" if status == "COMPLETED" else "boom",
+        key=f"k{seed}" if status == "COMPLETED" else None,
+        framework="torch",
+        accuracy=accuracy,
+        size_bytes=10_000,
+        seconds=2.0 + seed,
+        step_metrics=[{"seed": seed}],
+    )
+
+
+def test_a_seeded_row_reports_the_mean_drop_with_a_t_interval() -> None:
+    row = Row(STRUCT, [{"name": "prune_structured"}], latency=lat(1.0))
+    bench.fill_row(row, [job(0, 0.97), job(1, 0.98), job(2, 0.975)])
+    assert row.seeds == [0, 1, 2] and row.key == "k0" and row.seed_keys == ["k0", "k1", "k2"]
+    assert row.accuracy == pytest.approx(0.975) and row.seconds == pytest.approx(3.0)
+    d = bench.derived(result(row))[STRUCT]
+    assert d["drop"] == pytest.approx(0.5)  # 98.0 - 97.5
+    # drops 1.0, 0.0, 0.5 pt: mean 0.5, sd 0.5, t(0.975, 2) = 4.303 -> half-width 1.242
+    assert d["drop_lo"] == pytest.approx(0.5 - 1.242, abs=1e-3)
+    assert d["drop_hi"] == pytest.approx(0.5 + 1.242, abs=1e-3)
+    text = "\n".join(bench.table(result(row)))
+    assert f"| {STRUCT} | ok | 3 |" in text and "+0.50 [-0.74, +1.74]" in text
+    line = bench.target_lines(result(row))[0]
+    assert "accuracy drop pt 0.50 <= 1.0 (ok)" in line and "mean over 3 seeds" in line
+
+
+def test_one_failed_seed_fails_the_row() -> None:
+    row = Row(STRUCT, [{"name": "prune_structured"}])
+    bench.fill_row(row, [job(0, 0.97), job(1, None, status="FAILED")])
+    assert (row.status, row.reason, row.key, row.accuracy) == ("FAILED", "boom", None, None)
+    assert bench.target_lines(result(row))[0].startswith(f"- **{STRUCT}**: MISSED")
+
+
+def test_recipes_table_lists_each_fine_tune_on_the_same_seeds() -> None:
+    plain = Row("labels", [{"name": "prune_structured", "params": {"finetune_epochs": 5}}])
+    bench.fill_row(plain, [job(0, 0.96), job(1, 0.97)])
+    res = {**result(), "recipes": [plain], "finetune_epochs": 5, "seeds": [0, 1]}
+    text = "\n".join(bench.recipes_table(res))
+    assert "the same job seeds [0, 1]" in text
+    assert "| labels | `{'finetune_epochs': 5}` | 96.50 | +1.50 [" in text
+    assert "| 96.00, 97.00 |" in text
