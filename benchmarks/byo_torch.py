@@ -866,8 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     config = CONFIGS["quick" if args.quick else "default"]
     if args.threads:
         # On the shared 2-core machine a 2-thread OpenMP op stalls whenever another process
-        # holds a core: a trial run spent 5 CPU-minutes on the ResNet-18's training that
-        # takes about 1 with one thread.
+        # holds a core: a trial run spent 5 CPU-minutes on the ResNet-18's training without
+        # finishing it; one thread trains it in 1 to 2 minutes.
         import torch
 
         torch.set_num_threads(args.threads)
