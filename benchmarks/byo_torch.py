@@ -13,7 +13,7 @@ the safe save/load path), ending with the `measure` step for accuracy and stored
 the fp32 upload; fp32 ONNX Runtime (`onnx_export`, the reference for the int8 rows);
 structured 50% + fine-tune (`prune_structured`, Torch-Pruning, fine-tuned with a cosine
 learning rate); static int8
-(`quantize_static`, ONNX QDQ); KD into a smaller student (`distill` with `student_prune`,
+(`quantize_static`, ONNX Runtime static int8, the step's default format); KD into a smaller student (`distill` with `student_prune`,
 a structurally pruned copy of the teacher); and the chain structured 50% + fine-tune ->
 static int8 (static int8 on each seed's stored structured output). A step that fails is
 recorded in the table with its reason, never worked around here.
@@ -114,7 +114,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 FP32 = "fp32 upload (.pt2, torch)"
 FP32_ORT = "fp32 ONNX Runtime"
 STRUCT = "structured 50% + fine-tune"
-INT8 = "static int8 (QDQ)"
+INT8 = "static int8 (ONNX Runtime)"
 KD = "KD student (teacher pruned 75%)"
 CHAIN = "structured 50% + fine-tune -> static int8"
 
@@ -714,7 +714,8 @@ def notes(result: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"- {row.label}: fp32 ONNX {m['onnx_fp32_size_bytes']:,} -> int8 "
                     f"{m['size_bytes_after']:,} bytes ({m['compression_ratio']:.2f}x), "
-                    f"{m['calibration']['rows']} calibration rows, {m['conv_nodes']} Conv nodes."
+                    f"{m['calibration']['rows']} calibration rows, {m['conv_nodes']} Conv nodes, "
+                    f"{m.get('quant_format', 'unrecorded')} format."
                 )
     return lines
 
