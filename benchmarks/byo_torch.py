@@ -12,9 +12,9 @@ Each row is one job run in-process through `LocalWorkspace.run` (so through run_
 the safe save/load path), ending with the `measure` step for accuracy and stored size:
 the fp32 upload; fp32 ONNX Runtime (`onnx_export`, the reference for the int8 rows);
 structured 50% + fine-tune (`prune_structured`, Torch-Pruning, fine-tuned with a cosine
-learning rate); static int8
-(`quantize_static`, ONNX Runtime static int8, the step's default format); KD into a smaller student (`distill` with `student_prune`,
-a structurally pruned copy of the teacher); and the chain structured 50% + fine-tune ->
+learning rate); static int8 (`quantize_static`, ONNX Runtime, the step's default format);
+KD into a smaller student (`distill` with `student_prune`, a structurally pruned copy of
+the teacher); and the chain structured 50% + fine-tune ->
 static int8 (static int8 on each seed's stored structured output). A step that fails is
 recorded in the table with its reason, never worked around here.
 
