@@ -52,7 +52,7 @@ def test_distill_weight_one_trains_on_the_teacher_alone(small_mlp, digits, tmp_p
 
 
 def test_without_distillation_the_labels_drive_the_fine_tune(small_mlp, digits, tmp_path):
-    common = {"amount": 0.5, "finetune_epochs": 3, "lr": 0.01}
+    common = {"amount": 0.5, "finetune_epochs": 3, "lr": 0.01, "lr_schedule": "constant"}
     true = run(small_mlp, digits, tmp_path, **common)
     noise = run(small_mlp, shuffled_labels(digits), tmp_path, **common)
     assert "distill" not in true.metrics
@@ -125,6 +125,6 @@ def test_fine_tune_params_are_bounded(field, value):
         PruneParams(**{field: value})
 
 
-def test_defaults_keep_the_plain_fine_tune():
+def test_defaults_fine_tune_on_the_labels_with_a_cosine_lr():
     params = PruneParams()
-    assert (params.distill_weight, params.lr_schedule) == (0.0, "constant")
+    assert (params.distill_weight, params.lr_schedule) == (0.0, "cosine")
