@@ -625,8 +625,8 @@ def table(result: dict[str, Any]) -> list[str]:
         out.append("")
         out.append(
             "- A negative drop (" + ", ".join(gains) + "): the row's own training (fine-tune "
-            "or calibration noise) ended above the briefly trained upload; it is not a gain "
-            "from compression."
+            "or calibration noise) ended above the upload, whose test accuracy it started "
+            "from; it is not a gain from compression."
         )
     for r in rows.values():
         if len(set(r.seed_sizes)) > 1:
