@@ -97,6 +97,17 @@ def byo_artifact(module: nn.Module, inputs: list[dict[str, Any]]) -> ModelArtifa
     return ModelArtifact("torch", eval_mode(module), {"format": "pt2", "inputs": inputs})
 
 
+def exported(module: nn.Module, inputs: list[dict[str, Any]]) -> nn.Module:
+    """The module a .pt2 upload becomes: ExportedProgram.module(), batch (and None dims) dynamic."""
+    args = tuple(torch.from_numpy(v) for v in example_inputs(inputs, n=3).values())
+    auto = torch.export.Dim.AUTO
+    dynamic = tuple(
+        {0: auto} | {i + 1: auto for i, d in enumerate(spec["shape"]) if d is None}
+        for spec in inputs
+    )
+    return torch.export.export(module.eval(), args, dynamic_shapes=dynamic).module()
+
+
 def example_inputs(
     inputs: list[dict[str, Any]], *, n: int = 2, dynamic: int = 12, seed: int = 0
 ) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ from tests.unit.byo_models import (
     ToyTransformer,
     byo_artifact,
     example_inputs,
+    exported,
     token_dataset_npz,
 )
 
@@ -34,17 +35,6 @@ FAST_TIMING = {"runs": 3, "warmup": 1, "max_time_s": 0.05}
 
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def exported(module: nn.Module, inputs: list[dict]) -> nn.Module:
-    """The module a .pt2 upload becomes: ExportedProgram.module(), batch (and None dims) dynamic."""
-    args = tuple(torch.from_numpy(v) for v in example_inputs(inputs, n=3).values())
-    auto = torch.export.Dim.AUTO
-    dynamic = tuple(
-        {0: auto} | {i + 1: auto for i, d in enumerate(spec["shape"]) if d is None}
-        for spec in inputs
-    )
-    return torch.export.export(module.eval(), args, dynamic_shapes=dynamic).module()
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,11 @@ from tests.unit.byo_models import (
     ToyTransformer,
     byo_artifact,
     example_inputs,
+    exported,
     token_dataset_npz,
 )
 
 MLP_INPUTS = [{"name": "x", "shape": [64], "dtype": "float32"}]
-
-
-def _program(module: nn.Module, inputs: list[dict]) -> nn.Module:
-    args = tuple(torch.from_numpy(v) for v in example_inputs(inputs, n=3).values())
-    auto = torch.export.Dim.AUTO
-    dynamic = tuple(
-        {0: auto} | {i + 1: auto for i, d in enumerate(spec["shape"]) if d is None}
-        for spec in inputs
-    )
-    return torch.export.export(module.eval(), args, dynamic_shapes=dynamic).module()
 
 
 def _int8_layers(module: nn.Module) -> list[str]:
@@ -41,7 +32,7 @@ def test_a_lifted_mlp_program_gets_int8_linears_a_smaller_file_and_close_outputs
 ):
     torch.manual_seed(0)
     source = ResidualMLP(width=256).eval()
-    artifact = byo_artifact(_program(source, MLP_INPUTS), MLP_INPUTS)
+    artifact = byo_artifact(exported(source, MLP_INPUTS), MLP_INPUTS)
     out = quantize_step(artifact, digits, QuantizeParams(), ctx_factory())
     assert out.metrics["quantized_layers"] == ["stem", "block.0", "block.2", "head"]
     assert _int8_layers(out.model.obj) == ["block.0", "block.2", "head", "stem"]
@@ -105,7 +96,7 @@ def test_a_float16_program_is_stored_at_half_size_and_lifts_back_to_float16_laye
     digits, ctx_factory
 ):
     torch.manual_seed(0)
-    artifact = byo_artifact(_program(ResidualMLP(width=256).eval(), MLP_INPUTS), MLP_INPUTS)
+    artifact = byo_artifact(exported(ResidualMLP(width=256).eval(), MLP_INPUTS), MLP_INPUTS)
     out = quantize_step(artifact, digits, QuantizeParams(dtype="float16"), ctx_factory())
     stored = save_model(out.model)
     assert len(stored) < 0.6 * len(save_model(artifact))
