@@ -30,9 +30,10 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from modules.deployment.onnx_compact import compact_graph
 from modules.errors import BadInputError
@@ -58,6 +59,55 @@ INT8_OPS = frozenset(
     }
 )
 QUANT_FORMATS = ("qoperator", "qdq")
+
+
+class StaticCalibrationFields(BaseModel):
+    """The params of static int8 calibration, shared by `onnx_quantize` (mode static) and
+    `quantize_static`: how activation ranges are found, their type and the graph format."""
+
+    calibration_samples: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Static int8: train-split (or inputs-file) samples, seeded, used to "
+        "calibrate activation ranges.",
+    )
+    calibration_batch: int = Field(
+        default=32, ge=1, le=4096, description="Static int8: samples per calibration batch."
+    )
+    activation_type: Literal["uint8", "int8"] = Field(
+        default="uint8",
+        description="Static int8: activation type. uint8 activations with int8 weights (U8S8) "
+        "take ONNX Runtime's fast x86 int8 kernels; int8 x int8 QDQ convolutions were "
+        "measured slower than fp32 here.",
+    )
+    quant_format: Literal["qoperator", "qdq"] = Field(
+        default="qoperator",
+        description="Static int8: QOperator (QLinearConv, QGemm...: int8 ops, biases at the "
+        "implied scale) or QDQ (float ops between Quantize/DequantizeLinear pairs, which ONNX "
+        "Runtime fuses into the same kernels). QOperator measured smaller at the same "
+        "latency here.",
+    )
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        default="minmax",
+        description="Static int8: activation ranges from the min/max seen, the KL-divergence "
+        "(entropy) optimum of a histogram, or a percentile of |activation| (clips outliers).",
+    )
+    percentile: float = Field(
+        default=99.999,
+        ge=90.0,
+        le=100.0,
+        description="Static int8, calibrate_method=percentile: share (%) of |activation| "
+        "values the range covers.",
+    )
+    smooth_alpha: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="SmoothQuant: migrate activation outliers into the weights with scale "
+        "max|X|^a / max|W|^(1-a) per channel before quantizing (0.5 is the paper's default "
+        "for most transformers); none = off. Needs calibration rows.",
+    )
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from modules.core.step import StepContext, StepOutput, Verdict, report_progress
 from modules.deployment.onnx_export import onnx_artifact
 from modules.deployment.onnx_int8 import (
     QuantSettings,
+    StaticCalibrationFields,
     calibration_feeds,
     prepare_graph,
     quantize_prepared,
@@ -67,7 +68,7 @@ QUANTIZABLE_OPS = frozenset({"MatMul", "Gemm", "Conv"})
 MAX_NODE_NAME = 256
 
 
-class OnnxQuantizeParams(GateThresholds, DeployBatches):
+class OnnxQuantizeParams(GateThresholds, DeployBatches, StaticCalibrationFields):
     """Params of the `onnx_quantize` step (the parity thresholds apply with `search`)."""
 
     mode: Literal["dynamic", "static"] = Field(
@@ -85,48 +86,6 @@ class OnnxQuantizeParams(GateThresholds, DeployBatches):
         max_length=4096,
         description="Graph node names to leave in float (Gemm nodes as <name>_MatMul, the "
         "names the search's trials show).",
-    )
-    calibration_samples: int = Field(
-        default=256,
-        ge=1,
-        le=100_000,
-        description="static: train-split (or inputs-file) samples used to calibrate "
-        "activation ranges.",
-    )
-    calibration_batch: int = Field(
-        default=32, ge=1, le=4096, description="static: samples per calibration batch."
-    )
-    activation_type: Literal["uint8", "int8"] = Field(
-        default="uint8",
-        description="static: activation type. uint8 activations with int8 weights (U8S8) "
-        "take ONNX Runtime's fast x86 int8 kernels; int8 x int8 QDQ convolutions were "
-        "measured slower than fp32 here.",
-    )
-    quant_format: Literal["qoperator", "qdq"] = Field(
-        default="qoperator",
-        description="static: QOperator (QLinearConv, QGemm...: int8 ops, biases at the implied "
-        "scale) or QDQ (float ops between Quantize/DequantizeLinear pairs, which ONNX Runtime "
-        "fuses into the same kernels). QOperator measured smaller at the same latency here.",
-    )
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
-        default="minmax",
-        description="static: activation ranges from the min/max seen, the KL-divergence "
-        "(entropy) optimum of a histogram, or a percentile of |activation| (clips outliers).",
-    )
-    percentile: float = Field(
-        default=99.999,
-        ge=90.0,
-        le=100.0,
-        description="static, calibrate_method=percentile: share (%) of |activation| values "
-        "the range covers.",
-    )
-    smooth_alpha: float | None = Field(
-        default=None,
-        ge=0.0,
-        le=1.0,
-        description="SmoothQuant: migrate activation outliers into the weights with scale "
-        "max|X|^a / max|W|^(1-a) per channel before quantizing (0.5 is the paper's default "
-        "for most transformers); none = off. Needs calibration rows.",
     )
     inputs: str | None = Field(
         default=None,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from modules.core.artifact import ModelArtifact
 from modules.core.registry import register_step
@@ -37,6 +37,7 @@ from modules.deployment.onnx_export import (
 )
 from modules.deployment.onnx_int8 import (
     QuantSettings,
+    StaticCalibrationFields,
     calibration_feeds,
     prepare_graph,
     quantize_prepared,
@@ -46,7 +47,7 @@ from modules.storage.datasets import Dataset
 from modules.storage.inputs import dataset_feeds, n_rows, onnx_inputs
 
 
-class QuantizeStaticParams(BaseModel):
+class QuantizeStaticParams(StaticCalibrationFields):
     """Params of the `quantize_static` step."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -55,43 +56,6 @@ class QuantizeStaticParams(BaseModel):
         default=True, description="One weight scale per output channel (else per tensor)."
     )
     weight_type: Literal["int8", "uint8"] = Field(default="int8", description="Weight type.")
-    activation_type: Literal["uint8", "int8"] = Field(
-        default="uint8",
-        description="Activation type: uint8 with int8 weights (U8S8) is ONNX Runtime's fast "
-        "x86 path (int8 x int8 QDQ convolutions were measured slower than fp32 here).",
-    )
-    quant_format: Literal["qoperator", "qdq"] = Field(
-        default="qoperator",
-        description="static: QOperator (QLinearConv, QGemm...: int8 ops, biases at the implied "
-        "scale) or QDQ (float ops between Quantize/DequantizeLinear pairs, which ONNX Runtime "
-        "fuses into the same kernels). QOperator measured smaller at the same latency here.",
-    )
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
-        default="minmax",
-        description="Activation ranges from the min/max seen, the entropy (KL) optimum of a "
-        "histogram, or a percentile of |activation|.",
-    )
-    percentile: float = Field(
-        default=99.999,
-        ge=90.0,
-        le=100.0,
-        description="calibrate_method=percentile: share (%) of |activation| values covered.",
-    )
-    calibration_samples: int = Field(
-        default=256,
-        ge=1,
-        le=100_000,
-        description="Train-split samples (seeded) used to calibrate activation ranges.",
-    )
-    calibration_batch: int = Field(
-        default=32, ge=1, le=4096, description="Samples per calibration batch."
-    )
-    smooth_alpha: float | None = Field(
-        default=None,
-        ge=0.0,
-        le=1.0,
-        description="SmoothQuant migration strength for transformer-like nets; none = off.",
-    )
     nodes_to_exclude: tuple[str, ...] = Field(
         default=(),
         max_length=4096,
