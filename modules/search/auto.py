@@ -130,10 +130,8 @@ class SearchSpace(BaseModel):
             yield {**self.base_params, **dict(zip(names, values, strict=True))}
 
 
-class AutoParams(BaseModel):
-    """Params of the `auto` step."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class AccuracyGoalFields(BaseModel):
+    """How much accuracy a search may give up: shared by `auto` and `compress`."""
 
     max_drop: float = Field(
         default=1.0,
@@ -145,6 +143,13 @@ class AutoParams(BaseModel):
     drop_kind: Literal["absolute", "relative"] = Field(
         default="absolute", description="How max_drop is read."
     )
+
+
+class AutoParams(AccuracyGoalFields):
+    """Params of the `auto` step."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     search: list[SearchSpace] = Field(
         default_factory=list,
         max_length=10,

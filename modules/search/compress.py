@@ -65,7 +65,13 @@ from modules.evaluation.measure import MeasureParams
 from modules.evaluation.pareto import DEFAULT_MAXIMIZE, DEFAULT_MINIMIZE, pareto_front
 from modules.evaluation.plots import pareto_figure, render, waterfall_figure
 from modules.evaluation.stats import compare_latency
-from modules.search.auto import OBJECTIVE_KEYS, accuracy_floor, beats, violations
+from modules.search.auto import (
+    OBJECTIVE_KEYS,
+    AccuracyGoalFields,
+    accuracy_floor,
+    beats,
+    violations,
+)
 from modules.search.sweep import (
     CandidateRejected,
     apply_steps,
@@ -280,21 +286,11 @@ def onnx_tails(model: ModelArtifact, steps: set[str]) -> list[Tail | Skipped]:
     return tails
 
 
-class CompressParams(BaseModel):
+class CompressParams(AccuracyGoalFields):
     """Params of the `compress` step."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_drop: float = Field(
-        default=1.0,
-        ge=0,
-        le=100,
-        description="Largest accuracy drop allowed: percentage points (absolute) or percent "
-        "of the baseline (relative).",
-    )
-    drop_kind: Literal["absolute", "relative"] = Field(
-        default="absolute", description="How max_drop is read."
-    )
     objective: Literal["size", "latency", "energy"] = Field(
         default="size", description="What the winner minimizes among the candidates that pass."
     )
